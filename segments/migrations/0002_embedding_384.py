@@ -1,0 +1,24 @@
+"""Phase 1 (expand): the nullable 384-dim column, and the trigger that keeps it current.
+
+Both are instant whatever the table size (a nullable column without a default is a catalogue
+change), and both run under lock_timeout. The application's existing INSERTs and UPDATEs keep
+working unchanged.
+"""
+import pgvector.django
+from django.db import migrations
+
+from segments import triggers
+from segments.operations import LockTimeoutMigration
+
+
+class Migration(LockTimeoutMigration):
+    dependencies = [("segments", "0001_initial")]
+
+    operations = [
+        migrations.AddField(
+            model_name="segment",
+            name="embedding_384",
+            field=pgvector.django.VectorField(blank=True, dimensions=384, editable=False, null=True),
+        ),
+        migrations.RunSQL(triggers.create_sql("embedding_384"), reverse_sql=triggers.DROP_SQL),
+    ]

@@ -1,0 +1,89 @@
+"""Which phase of the switch the live `segments` table is in, read from the catalogue.
+
+The commands, the search and the admin work at every phase: they ask here which column holds
+the 384-dim vectors (if any) instead of trusting the code's model, which describes the end state.
+
+    legacy    embedding vector(1536)                         -> apply segments 0002
+    expanded  embedding vector(1536) + embedding_384         -> backfill, index, verify, swap
+    swapped   embedding vector(384) + embedding_legacy       -> the swap can still be reversed
+    final     embedding vector(384)                          -> the legacy column is gone
+"""
+from dataclasses import dataclass
+
+from django.db import connections
+
+TABLE = "segments"
+
+
+@dataclass(frozen=True)
+class EmbeddingSchema:
+    phase: str
+    vector_column: str | None  # the new model's vectors: the backfill's target, the search's column
+    vector_dimensions: int | None
+    legacy_column: str | None  # the old model's vectors, while they exist
+    legacy_dimensions: int | None
+
+    @property
+    def hnsw_index(self):
+        return {"embedding_384": "segments_embedding_384_hnsw", "embedding": "segments_embedding_hnsw"}.get(
+            self.vector_column
+        )
+
+    @property
+    def todo_index(self):
+        return {"embedding_384": "segments_embedding_384_todo", "embedding": "segments_embedding_todo"}.get(
+            self.vector_column
+        )
+
+    @property
+    def is_live(self):
+        """True once the new vectors are the ones the application searches."""
+        return self.phase in ("swapped", "final")
+
+
+class SchemaNotReady(Exception):
+    pass
+
+
+def vector_columns(using="default"):
+    """{column name: dimensions} of the vector columns of `segments`."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT a.attname, a.atttypmod FROM pg_attribute a
+            JOIN pg_type t ON t.oid = a.atttypid
+            WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+              AND t.typname = 'vector'
+            """,
+            [TABLE],
+        )
+        return {name: (typmod if typmod > 0 else None) for name, typmod in cursor.fetchall()}
+
+
+def embedding_schema(using="default"):
+    """The phase of the table, as an EmbeddingSchema; SchemaNotReady if there is no table."""
+    columns = vector_columns(using)
+    if "embedding" not in columns:
+        raise SchemaNotReady(
+            f"The {TABLE} table or its embedding column does not exist: run `manage.py migrate`."
+        )
+    if "embedding_384" in columns:
+        return EmbeddingSchema("expanded", "embedding_384", columns["embedding_384"], "embedding", columns["embedding"])
+    if "embedding_legacy" in columns:
+        return EmbeddingSchema("swapped", "embedding", columns["embedding"], "embedding_legacy", columns["embedding_legacy"])
+    from segments.models import EMBEDDING_DIMENSIONS
+
+    if columns["embedding"] == EMBEDDING_DIMENSIONS:
+        return EmbeddingSchema("final", "embedding", columns["embedding"], None, None)
+    return EmbeddingSchema("legacy", None, None, "embedding", columns["embedding"])
+
+
+def require_vector_column(using="default"):
+    """The EmbeddingSchema, or SchemaNotReady naming the migration to apply."""
+    schema = embedding_schema(using)
+    if schema.vector_column is None:
+        raise SchemaNotReady(
+            f"{TABLE} has no 384-dim column yet (phase: legacy). Apply phase 1 first: "
+            "`manage.py migrate segments 0003`."
+        )
+    return schema

@@ -5,7 +5,8 @@
   the application's queries behind it.
 - `AddIndexConcurrently`: Django's, made safe to re-run: a VALID index of the same name is
   kept, an INVALID one (left by an interrupted build) is dropped and built again, and the build
-  runs with `maintenance_work_mem` raised to settings.INDEX_MAINTENANCE_WORK_MEM.
+  runs with `maintenance_work_mem` raised to settings.INDEX_MAINTENANCE_WORK_MEM and gives up
+  under lock_timeout like the rest.
 """
 from contextlib import contextmanager
 
@@ -44,16 +45,22 @@ def lock_timeout(migration, schema_editor):
     if not migration.atomic:
         raise ValueError(f"{migration.app_label}.{migration.name}: set atomic = True to use lock_timeout.")
     schema_editor.execute("SET LOCAL lock_timeout = %s", [settings.MIGRATION_LOCK_TIMEOUT])
+    with giving_up_on_lock_timeout(f"Migration {migration.app_label}.{migration.name}"):
+        yield
+
+
+@contextmanager
+def giving_up_on_lock_timeout(what):
+    """Turn PostgreSQL's lock-timeout error into a MigrationLocked that says what to do."""
     try:
         yield
     except OperationalError as exc:
         if getattr(exc.__cause__, "pgcode", None) != LOCK_NOT_AVAILABLE:
             raise
         raise MigrationLocked(
-            f"Migration {migration.app_label}.{migration.name} gave up after "
-            f"lock_timeout={settings.MIGRATION_LOCK_TIMEOUT}: another session holds a lock on "
-            "its table (see pg_locks and pg_stat_activity). Nothing was changed; run migrate "
-            "again once that session has finished."
+            f"{what} gave up after lock_timeout={settings.MIGRATION_LOCK_TIMEOUT}: another "
+            "session holds a lock on its table (see pg_locks and pg_stat_activity). Nothing was "
+            "left half-done; run migrate again once that session has finished."
         ) from exc
 
 
@@ -73,6 +80,18 @@ class AddIndexConcurrently(postgres_operations.AddIndexConcurrently):
     """CREATE INDEX CONCURRENTLY that survives being interrupted and run again."""
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        # Session settings (the migration is not atomic), restored whatever happens. A
+        # concurrent build waits for transactions writing the table; lock_timeout bounds that
+        # wait, and a build interrupted that way leaves an INVALID index the next run rebuilds.
+        schema_editor.execute("SET maintenance_work_mem = %s", [settings.INDEX_MAINTENANCE_WORK_MEM])
+        schema_editor.execute("SET lock_timeout = %s", [settings.MIGRATION_LOCK_TIMEOUT])
+        try:
+            with giving_up_on_lock_timeout(f"Building index {self.index.name}"):
+                self._build(app_label, schema_editor, from_state, to_state)
+        finally:
+            schema_editor.execute("RESET maintenance_work_mem; RESET lock_timeout")
+
+    def _build(self, app_label, schema_editor, from_state, to_state):
         valid = index_validity(schema_editor, self.index.name)
         if valid:
             return  # built by an earlier run that stopped before recording the migration
@@ -80,8 +99,11 @@ class AddIndexConcurrently(postgres_operations.AddIndexConcurrently):
             # An interrupted CONCURRENTLY build leaves an INVALID index that is maintained on
             # every write but never used by a query: drop it and build it again.
             schema_editor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {schema_editor.quote_name(self.index.name)}")
-        schema_editor.execute("SET maintenance_work_mem = %s", [settings.INDEX_MAINTENANCE_WORK_MEM])
-        try:
-            super().database_forwards(app_label, schema_editor, from_state, to_state)
-        finally:
-            schema_editor.execute("RESET maintenance_work_mem")
+        super().database_forwards(app_label, schema_editor, from_state, to_state)
+
+
+class IrreversibleStep(migrations.SeparateDatabaseAndState):
+    """Database and state operations that cannot be undone: migrating back past them raises
+    IrreversibleError before anything is changed."""
+
+    reversible = False

@@ -47,8 +47,8 @@ def use_minilm(settings):
     return MINILM_PATH
 
 
-def rebuild_segments(phase):
-    """Drop `segments` and migrate it afresh up to `phase` (empty table). Needs transaction=True."""
+def drop_segments():
+    """Remove `segments` and everything the migrations made for it; record them as unapplied."""
     with connection.cursor() as cursor:
         cursor.execute(
             "DROP TABLE IF EXISTS segments CASCADE;"
@@ -56,6 +56,11 @@ def rebuild_segments(phase):
             "TRUNCATE embeddings_quarantine, embeddings_backfill_claim;"
         )
     call_command("migrate", "segments", "zero", fake=True, verbosity=0)
+
+
+def rebuild_segments(phase):
+    """Drop `segments` and migrate it afresh up to `phase` (empty table). Needs transaction=True."""
+    drop_segments()
     call_command("migrate", "segments", PHASES[phase], verbosity=0)
 
 

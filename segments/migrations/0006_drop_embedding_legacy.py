@@ -5,17 +5,17 @@ once the new search has served for long enough to trust it.
 """
 from django.db import migrations
 
-from segments.operations import LockTimeoutMigration
+from segments.operations import IrreversibleStep, LockTimeoutMigration
 
 
 class Migration(LockTimeoutMigration):
     dependencies = [("segments", "0005_swap_embedding")]
 
     operations = [
-        migrations.SeparateDatabaseAndState(
+        IrreversibleStep(
             database_operations=[
                 # Irreversible on purpose: re-adding an empty column would not bring the data back.
-                migrations.RunSQL("ALTER TABLE segments DROP COLUMN embedding_legacy", reverse_sql=None),
+                migrations.RunSQL("ALTER TABLE segments DROP COLUMN embedding_legacy"),
             ],
             state_operations=[
                 migrations.RemoveIndex(model_name="segment", name="segments_embedding_legacy_idx"),

@@ -1,0 +1,166 @@
+"""The Segment admin: browse the transcript segments and search them by meaning.
+
+The search box runs the same semantic search as `manage.py search_segments` (segments.search):
+the query is embedded and the nearest segments are listed in similarity order with their cosine
+distance (and the reranker's score when ENABLE_RERANKER is on), over as many pages as needed.
+The query reaches the database only as a vector parameter, never as SQL text.
+
+Until the new embeddings are live (before the swap), and whenever the embedding model cannot be
+loaded, the box falls back to Django's plain text search (`text` contains the words) and a
+message says why and what to do. Vectors are never loaded into the list or the form.
+"""
+from django.conf import settings
+from django.contrib import admin, messages
+from django.contrib.admin.views.main import ORDER_VAR
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connection
+from django.db.models import BooleanField, Case, CharField, Exists, FloatField, IntegerField, OuterRef, Value, When
+from django.db.models.expressions import RawSQL
+
+from embeddings.models import QuarantinedSegment
+from segments.models import BLANK_TEXT_PATTERN, Segment
+from segments.schema import TABLE, SchemaNotReady, embedding_schema
+from segments.search import SearchError, format_timestamp, search
+
+EMBEDDED, PENDING, BLANK, QUARANTINED = "embedded", "pending", "blank", "quarantined"
+NO_COLUMN = "no new column yet"
+EXCERPT_CHARS = 120
+
+
+def embedding_status_expression(schema):
+    """An expression giving each segment's embedding status at the table's phase."""
+    if schema.vector_column is None:
+        return Value(NO_COLUMN, output_field=CharField())
+    quote = connection.ops.quote_name
+    has_vector = RawSQL(f"{quote(TABLE)}.{quote(schema.vector_column)} IS NOT NULL", [],
+                        output_field=BooleanField())
+    quarantined = Exists(QuarantinedSegment.objects.filter(segment_id=OuterRef("pk")))
+    return Case(
+        When(has_vector, then=Value(EMBEDDED)),
+        When(text__regex=BLANK_TEXT_PATTERN, then=Value(BLANK)),
+        When(quarantined, then=Value(QUARANTINED)),
+        default=Value(PENDING),
+        output_field=CharField(),
+    )
+
+
+def _by_position(sql_type, values, ids):
+    """values[i] for the row whose id is ids[i] (both passed as query parameters)."""
+    row_id = f"{connection.ops.quote_name(TABLE)}.{connection.ops.quote_name('id')}"
+    output = IntegerField() if sql_type == "integer" else FloatField()
+    if values is None:
+        return RawSQL(f"array_position(%s::integer[], {row_id})", [ids], output_field=output)
+    return RawSQL(f"(%s::{sql_type}[])[array_position(%s::integer[], {row_id})]", [values, ids],
+                  output_field=output)
+
+
+class EmbeddingStatusFilter(admin.SimpleListFilter):
+    title = "embedding status"
+    parameter_name = "embedding_status"
+
+    def lookups(self, request, model_admin):
+        return [(status, status) for status in (EMBEDDED, PENDING, BLANK, QUARANTINED)]
+
+    def queryset(self, request, queryset):
+        if self.value():
+            return queryset.filter(embedding_status=self.value())
+        return queryset
+
+
+@admin.register(Segment)
+class SegmentAdmin(admin.ModelAdmin):
+    list_display = ["id", "video_id", "timestamps", "speaker_label", "video_type", "excerpt", "embedding_status"]
+    list_filter = ["video_id", "speaker_label", "video_type", EmbeddingStatusFilter]
+    search_fields = ["text"]
+    search_help_text = "Searches by meaning: the closest segments first, with their cosine distance."
+    readonly_fields = ["created_at", "embedding_status"]
+    list_per_page = 50
+    # How many segments a semantic search lists (when reranking: RETURN_TOP_K).
+    semantic_results = 100
+
+    def get_queryset(self, request):
+        queryset = super().get_queryset(request).defer("embedding")
+        return queryset.annotate(embedding_status=embedding_status_expression(self._schema(request)))
+
+    def get_list_display(self, request):
+        columns = list(super().get_list_display(request))
+        if request.GET.get("q", "").strip():
+            columns.insert(1, "distance")
+            if settings.ENABLE_RERANKER:
+                columns.insert(2, "rerank_score")
+        return columns
+
+    def get_search_results(self, request, queryset, search_term):
+        if not search_term.strip():
+            return super().get_search_results(request, queryset, search_term)
+        results = self._semantic_search(request, search_term)
+        if results is None:
+            return super().get_search_results(request, queryset, search_term)
+        ids = [hit.segment.pk for hit in results]
+        queryset = queryset.filter(pk__in=ids).annotate(
+            semantic_rank=_by_position("integer", None, ids),
+            semantic_distance=_by_position("double precision", [hit.distance for hit in results], ids),
+            semantic_score=_by_position("double precision", [hit.rerank_score for hit in results], ids),
+        )
+        if ORDER_VAR not in request.GET:  # a column the user clicked wins; otherwise similarity order
+            queryset = queryset.order_by("semantic_rank")
+        return queryset, False
+
+    def _schema(self, request):
+        if not hasattr(request, "_segments_schema"):
+            request._segments_schema = embedding_schema()
+        return request._segments_schema
+
+    def _semantic_search(self, request, term):
+        """SearchResults for `term`, or None (with a message saying why) for the text fallback.
+
+        Run once per request: the changelist may ask again for its filters' facet counts.
+        """
+        cache = request.__dict__.setdefault("_segments_semantic_search", {})
+        if term not in cache:
+            cache[term] = self._run_search(request, term)
+        return cache[term]
+
+    def _run_search(self, request, term):
+        schema = self._schema(request)
+        if not schema.is_live:
+            self.message_user(request, (
+                f"The new embeddings are not live yet (phase: {schema.phase}), so this is a plain text "
+                "search: segments whose text contains the words. Semantic search starts after the swap: "
+                "`manage.py verify_embeddings`, then `manage.py migrate segments 0005`."
+            ), messages.WARNING)
+            return None
+        rerank = settings.ENABLE_RERANKER
+        try:
+            results = search(term, k=settings.RETURN_TOP_K if rerank else self.semantic_results, rerank=rerank)
+        except (ImproperlyConfigured, SchemaNotReady, SearchError) as exc:
+            self.message_user(request, (
+                f"Semantic search is unavailable, so this is a plain text search: {exc}"
+            ), messages.WARNING)
+            return None
+        for note in results.notes:
+            self.message_user(request, note, messages.WARNING)
+        return results
+
+    @admin.display(description="distance")
+    def distance(self, obj):
+        value = getattr(obj, "semantic_distance", None)
+        return None if value is None else f"{value:.4f}"
+
+    @admin.display(description="reranker score")
+    def rerank_score(self, obj):
+        value = getattr(obj, "semantic_score", None)
+        return None if value is None else f"{value:.4f}"
+
+    @admin.display(description="time", ordering="start_sec")
+    def timestamps(self, obj):
+        return f"{format_timestamp(obj.start_sec)}–{format_timestamp(obj.end_sec)}"
+
+    @admin.display(description="text")
+    def excerpt(self, obj):
+        text = " ".join(obj.text.split())
+        return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"
+
+    @admin.display(description="embedding", ordering="embedding_status")
+    def embedding_status(self, obj):
+        return getattr(obj, "embedding_status", None)

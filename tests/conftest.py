@@ -59,9 +59,10 @@ def drop_segments():
 
 
 def rebuild_segments(phase):
-    """Drop `segments` and migrate it afresh up to `phase` (empty table). Needs transaction=True."""
+    """Drop `segments` and migrate it afresh up to `phase` (a key of PHASES, or a migration
+    name), leaving it empty. Needs transaction=True."""
     drop_segments()
-    call_command("migrate", "segments", PHASES[phase], verbosity=0)
+    call_command("migrate", "segments", PHASES.get(phase, phase), verbosity=0)
 
 
 @pytest.fixture

@@ -1,0 +1,237 @@
+"""`manage.py backfill_embeddings`: a thin adapter over embeddings.backfill.run_backfill.
+
+It fills the 384-dim column for every segment lacking a current vector: `embedding_384`
+before the swap, `embedding` after it, so the same command keeps serving new rows later.
+Kill it at any moment (even `kill -9`) and run it again: it resumes where it stopped.
+
+Segments created or edited during the transition, through the ORM or plain SQL, are saved
+without a new vector (an edited text loses its vector through the staleness trigger): they
+are pending rows, and the next backfill pass embeds them. Run the command after imports, or
+on a schedule; a pass with nothing pending costs one index lookup.
+
+Blank segments (empty or whitespace-only text) are never embedded and keep NULL. Texts longer
+than the model's input limit (512 tokens for bge-small) are truncated by the tokenizer: only
+their beginning is embedded.
+
+Exit status: 0 when every segment with text has its vector (or --limit was reached); 3 when
+the run finished but quarantined segments remain without one (the message says how to list
+and retry them); 1 when the run failed (the message says why and what to run).
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
+
+from embeddings.backfill import (
+    DEFAULT_BATCH_SIZE, BackfillError, BackfillReport, backfill_plan, count_pending, run_backfill, target_schema,
+)
+from embeddings.encoder import get_service
+from segments.schema import SchemaNotReady
+
+SUMMED = ("rows_embedded", "rows_quarantined", "rows_stale", "batches")
+QUARANTINE_LEFT = 3  # exit status: finished, but quarantined segments have no vector
+
+
+class Command(BaseCommand):
+    help = "Embed every segment that lacks a current vector in the new 384-dim column, in resumable batches."
+    stealth_options = ("encoder",)  # tests pass a fake encoder here
+
+    def add_arguments(self, parser):
+        parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                            help=f"Rows per batch (claim, encode, one write transaction). Default {DEFAULT_BATCH_SIZE}.")
+        parser.add_argument("--limit", type=int, help="Stop after this many rows (per run, all workers together).")
+        parser.add_argument("--workers", type=int, default=1,
+                            help="Worker processes sharing the work (CPU threads are split between them).")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="Report what would be done, without loading the model or writing.")
+        parser.add_argument("--retry-quarantined", action="store_true",
+                            help="Try quarantined segments again (once each in this run).")
+        parser.add_argument("--json", action="store_true", help="Print one JSON object with the results on stdout.")
+        parser.add_argument("--database", default="default", help='Database alias. Default "default".')
+
+    def handle(self, *args, **options):
+        self.verbosity = options["verbosity"]
+        self._validate(options)
+        try:
+            target_schema(options["database"])
+        except SchemaNotReady as exc:
+            raise CommandError(str(exc)) from exc
+        if options["dry_run"]:
+            return self._dry_run(options)
+        if options["workers"] > 1:
+            report, extra = self._run_workers(options)
+        else:
+            report, extra = self._run_one(options), {}
+        self._output(report, options, extra)
+        self._check_finished(report, options)
+
+    def _validate(self, options):
+        for flag, minimum in (("batch_size", 1), ("limit", 0), ("workers", 1)):
+            if options.get(flag) is not None and options[flag] < minimum:
+                raise CommandError(f"--{flag.replace('_', '-')} must be at least {minimum}.")
+        if options["workers"] > 1 and options.get("encoder") is not None:
+            raise CommandError("--workers > 1 starts processes that load EMBEDDING_MODEL; "
+                               "a custom encoder cannot be handed to them: use --workers 1.")
+
+    # --- dry run ---------------------------------------------------------------------------
+
+    def _dry_run(self, options):
+        plan = backfill_plan(options["database"], retry_quarantined=options["retry_quarantined"])
+        encoder = options.get("encoder")
+        plan = {"dry_run": True, "model": getattr(encoder, "model_name", None) or settings.EMBEDDING_MODEL, **plan}
+        if options["json"]:
+            self.stdout.write(json.dumps(plan))
+            return
+        held_back = plan["rows_in_quarantine"] and not options["retry_quarantined"]
+        skipped = ", skipped: retry them with --retry-quarantined" if held_back else ""
+        self.stdout.write(self.style.MIGRATE_HEADING("Dry run: nothing written, no model loaded."))
+        self.stdout.write(
+            f"Target column: segments.{plan['column']} ({plan['dimensions']} dims, phase {plan['phase']})\n"
+            f"Model: {plan['model']}\n"
+            f"Would embed: {plan['rows_to_embed']} segment(s)\n"
+            f"Quarantined: {plan['rows_in_quarantine']}{skipped}\n"
+            f"Blank text (never embedded): {plan['rows_blank']}"
+        )
+
+    # --- one worker ------------------------------------------------------------------------
+
+    def _run_one(self, options):
+        encoder = options.get("encoder")
+        try:
+            encoder = encoder if encoder is not None else get_service()
+            with self._progress_bar(options) as progress:
+                return run_backfill(encoder, batch_size=options["batch_size"], limit=options["limit"],
+                                    progress=progress, using=options["database"],
+                                    retry_quarantined=options["retry_quarantined"])
+        except ImproperlyConfigured as exc:  # DimensionMismatch, ModelUnavailable: nothing was read
+            raise CommandError(str(exc)) from exc
+        except BackfillError as exc:
+            if exc.report is not None:
+                self._output(exc.report, options, {})
+            raise CommandError(str(exc)) from exc
+
+    @contextmanager
+    def _progress_bar(self, options):
+        """A `progress(done, total)` callback drawing a tqdm bar on a terminal, else None."""
+        if options["json"] or not self.stderr.isatty():
+            yield None
+            return
+        # tqdm redraws with "\r": it writes to the raw stream, not through OutputWrapper (which
+        # would end every write with a newline).
+        bar = tqdm(total=0, unit="rows", smoothing=0.1, file=self.stderr._out)
+
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            yield progress
+        finally:
+            bar.close()
+
+    # --- several workers -------------------------------------------------------------------
+
+    def _run_workers(self, options):
+        """Start N worker processes (this command with --workers 1 --json), aggregate their reports."""
+        count, using = options["workers"], options["database"]
+        started = time.monotonic()
+        logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(count)]
+        processes = [self._start_worker(options, index, out, err) for index, (out, err) in enumerate(logs)]
+        try:
+            self._wait_for(processes, options)
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.terminate()
+                    process.wait()
+        results = [self._worker_result(index, process, out, err) for index, (process, (out, err))
+                   in enumerate(zip(processes, logs))]
+        report = BackfillReport(seconds=time.monotonic() - started)
+        for result in results:
+            for name in SUMMED:
+                setattr(report, name, getattr(report, name) + result.get(name, 0))
+        plan = backfill_plan(using)
+        report.column = plan["column"]
+        report.rows_remaining, report.rows_in_quarantine, report.rows_blank = (
+            plan["rows_pending"], plan["rows_in_quarantine"], plan["rows_blank"])
+        extra = {"workers": count, "rows_embedded_per_worker": [result.get("rows_embedded", 0) for result in results]}
+        failures = [result["error"] for result in results if "error" in result]
+        if failures:
+            self._output(report, options, extra)
+            raise CommandError("\n".join(failures))
+        return report, extra
+
+    def _start_worker(self, options, index, stdout, stderr):
+        share = None if options["limit"] is None else -(-options["limit"] // options["workers"])
+        command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "backfill_embeddings",
+                   "--workers", "1", "--json", "--batch-size", str(options["batch_size"]),
+                   "--database", options["database"]]
+        command += ["--limit", str(share)] if share is not None else []
+        command += ["--retry-quarantined"] if options["retry_quarantined"] else []
+        threads = str(max(1, (os.cpu_count() or 1) // options["workers"]))
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        return subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, cwd=settings.BASE_DIR)
+
+    def _wait_for(self, processes, options):
+        with self._progress_bar(options) as progress:
+            total = count_pending(options["database"]) if progress else 0
+            while any(process.poll() is None for process in processes):
+                if progress:
+                    left = count_pending(options["database"])
+                    total = max(total, left)
+                    progress(total - left, total)
+                time.sleep(1 if progress else 0.2)
+
+    def _worker_result(self, index, process, stdout, stderr):
+        """The worker's JSON report, plus "error" when it failed."""
+        stdout.seek(0)
+        stderr.seek(0)
+        output, errors = stdout.read(), stderr.read().strip()
+        lines = [line for line in output.splitlines() if line.startswith("{")]
+        result = json.loads(lines[-1]) if lines else {}
+        if errors and self.verbosity >= 2:
+            self.stderr.write("\n".join(f"worker {index}: {line}" for line in errors.splitlines()))
+        if process.returncode not in (0, QUARANTINE_LEFT) or not lines:
+            result["error"] = f"worker {index} failed (exit status {process.returncode}): {errors[-2000:]}"
+        return result
+
+    # --- reporting -------------------------------------------------------------------------
+
+    def _output(self, report, options, extra):
+        if options["json"]:
+            self.stdout.write(json.dumps({**report.as_dict(), **extra}))
+            return
+        self.stdout.write(self.style.SUCCESS(
+            f"Embedded {report.rows_embedded} segment(s) into segments.{report.column} in {report.seconds:.1f} s "
+            f"({report.rows_per_second:.1f} rows/s)."
+        ))
+        self.stdout.write(
+            f"Quarantined by this run: {report.rows_quarantined}. Not written because the text changed "
+            f"meanwhile (embedded again): {report.rows_stale}.\n"
+            f"Left without a vector: {report.rows_remaining} ({report.rows_in_quarantine} quarantined). "
+            f"Blank text (never embedded): {report.rows_blank}."
+        )
+
+    def _check_finished(self, report, options):
+        if report.rows_in_quarantine:
+            raise CommandError(
+                f"{report.rows_in_quarantine} segment(s) have no vector because they are quarantined: list them "
+                "with `manage.py embedding_quarantine`, fix the cause, then run "
+                "`manage.py backfill_embeddings --retry-quarantined`.",
+                returncode=QUARANTINE_LEFT,
+            )
+        left = report.rows_remaining
+        if left and not options["json"]:
+            why = "--limit was reached" if options["limit"] is not None else "they were written after the last pass"
+            self.stdout.write(self.style.WARNING(
+                f"{left} segment(s) still need a vector ({why}): run `manage.py backfill_embeddings` again."
+            ))

@@ -1,0 +1,34 @@
+"""`manage.py backfill_embeddings` with the HashingEncoder, for subprocess tests.
+
+    python tests/embeddings/fake_backfill.py [backfill_embeddings options]
+
+FAKE_ENCODER_DELAY (seconds) makes every encode call sleep, so that a run lasts long enough to
+be interrupted. Exit status and output are those of the command.
+"""
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "askdrchaffee.settings")
+
+
+def main():
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    from tests.embeddings.encoders import RecordingEncoder
+
+    encoder = RecordingEncoder(delay=float(os.environ.get("FAKE_ENCODER_DELAY", "0")))
+    try:
+        call_command("backfill_embeddings", *sys.argv[1:], encoder=encoder)
+    except CommandError as exc:
+        sys.stderr.write(f"CommandError: {exc}\n")
+        sys.exit(exc.returncode)
+
+
+if __name__ == "__main__":
+    main()

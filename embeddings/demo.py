@@ -4,11 +4,13 @@ It works only on a database whose name ends in `_demo` (the Makefile uses the em
 `askdrchaffee_demo`), because it starts by dropping the segments table to rebuild the legacy
 state: running it twice gives the same result twice.
 """
+import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from django.core.management import call_command
-from django.core.management.base import CommandError
+from django.core.management.base import CommandError, OutputWrapper
 from django.db import connection
 
 from segments.schema import embedding_schema
@@ -69,11 +71,30 @@ def count_embedded(column):
         return cursor.fetchone()[0]
 
 
-class Demo:
-    """Runs the phases in order, writing what it does to `out` (a command's OutputWrapper)."""
+@contextmanager
+def collecting(logger):
+    """Collect `logger`'s INFO messages (a list, filled while the block runs)."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
-    def __init__(self, out, style, count):
-        self.out, self.style, self.count = out, style, count
+
+class Demo:
+    """Runs the phases in order, writing what it does to `stream`."""
+
+    def __init__(self, stream, style, count):
+        self.out, self.style, self.count = OutputWrapper(stream), style, count
+        self.stream = stream  # handed to each command as it is: they wrap it themselves
 
     def step(self, title):
         self.out.write(self.style.MIGRATE_HEADING(f"\n== {title}"))
@@ -81,32 +102,34 @@ class Demo:
     def run(self):
         self.step(f"Legacy state: {self.count:,} demo segments with simulated 1536-dim vectors")
         reset_to_legacy()
-        call_command("load_demo_segments", count=self.count, stdout=self.out)
+        call_command("load_demo_segments", count=self.count, stdout=self.stream)
         before = storage("embedding", "segments_embedding_idx")
 
         self.step("Phase 1: add embedding_384 (migrations 0002-0003)")
-        call_command("migrate", "segments", "0003", stdout=self.out)
+        call_command("migrate", "segments", "0003", stdout=self.stream)
 
         self.step("Phase 2: backfill the new column")
         started = time.perf_counter()
-        call_command("backfill_embeddings", stdout=self.out)
+        call_command("backfill_embeddings", stdout=self.stream)
         seconds = time.perf_counter() - started
         embedded = count_embedded("embedding_384")
 
         self.step("Phase 3a: build the HNSW index without blocking (migration 0004)")
-        call_command("migrate", "segments", "0004", stdout=self.out)
+        call_command("migrate", "segments", "0004", stdout=self.stream)
 
         self.step("Verify: complete, current, indexed, accurate")
-        call_command("verify_embeddings", stdout=self.out)
+        call_command("verify_embeddings", stdout=self.stream)
 
         self.step("Phase 3b: the guarded swap (migration 0005)")
-        call_command("migrate", "segments", "0005", stdout=self.out)
+        with collecting(logging.getLogger("segments.swap")) as messages:
+            call_command("migrate", "segments", "0005", stdout=self.stream)
+        self.out.write("\n".join(messages))
         after = storage("embedding", "segments_embedding_hnsw")
 
         self.step("Search with the new model")
         for query in QUERIES:
             self.out.write(self.style.SQL_FIELD(f'\n"{query}"'))
-            call_command("search_segments", query, k=3, stdout=self.out)
+            call_command("search_segments", query, k=3, stdout=self.stream)
 
         self.summary(embedded, seconds, before, after)
 

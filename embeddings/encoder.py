@@ -113,8 +113,10 @@ class EmbeddingsService:
 
     def _load(self):
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
 
         check_loadable(self.model_name)
+        transformers_logging.disable_progress_bar()  # no "Loading weights" bar in the commands' output
         device = resolve_device(self.requested_device)
         try:
             model = SentenceTransformer(self.model_name, device=device)

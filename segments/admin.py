@@ -11,7 +11,7 @@ message says why and what to do. Vectors are never loaded into the list or the f
 """
 from django.conf import settings
 from django.contrib import admin, messages
-from django.contrib.admin.views.main import ORDER_VAR
+from django.contrib.admin.views.main import ORDER_VAR, SEARCH_VAR
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.db.models import BooleanField, Case, CharField, Exists, FloatField, IntegerField, OuterRef, Value, When
@@ -84,7 +84,7 @@ class SegmentAdmin(admin.ModelAdmin):
 
     def get_list_display(self, request):
         columns = list(super().get_list_display(request))
-        if request.GET.get("q", "").strip():
+        if request.GET.get(SEARCH_VAR, "").strip():
             columns.insert(1, "distance")
             if settings.ENABLE_RERANKER:
                 columns.insert(2, "rerank_score")

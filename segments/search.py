@@ -6,14 +6,15 @@
 
 The query is embedded with the configured model (EmbeddingsService.encode_query) and compared
 by cosine distance, the operator of the HNSW index (`vector_cosine_ops`), so the index serves
-the query. The search runs in its own transaction, where `SET LOCAL` gives:
+the query. The search runs in its own transaction, where `SET LOCAL` (set_config(..., true), so
+the values are parameters) gives:
 
 - `hnsw.ef_search`: settings.HNSW_EF_SEARCH (or `ef_search=`), never lower than the number of
   rows asked for: an HNSW scan returns at most ef_search rows;
-- `hnsw.iterative_scan = relaxed_order` for filtered searches, where the server's pgvector has
-  it (0.8.0 and later): the scan goes on until enough rows pass the filter, so a filtered
-  search still returns k rows. Relaxed order can return rows slightly out of order; they are
-  sorted again here.
+- `hnsw.iterative_scan = relaxed_order`, where the server's pgvector has it (0.8.0 and later):
+  when the first ef_search candidates do not give k rows (a filter rejected some, or they
+  are dead rows not yet vacuumed), the scan goes on instead of returning fewer. Relaxed order
+  can return those extra rows slightly out of order; they are sorted again here.
 
 The column searched is the one holding the new model's vectors at the table's current phase
 (`embedding_384` before the swap, so the operator can try the new model before switching;
@@ -68,6 +69,9 @@ class SearchResults:
     def __iter__(self):
         return iter(self.hits)
 
+    def __getitem__(self, index):
+        return self.hits[index]
+
     def __len__(self):
         return len(self.hits)
 
@@ -79,8 +83,22 @@ def format_timestamp(seconds):
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
+_versions = {}
+
+
 def pgvector_version(using="default"):
-    """The server's pgvector version as a tuple of ints, e.g. (0, 8, 1); None without the extension."""
+    """The server's pgvector version as a tuple of ints, e.g. (0, 8, 1); None without the extension.
+
+    Read once per database per process (an ALTER EXTENSION UPDATE shows after a restart).
+    """
+    params = connections[using].settings_dict
+    key = (using, params.get("HOST"), params.get("PORT"), params.get("NAME"))
+    if _versions.get(key) is None:
+        _versions[key] = _read_pgvector_version(using)
+    return _versions[key]
+
+
+def _read_pgvector_version(using):
     with connections[using].cursor() as cursor:
         cursor.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
         row = cursor.fetchone()
@@ -132,22 +150,29 @@ def _local_settings(values, using):
     """A transaction in which each setting of `values` is SET LOCAL; the values before are put back.
 
     Putting them back matters when the caller's transaction goes on after this block (a savepoint
-    keeps SET LOCAL values when it is released).
+    keeps SET LOCAL values when it is released). One round trip each way.
     """
+    names = list(values)
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
-        previous = {}
-        for name, value in values.items():
-            cursor.execute("SELECT current_setting(%s, true), set_config(%s, %s, true)", [name, name, str(value)])
-            previous[name] = cursor.fetchone()[0]
+        previous = _set_config(cursor, {name: str(values[name]) for name in names}, read_first=True)
         yield
-        for name, value in previous.items():
-            if value is not None:
-                cursor.execute("SELECT set_config(%s, %s, true)", [name, value])
+        _set_config(cursor, {name: value for name, value in zip(names, previous) if value is not None})
 
 
-def _search_settings(*, ef_search, k, filtered, iterative, exact=False, allow_seqscan=True):
+def _set_config(cursor, values, read_first=False):
+    """set_config(name, value, true) for each item in one statement; the values before if `read_first`."""
+    if not values:
+        return []
+    reads = ["current_setting(%s, true)" for _ in values] if read_first else []
+    sets = ["set_config(%s, %s, true)" for _ in values]
+    params = (list(values) if read_first else []) + [item for pair in values.items() for item in pair]
+    cursor.execute(f"SELECT {', '.join(reads + sets)}", params)
+    return list(cursor.fetchone()[: len(reads)])
+
+
+def _search_settings(*, ef_search, k, iterative, exact=False, allow_seqscan=True):
     values = {"hnsw.ef_search": min(max(ef_search or settings.HNSW_EF_SEARCH, k), MAX_K)}
-    if filtered and iterative:
+    if iterative:
         values["hnsw.iterative_scan"] = "relaxed_order"
     if exact:
         values["enable_indexscan"] = "off"
@@ -160,13 +185,13 @@ def nearest(vector, *, k=10, column, filters=None, ef_search=None, exact=False, 
     """The `k` segments nearest to `vector` in segments.`column`, nearest first, with `.distance`.
 
     `exact=True` runs the same query with index scans disabled: the exact answer the HNSW
-    search is measured against. `iterative=None` uses iterative index scans for a filtered
-    search where pgvector has them; False turns them off. Rows without a vector never appear.
+    search is measured against. `iterative=None` uses iterative index scans where pgvector has
+    them; False turns them off. Rows without a vector never appear.
     """
     filters = filters or {}
     if iterative is None:
-        iterative = bool(filters) and has_iterative_scan(using)
-    values = _search_settings(ef_search=ef_search, k=k, filtered=bool(filters), iterative=iterative, exact=exact)
+        iterative = has_iterative_scan(using)
+    values = _search_settings(ef_search=ef_search, k=k, iterative=iterative, exact=exact)
     with _local_settings(values, using):
         rows = list(nearest_queryset(vector, column, filters, using)[:k])
     rows = [row for row in rows if row.distance is not None]
@@ -181,15 +206,16 @@ def explain_nearest(vector, *, k=10, column, filters=None, ef_search=None, allow
     small for the planner to prefer it.
     """
     filters = filters or {}
-    values = _search_settings(ef_search=ef_search, k=k, filtered=bool(filters),
-                              iterative=bool(filters) and has_iterative_scan(using), allow_seqscan=allow_seqscan)
+    values = _search_settings(ef_search=ef_search, k=k, iterative=has_iterative_scan(using),
+                              allow_seqscan=allow_seqscan)
     with _local_settings(values, using):
         return nearest_queryset(vector, column, filters, using)[:k].explain()
 
 
 def _resolve_column(column, using):
     schema = require_vector_column(using)
-    column = column or schema.vector_column
+    if column is None or column == schema.vector_column:
+        return schema, schema.vector_column, schema.vector_dimensions
     columns = vector_columns(using)
     if column not in columns:
         raise SearchError(f"segments has no vector column {column!r}; its vector columns are: "
@@ -229,10 +255,13 @@ def _notes(schema, column, filtered, iterative, using):
         notes.append(f"Searching segments.{column}, the new model's vectors, before the swap "
                      f"(phase {schema.phase}): the application still serves the legacy column.")
     index = cosine_index(column, using)
-    if index is None or not index[1]:
-        state = "no HNSW index" if index is None else f"the HNSW index {index[0]} is INVALID"
-        notes.append(f"segments.{column} has {state}: this search scanned the whole table. "
-                     "Build it with `manage.py migrate segments 0004`.")
+    if index is None:
+        fix = ("Build it with `manage.py migrate segments 0004`." if schema.phase == "expanded" else
+               "`manage.py verify_embeddings` says how to create it.")
+        notes.append(f"segments.{column} has no HNSW index: this search scanned the whole table. {fix}")
+    elif not index[1]:
+        notes.append(f"The HNSW index {index[0]} is INVALID (an interrupted build): this search scanned the "
+                     f"whole table. Rebuild it with `REINDEX INDEX CONCURRENTLY {index[0]};`.")
     if filtered and not iterative:
         notes.append("This pgvector has no iterative index scans (0.8.0+): a filtered search may "
                      "return fewer rows than asked for. Upgrade the extension to fix it.")
@@ -274,7 +303,7 @@ def search(query, *, k=10, video_id=None, speaker=None, video_type=None, rerank=
     vector = _query_vector(query, encoder or get_service(), column, dimensions)
     candidates = min(max(k, settings.RERANK_TOP_K), MAX_K) if rerank else k
     effective_ef = min(max(ef_search or settings.HNSW_EF_SEARCH, candidates), MAX_K)
-    iterative = bool(filters) and has_iterative_scan(using)
+    iterative = has_iterative_scan(using)
     rows = nearest(vector, k=candidates, column=column, filters=filters, ef_search=effective_ef,
                    iterative=iterative, using=using)
     hits = [SearchHit(row, float(row.distance)) for row in rows]

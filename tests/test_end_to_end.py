@@ -23,7 +23,7 @@ def test_the_switch_end_to_end(segments_at, use_minilm, minilm):
 
     assert embedding_schema().phase == "swapped"
     with connection.cursor() as cursor:
-        cursor.execute("SELECT id, text, embedding FROM segments WHERE text ~ '[^[:space:]]' ORDER BY id")
+        cursor.execute("SELECT id, text, embedding::real[] FROM segments WHERE text ~ '[^[:space:]]' ORDER BY id")
         rows = cursor.fetchall()
         cursor.execute("SELECT count(*) FROM segments WHERE embedding IS NULL AND text ~ '[^[:space:]]'")
         assert cursor.fetchone() == (0,)

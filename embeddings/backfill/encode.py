@@ -1,0 +1,115 @@
+"""The encode step: a claimed batch's texts to checked float32 vectors.
+
+A vector with NaN or Inf, of the wrong size, or all zeros, and a text whose encoding raises
+(the batch is split to find it), get a reason instead of a vector; the rest of the batch goes on.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .report import BackfillError
+
+CANARY_TEXT = "A short sentence the model can always encode."
+NOT_FINITE = "vector contains NaN or Inf"
+ALL_ZEROS = "vector is all zeros"
+
+
+@dataclass
+class ClaimedBatch:
+    """Segments claimed for this worker: their ids, texts and the md5s of those texts."""
+
+    claim_id: int
+    ids: list
+    texts: list
+    md5s: list
+
+
+@dataclass
+class EncodedBatch:
+    """A ClaimedBatch encoded: the rows to write, and the rows to quarantine."""
+
+    claim_id: int
+    ids: list  # rows with a good vector, in the order of `vectors`
+    md5s: list
+    vectors: np.ndarray
+    failed: list = field(default_factory=list)  # (id, md5, reason)
+
+
+def check_vectors(vectors, count, dims):
+    """(list of float32 vectors or None, list of reasons or None) for an encoder's output."""
+    if len(vectors) != count:
+        raise BackfillError(f"The encoder returned {len(vectors)} vectors for {count} texts: it is broken.")
+    if not (isinstance(vectors, np.ndarray) and vectors.ndim == 2 and vectors.shape[1] == dims):
+        return _check_each(vectors, dims)
+    array = np.asarray(vectors, dtype=np.float32)
+    finite = np.isfinite(array).all(axis=1)
+    nonzero = np.abs(array).max(axis=1, initial=0) > 0
+    reasons = [_reason(fin, nz) for fin, nz in zip(finite, nonzero)]
+    return [row if reason is None else None for row, reason in zip(array, reasons)], reasons
+
+
+def _check_each(vectors, dims):
+    """check_vectors for output that is not one (count, dims) array: row by row."""
+    good, reasons = [], []
+    for vector in vectors:
+        row = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if row.size != dims:
+            reason = f"vector has {row.size} values, expected {dims}"
+        else:
+            reason = _reason(np.isfinite(row).all(), row.any())
+        good.append(None if reason else row)
+        reasons.append(reason)
+    return good, reasons
+
+
+def _reason(finite, nonzero):
+    """Why a vector of the right size is refused, or None."""
+    if not finite:
+        return NOT_FINITE
+    return None if nonzero else ALL_ZEROS
+
+
+def encode_texts(encoder, texts, dims, canary_checked=False):
+    """Encode `texts`; a text whose encoding raises is found by splitting the batch.
+
+    Returns (vectors, reasons) as in check_vectors. When a whole batch fails and so does a
+    canary text, the encoder itself is broken: BackfillError, and nothing is quarantined.
+    """
+    try:
+        return check_vectors(encoder.encode_documents(texts), len(texts), dims)
+    except BackfillError:
+        raise
+    except Exception as exc:
+        if len(texts) == 1:
+            return [None], [f"encoding failed: {type(exc).__name__}: {exc}"[:1000]]
+        if not canary_checked:
+            check_canary(encoder, exc)
+        middle = len(texts) // 2
+        left = encode_texts(encoder, texts[:middle], dims, True)
+        right = encode_texts(encoder, texts[middle:], dims, True)
+        return left[0] + right[0], left[1] + right[1]
+
+
+def check_canary(encoder, batch_error):
+    """After a whole batch failed: BackfillError if the encoder cannot encode even a plain text."""
+    try:
+        encoder.encode_documents([CANARY_TEXT])
+    except Exception as exc:
+        raise BackfillError(
+            f"The encoder fails on every text ({type(batch_error).__name__}: {batch_error}); nothing "
+            "was quarantined. Fix the model setup (EMBEDDING_MODEL, EMBEDDING_DEVICE) and run "
+            "`manage.py backfill_embeddings` again."
+        ) from exc
+
+
+def encode_batch(encoder, batch, dims):
+    """The EncodedBatch of a ClaimedBatch."""
+    vectors, reasons = encode_texts(encoder, batch.texts, dims)
+    good = [i for i, reason in enumerate(reasons) if reason is None]
+    return EncodedBatch(
+        claim_id=batch.claim_id,
+        ids=[batch.ids[i] for i in good],
+        md5s=[batch.md5s[i] for i in good],
+        vectors=np.array([vectors[i] for i in good], dtype=np.float32).reshape(len(good), dims),
+        failed=[(batch.ids[i], batch.md5s[i], reason) for i, reason in enumerate(reasons) if reason is not None],
+    )

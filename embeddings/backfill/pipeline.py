@@ -1,0 +1,229 @@
+"""One worker's pipelined run: the claim, encode and write stages, joined by short queues.
+
+The claim and write stages are threads, each with a database session of its own; the encode
+stage runs in the calling thread. A failure in any stage stops the others; the run then
+releases its claims, counts what is left, and raises the first failure.
+"""
+import logging
+import queue
+import threading
+import time
+
+from embeddings.writer import VectorWriter
+
+from . import sql
+from .encode import ClaimedBatch, encode_batch
+from .report import BackfillError, BackfillReport
+from .session import Session, worker_name
+
+logger = logging.getLogger(__package__)
+
+QUEUE_DEPTH = 2
+POLL_SECONDS = 0.5  # how often a worker looks again while other workers hold the last rows
+BEFORE_FIRST_ID = -(2**31) - 1  # below every int4 id
+_END = object()  # a stage has no more batches
+
+
+def count_plan(connection, cursor, column):
+    """(pending, of those quarantined, blank) segments: a Session.run work function."""
+    cursor.execute(sql.count_pending_and_quarantined_sql(column))
+    pending, quarantined = cursor.fetchone()
+    cursor.execute(sql.COUNT_BLANK)
+    return pending, quarantined, cursor.fetchone()[0]
+
+
+class Run:
+    """One worker's pipelined run (see the `embeddings.backfill` docstring)."""
+
+    def __init__(self, encoder, column, dims, *, batch_size, limit, search_path, progress, using,
+                 retry_quarantined):
+        self.encoder, self.column, self.dims = encoder, column, dims
+        self.batch_size, self.limit, self.progress = batch_size, limit, progress
+        self.retry_quarantined = retry_quarantined
+        self.report = BackfillReport(column=column)
+        self.stop = threading.Event()
+        self.failures = []
+        self.lock = threading.Lock()
+        self.open_claims = set()
+        self.claimed_queue = queue.Queue(QUEUE_DEPTH)
+        self.encoded_queue = queue.Queue(QUEUE_DEPTH)
+        self.control = Session(using, "control", search_path, self.stop)
+        self.reader = Session(using, "reader", search_path, self.stop, on_reconnect=self._adopt_claims)
+        self.writer = Session(using, "writer", search_path, self.stop)
+        self.claim_query = sql.claim_sql(column, retry_quarantined)
+        self.since = None
+        self.total = 0
+        self.done = 0
+
+    def execute(self):
+        """Run the stages to the end; the BackfillReport, or the first stage's failure."""
+        started = time.monotonic()
+        try:
+            self.since, self.total = self.control.run(self._prepare)
+            if self.limit is not None:
+                self.total = min(self.total, self.limit)
+            self._report_progress()
+            threads = [threading.Thread(target=self._guarded, args=(stage,), name=f"backfill-{stage.__name__}")
+                       for stage in (self._claim_stage, self._write_stage)]
+            for thread in threads:
+                thread.start()
+            try:
+                self._guarded(self._encode_stage)
+            except BaseException:  # KeyboardInterrupt: stop the other stages too
+                self.stop.set()
+                raise
+            finally:
+                for thread in threads:
+                    thread.join()
+        finally:
+            self.report.seconds = time.monotonic() - started
+            self._finish()
+        if self.failures:
+            error = self.failures[0]
+            if isinstance(error, BackfillError):
+                error.report = self.report
+            raise error
+        return self.report
+
+    def _guarded(self, stage):
+        try:
+            stage()
+        except Exception as exc:
+            self.failures.append(exc)
+            self.stop.set()
+
+    # The stages.
+
+    def _claim_stage(self):
+        after, claimed = BEFORE_FIRST_ID, 0
+        while not self.stop.is_set():
+            room = self.batch_size if self.limit is None else min(self.batch_size, self.limit - claimed)
+            if room <= 0:
+                break
+            batch = self.reader.run(self._claim, after, room)
+            if batch is not None:
+                claimed, after = claimed + len(batch.ids), batch.ids[-1]
+                if not self._put(self.claimed_queue, batch):
+                    return
+            elif after != BEFORE_FIRST_ID:
+                after = BEFORE_FIRST_ID  # once more from the start: texts changed behind the cursor
+            elif self.reader.run(self._count_open) == 0:
+                break
+            else:
+                self.stop.wait(POLL_SECONDS)  # the last rows are in batches in flight (any worker's)
+        self._put(self.claimed_queue, _END)
+
+    def _encode_stage(self):
+        while True:
+            batch = self._get(self.claimed_queue)
+            if batch is _END:
+                self._put(self.encoded_queue, _END)
+                return
+            if not self._put(self.encoded_queue, encode_batch(self.encoder, batch, self.dims)):
+                return
+
+    def _write_stage(self):
+        while True:
+            batch = self._get(self.encoded_queue)
+            if batch is _END:
+                return
+            written, quarantined = self.writer.run(self._write, batch)
+            with self.lock:
+                self.open_claims.discard(batch.claim_id)
+                self.report.batches += 1
+                self.report.rows_embedded += written
+                self.report.rows_stale += len(batch.ids) - written
+                self.report.rows_quarantined += quarantined
+                self.done += len(batch.ids) + len(batch.failed)
+            self._report_progress()
+
+    def _put(self, target, item):
+        while not self.stop.is_set():
+            try:
+                target.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self, source):
+        while True:
+            try:
+                return source.get(timeout=0.2)
+            except queue.Empty:
+                if self.stop.is_set():
+                    return _END
+
+    def _report_progress(self):
+        if self.progress is not None:
+            self.total = max(self.total, self.done)
+            self.progress(self.done, self.total)
+
+    def _open_claim_ids(self):
+        with self.lock:
+            return sorted(self.open_claims)
+
+    # The transactions.
+
+    def _prepare(self, connection, cursor):
+        cursor.execute(sql.obsolete_quarantine_sql(self.column))
+        cursor.execute(sql.start_sql(self.column))
+        return cursor.fetchone()
+
+    def _claim(self, connection, cursor, after, limit):
+        cursor.execute(sql.LOCK_CLAIMS, [sql.CLAIM_LOCK_KEY])
+        cursor.execute(sql.DELETE_DEAD_CLAIMS)
+        cursor.execute(self.claim_query, {"after": after, "limit": limit, "since": self.since})
+        rows = cursor.fetchall()
+        if not rows:
+            return None
+        cursor.execute(sql.INSERT_CLAIM, [rows[0][0], rows[-1][0], worker_name()])
+        claim_id = cursor.fetchone()[0]
+        connection.commit()
+        with self.lock:
+            self.open_claims.add(claim_id)
+        ids, texts, md5s = (list(column) for column in zip(*rows))
+        return ClaimedBatch(claim_id, ids, texts, md5s)
+
+    def _count_open(self, connection, cursor):
+        cursor.execute(sql.count_open_sql(self.column, self.retry_quarantined), {"since": self.since})
+        return cursor.fetchone()[0]
+
+    def _adopt_claims(self, cursor):
+        """After a reconnect, the claims in flight are moved to the new session (else they
+        would look dead to other workers)."""
+        claims = self._open_claim_ids()
+        if claims:
+            cursor.execute(sql.ADOPT_CLAIMS, [claims])
+
+    def _write(self, connection, cursor, batch):
+        writer = VectorWriter(connection, self.column, self.dims)
+        written = writer.write(batch.ids, batch.md5s, batch.vectors)
+        if batch.ids:
+            cursor.execute(sql.unquarantine_staged_sql(writer.staging_table), [len(batch.ids)])
+        quarantined = 0
+        if batch.failed:
+            ids, md5s, reasons = zip(*batch.failed)
+            cursor.execute(sql.QUARANTINE, [list(ids), [str(m) for m in md5s], list(reasons)])
+            quarantined = cursor.rowcount
+            for segment_id, _, reason in batch.failed:
+                logger.warning("segment %s quarantined: %s", segment_id, reason)
+        cursor.execute(sql.DELETE_CLAIM, [batch.claim_id])
+        return written, quarantined
+
+    def _finish(self):
+        """Release this run's leftover claims, count what remains, close the sessions."""
+        try:
+            self.report.rows_remaining, self.report.rows_in_quarantine, self.report.rows_blank = (
+                self.control.run(self._final_counts, self._open_claim_ids())
+            )
+        except BackfillError as exc:
+            logger.warning("could not count the remaining rows: %s", exc)
+        finally:
+            for session in (self.reader, self.writer, self.control):
+                session.close()
+
+    def _final_counts(self, connection, cursor, claims):
+        if claims:
+            cursor.execute(sql.DELETE_CLAIMS, [claims])
+        return count_plan(connection, cursor, self.column)

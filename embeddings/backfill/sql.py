@@ -1,0 +1,119 @@
+"""The SQL text of the backfill: the pending predicate, the claims, the quarantine, the counts.
+
+Table names stay unqualified: `search_path` decides which schema the engine works on.
+"""
+BLANK = "'^[[:space:]]*$'"  # PostgreSQL regex of a blank text (never embedded)
+CLAIM_LOCK_KEY = 7_312_514_011  # pg_advisory_xact_lock key serialising the claim step
+
+SET_SEARCH_PATH = "SELECT set_config('search_path', %s, false)"
+SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %s, false)"
+LOCK_CLAIMS = "SELECT pg_advisory_xact_lock(%s)"  # with CLAIM_LOCK_KEY
+COUNT_BLANK = f"SELECT count(*) FROM segments s WHERE s.text ~ {BLANK}"
+
+
+def pending_sql(column):
+    """Segments needing a vector. Written exactly as the partial index `..._todo` is defined,
+    so the planner can answer it from that index."""
+    return f"s.{column} IS NULL AND NOT (s.text ~ {BLANK})"
+
+
+def _failed_since(retry_quarantined):
+    """On a retry, only quarantine entries recorded by this run (since %(since)s) hold a row back."""
+    return " AND q.last_failed_at >= %(since)s" if retry_quarantined else ""
+
+
+def quarantined_sql(retry_quarantined):
+    """Rows the quarantine holds back: an entry for the same text (on a retry, only entries
+    recorded by this run, so a row failing again is not retried in a loop)."""
+    since = _failed_since(retry_quarantined)
+    return (
+        "EXISTS (SELECT 1 FROM embeddings_quarantine q "
+        f"WHERE q.segment_id = s.id AND q.text_md5 = md5(s.text)::uuid{since})"
+    )
+
+
+def claim_sql(column, retry_quarantined=False):
+    """The next pending, unclaimed, not quarantined segments after %(after)s, by id.
+
+    The quarantine is checked by a scalar subquery, once per row the index scan yields: as
+    an EXISTS, the planner may turn it into a hash join that reads every pending row past the
+    cursor (and hashes their texts) for each batch when its statistics are stale, as they
+    are during a backfill. This way a batch reads `limit` rows from the partial index and
+    stops. (The claims check joins on a range, which only a nested loop can do.)
+    """
+    since = _failed_since(retry_quarantined)
+    return f"""
+        SELECT s.id, s.text, md5(s.text)::uuid FROM segments s
+        WHERE {pending_sql(column)} AND s.id > %(after)s
+          AND (SELECT q.text_md5 FROM embeddings_quarantine q WHERE q.segment_id = s.id{since})
+              IS DISTINCT FROM md5(s.text)::uuid
+          AND NOT EXISTS (SELECT 1 FROM embeddings_backfill_claim c WHERE s.id BETWEEN c.first_id AND c.last_id)
+        ORDER BY s.id LIMIT %(limit)s
+    """
+
+
+def count_pending_sql(column):
+    """How many segments need a vector."""
+    return f"SELECT count(*) FROM segments s WHERE {pending_sql(column)}"
+
+
+def start_sql(column):
+    """The run's start time (its quarantine cutoff) and how many segments need a vector."""
+    return f"SELECT now(), count(*) FROM segments s WHERE {pending_sql(column)}"
+
+
+def count_open_sql(column, retry_quarantined):
+    """How many pending segments the quarantine does not hold back (claimed or not)."""
+    return f"SELECT count(*) FROM segments s WHERE {pending_sql(column)} AND NOT {quarantined_sql(retry_quarantined)}"
+
+
+def count_pending_and_quarantined_sql(column):
+    """How many segments need a vector, and how many of those the quarantine holds back."""
+    return (
+        f"SELECT count(*), count(*) FILTER (WHERE {quarantined_sql(False)}) FROM segments s WHERE {pending_sql(column)}"
+    )
+
+
+DELETE_DEAD_CLAIMS = """
+    DELETE FROM embeddings_backfill_claim c WHERE NOT EXISTS (
+        SELECT 1 FROM pg_stat_activity a
+        WHERE a.pid = c.worker_pid AND (a.backend_start IS NULL OR a.backend_start = c.worker_started_at))
+"""
+INSERT_CLAIM = """
+    INSERT INTO embeddings_backfill_claim (first_id, last_id, worker_pid, worker_started_at, worker_name, claimed_at)
+    SELECT %s, %s, a.pid, a.backend_start, %s, now() FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()
+    RETURNING id
+"""
+ADOPT_CLAIMS = """
+    UPDATE embeddings_backfill_claim SET worker_pid = a.pid, worker_started_at = a.backend_start
+    FROM pg_stat_activity a WHERE a.pid = pg_backend_pid() AND embeddings_backfill_claim.id = ANY(%s)
+"""
+DELETE_CLAIM = "DELETE FROM embeddings_backfill_claim WHERE id = %s"
+DELETE_CLAIMS = "DELETE FROM embeddings_backfill_claim WHERE id = ANY(%s)"
+
+QUARANTINE = """
+    INSERT INTO embeddings_quarantine AS q (segment_id, text_md5, reason, attempts, first_failed_at, last_failed_at)
+    SELECT f.id, f.md5, f.reason, 1, now(), now()
+    FROM unnest(%s::int4[], %s::uuid[], %s::text[]) AS f(id, md5, reason)
+    JOIN segments s ON s.id = f.id AND md5(s.text)::uuid = f.md5
+    ON CONFLICT (segment_id) DO UPDATE SET
+        attempts = CASE WHEN q.text_md5 = EXCLUDED.text_md5 THEN q.attempts + 1 ELSE 1 END,
+        first_failed_at = CASE WHEN q.text_md5 = EXCLUDED.text_md5 THEN q.first_failed_at ELSE now() END,
+        text_md5 = EXCLUDED.text_md5, reason = EXCLUDED.reason, last_failed_at = now()
+"""
+
+
+def unquarantine_staged_sql(staging_table):
+    """Drops the quarantine entries of the %s rows just staged (the LIMIT tells the planner
+    the staging table's size, as in embeddings/writer.py)."""
+    return (f"DELETE FROM embeddings_quarantine q USING (SELECT id FROM {staging_table} "
+            "LIMIT %s) st WHERE q.segment_id = st.id")
+
+
+def obsolete_quarantine_sql(column):
+    """Entries that no longer apply: segment gone, text changed, or vector present."""
+    return f"""
+        DELETE FROM embeddings_quarantine q WHERE NOT EXISTS (
+            SELECT 1 FROM segments s
+            WHERE s.id = q.segment_id AND s.{column} IS NULL AND md5(s.text)::uuid = q.text_md5)
+    """

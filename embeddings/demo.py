@@ -42,9 +42,8 @@ def require_demo_database():
         )
 
 
-def reset_to_legacy():
-    """Drop what the switch built and recreate the legacy table (migration 0001), empty."""
-    call_command("migrate", verbosity=0)  # everything else (auth, sessions, embeddings) at head
+def drop_segments():
+    """Drop `segments` and all the switch built for it, and record its migrations as unapplied."""
     with connection.cursor() as cursor:
         cursor.execute(
             "DROP TABLE IF EXISTS segments CASCADE;"
@@ -52,6 +51,12 @@ def reset_to_legacy():
             "TRUNCATE embeddings_quarantine, embeddings_backfill_claim;"
         )
     call_command("migrate", "segments", "zero", fake=True, verbosity=0)
+
+
+def reset_to_legacy():
+    """Recreate the legacy table (migration 0001), empty, with everything else at head."""
+    call_command("migrate", verbosity=0)
+    drop_segments()
     call_command("migrate", "segments", "0001", verbosity=0)
 
 

@@ -87,7 +87,26 @@ def check_loadable(model_name):
         )
 
 
-class EmbeddingsService:
+class LazyModel:
+    """`.model` is built by `_load()` on first use, once, however many threads ask for it."""
+
+    def __init__(self):
+        self._model = None
+        self._lock = threading.Lock()
+
+    @property
+    def model(self):
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model = self._load()
+        return self._model
+
+    def _load(self):
+        raise NotImplementedError
+
+
+class EmbeddingsService(LazyModel):
     """Encodes texts with the configured model. Thread-safe; the model loads on first use."""
 
     def __init__(self, model_name=None, device=None, batch_size=None, dimensions=None, query_instruction=None):
@@ -100,16 +119,7 @@ class EmbeddingsService:
         if query_instruction is None:
             query_instruction = default_query_instruction(self.model_name)
         self.query_instruction = query_instruction
-        self._model = None
-        self._lock = threading.Lock()
-
-    @property
-    def model(self):
-        if self._model is None:
-            with self._lock:
-                if self._model is None:
-                    self._model = self._load()
-        return self._model
+        super().__init__()
 
     def _load(self):
         from sentence_transformers import SentenceTransformer

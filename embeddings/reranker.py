@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from embeddings.encoder import ModelUnavailable, check_loadable, resolve_device
+from embeddings.encoder import LazyModel, ModelUnavailable, check_loadable, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def load_cross_encoder(model_name, *, device, max_length):
     return model
 
 
-class Reranker:
+class Reranker(LazyModel):
     """Scores (query, document) pairs with a cross-encoder. Thread-safe; loads on first use.
 
     `loader(model_name, device=..., max_length=...)` builds the model (load_cross_encoder by
@@ -83,16 +83,7 @@ class Reranker:
         self.loader = loader
         self.loaded_model_name = None
         self.notes = []
-        self._model = None
-        self._lock = threading.Lock()
-
-    @property
-    def model(self):
-        if self._model is None:
-            with self._lock:
-                if self._model is None:
-                    self._model = self._load()
-        return self._model
+        super().__init__()
 
     def _load(self):
         device = resolve_device(self.requested_device)

@@ -15,6 +15,8 @@ import pytest
 from django.core.management import call_command
 from django.db import connection
 
+from embeddings.demo import drop_segments
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # all-MiniLM-L6-v2 as files from PyPI: a real 384-dim BERT encoder that loads offline.
@@ -45,17 +47,6 @@ def use_minilm(settings):
     settings.EMBEDDING_DEVICE = "cpu"
     settings.EMBEDDING_QUERY_INSTRUCTION = ""
     return MINILM_PATH
-
-
-def drop_segments():
-    """Remove `segments` and everything the migrations made for it; record them as unapplied."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "DROP TABLE IF EXISTS segments CASCADE;"
-            "DROP FUNCTION IF EXISTS segments_clear_stale_embedding() CASCADE;"
-            "TRUNCATE embeddings_quarantine, embeddings_backfill_claim;"
-        )
-    call_command("migrate", "segments", "zero", fake=True, verbosity=0)
 
 
 def rebuild_segments(phase):

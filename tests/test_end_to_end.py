@@ -4,7 +4,6 @@ import pytest
 from django.core.management import call_command
 from django.db import connection
 
-from segments import demo_data
 from segments.schema import embedding_schema
 from segments.search import search
 from tests.conftest import PHASES

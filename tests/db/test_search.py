@@ -7,27 +7,10 @@ from django.db import connection
 
 from embeddings.encoder import DimensionMismatch
 from segments.models import Segment
+from tests.db.vectors import DIMS, MappedEncoder, vec
 from segments.schema import SchemaNotReady
 from segments.search import SearchError, explain_nearest, nearest, search
 
-DIMS = 384
-
-
-def vec(*components):
-    """A 384-dim unit vector whose first components are `components` (the rest zero)."""
-    padded = np.zeros(DIMS, dtype=np.float32)
-    padded[: len(components)] = components
-    return padded / np.linalg.norm(padded)
-
-
-class MappedEncoder:
-    """Embeds each known query as the vector the test chose for it."""
-
-    def __init__(self, vectors):
-        self.vectors = vectors
-
-    def encode_query(self, query):
-        return self.vectors[query]
 
 
 EAST = MappedEncoder({"east": vec(1, 0), "north": vec(0, 1)})

@@ -2,29 +2,14 @@
 import json
 from io import StringIO
 
-import numpy as np
 import pytest
 from django.db import connection
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from segments.models import Segment
+from tests.db.vectors import MappedEncoder, vec
 
-DIMS = 384
-
-
-def vec(*components):
-    padded = np.zeros(DIMS, dtype=np.float32)
-    padded[: len(components)] = components
-    return padded / np.linalg.norm(padded)
-
-
-class MappedEncoder:
-    def __init__(self, vectors):
-        self.vectors = vectors
-
-    def encode_query(self, query):
-        return self.vectors[query]
 
 
 ENCODER = MappedEncoder({"fasting": vec(1, 0)})

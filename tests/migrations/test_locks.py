@@ -8,7 +8,6 @@ from django.core.management import call_command
 from django.db import connection
 
 from segments.operations import MigrationLocked, index_validity
-from tests.conftest import PHASES
 
 # (phase before, migration to apply)
 STEPS = [

@@ -1,0 +1,128 @@
+"""The db-write suite: writing 384-dim vectors into a scratch copy of `segments`, three ways.
+
+1. one `UPDATE ... WHERE id = %s` per row, the vector sent as a text literal (the old project's
+   way), all in one transaction;
+2. the ORM's `bulk_update` (batches of BULK_UPDATE_BATCH rows);
+3. the backfill's write path, embeddings.writer.VectorWriter (binary COPY into a staging table,
+   one UPDATE ... FROM per batch of the engine's batch size).
+
+Each method starts from a fresh copy of the same rows (no vector indexes: the backfill runs
+before the HNSW index is built) and writes the same vectors. Only the writes are timed: ids and
+text md5s are read beforehand. The two slow methods write a sample of the rows
+(SLOW_METHOD_ROWS at most); their rate is what the comparison needs.
+"""
+import numpy as np
+from django.apps.registry import Apps
+from django.db import connections, models, transaction
+from pgvector.django import VectorField
+
+from embeddings.backfill import DEFAULT_BATCH_SIZE as BACKFILL_BATCH
+from embeddings.benchmark.measure import per_second, timed
+from embeddings.benchmark.scratch import quote
+from embeddings.benchmark.source import segments_copy
+
+SLOW_METHOD_ROWS = 3_000
+BULK_UPDATE_BATCH = 1_000
+# The issue's targets for the backfill path.
+TARGET_ROWS_PER_S = 20_000
+TARGET_RATIO_TO_PER_ROW = 10
+
+
+def unit_vectors(count, dims, seed=0):
+    vectors = np.random.default_rng(seed).standard_normal((count, dims), dtype=np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def vector_literal(vector):
+    return "[" + ",".join(str(value) for value in vector.tolist()) + "]"
+
+
+def per_row_update(using, table, column, ids, md5s, vectors):
+    """The old way: one UPDATE per row, vectors formatted as text."""
+    with transaction.atomic(using=using), connections[using].cursor() as cursor:
+        for segment_id, vector in zip(ids, vectors):
+            cursor.execute(f"UPDATE {table} SET {quote(column)} = %s::vector WHERE id = %s",
+                           [vector_literal(vector), segment_id])
+
+
+def scratch_model(table, column, dims):
+    """An unmanaged model over scratch `table`, in a registry of its own (the app's is untouched)."""
+    meta = type("Meta", (), {"app_label": "embeddings", "db_table": table, "managed": False, "apps": Apps()})
+    return type("BenchmarkSegment", (models.Model,), {
+        "__module__": __name__, "Meta": meta,
+        "id": models.IntegerField(primary_key=True),
+        column: VectorField(dimensions=dims, null=True),
+    })
+
+
+def orm_bulk_update(using, table, column, ids, md5s, vectors):
+    """The ORM's bulk_update, as an application would write it."""
+    model = scratch_model(table, column, vectors.shape[1])
+    objects = [model(id=segment_id, **{column: vector}) for segment_id, vector in zip(ids, vectors)]
+    with transaction.atomic(using=using):
+        model.objects.using(using).bulk_update(objects, [column], batch_size=BULK_UPDATE_BATCH)
+
+
+def backfill_path(using, table, column, ids, md5s, vectors):
+    """The backfill's path: VectorWriter, one transaction per batch."""
+    from embeddings.writer import VectorWriter
+
+    writer = VectorWriter(connections[using], quote(column), vectors.shape[1], table=table)
+    for start in range(0, len(ids), BACKFILL_BATCH):
+        end = start + BACKFILL_BATCH
+        with transaction.atomic(using=using):
+            writer.write(ids[start:end], md5s[start:end], vectors[start:end])
+
+
+METHODS = [
+    ("per_row_update", "one UPDATE per row (vector as text)", per_row_update, True),
+    ("bulk_update", f"ORM bulk_update (batch_size={BULK_UPDATE_BATCH})", orm_bulk_update, True),
+    ("backfill_path", f"VectorWriter: binary COPY + UPDATE ... FROM ({BACKFILL_BATCH:,} rows/batch)", backfill_path,
+     False),
+]
+
+
+def _rows_and_md5s(cursor, table, limit):
+    cursor.execute(f"SELECT id, md5(text)::uuid FROM {table} ORDER BY id LIMIT %s", [limit])
+    rows = cursor.fetchall()
+    return [row[0] for row in rows], [row[1] for row in rows]
+
+
+def _written(cursor, table, column):
+    cursor.execute(f"SELECT count(*) FROM {table} WHERE {quote(column)} IS NOT NULL")
+    return cursor.fetchone()[0]
+
+
+def measure_method(ctx, name, method, rows):
+    """Run `method` on a fresh copy holding ctx.options.rows rows, writing `rows` of them."""
+    scratch, using, column = ctx.scratch, ctx.options.using, ctx.column
+    with connections[using].cursor() as cursor:
+        table = segments_copy(cursor, scratch, ctx.source(), f"write_{name}", ctx.options.rows, column)
+        ids, md5s = _rows_and_md5s(cursor, table, rows)
+    vectors = unit_vectors(len(ids), column.dimensions, ctx.options.seed)
+    seconds, _ = timed(lambda: method(using, table, column.name, ids, md5s, vectors))
+    with connections[using].cursor() as cursor:
+        written = _written(cursor, table, column.name)
+        cursor.execute(f"DROP TABLE {table}")
+    return {"rows": len(ids), "rows_written": written, "seconds": seconds, "rows_per_s": per_second(written, seconds)}
+
+
+def run(ctx):
+    """Measure the three write methods on the same rows; returns the suite's figures."""
+    total = ctx.options.rows
+    figures = {"table_rows": total, "dimensions": ctx.column.dimensions, "rows_source": ctx.source().description}
+    for name, description, method, slow in METHODS:
+        rows = min(total, SLOW_METHOD_ROWS) if slow else total
+        ctx.progress(f"db-write: {description}, {rows:,} rows")
+        result = measure_method(ctx, name, method, rows)
+        figures[name] = {"method": description, **result}
+        figures[f"{name}_rows_per_s"] = result["rows_per_s"]
+    fastest = figures["backfill_path_rows_per_s"]
+    figures["backfill_path_vs_per_row_update"] = fastest / figures["per_row_update_rows_per_s"]
+    figures["backfill_path_vs_bulk_update"] = fastest / figures["bulk_update_rows_per_s"]
+    figures["targets"] = {
+        f"backfill_path_at_least_{TARGET_ROWS_PER_S}_rows_per_s": fastest >= TARGET_ROWS_PER_S,
+        f"backfill_path_at_least_{TARGET_RATIO_TO_PER_ROW}x_per_row_update":
+            figures["backfill_path_vs_per_row_update"] >= TARGET_RATIO_TO_PER_ROW,
+    }
+    return figures

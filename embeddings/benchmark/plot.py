@@ -1,0 +1,60 @@
+"""`--plot FILE.png`: throughput against batch size, and recall against latency, side by side."""
+
+
+def _encode_panel(axes, figures):
+    if not figures:
+        axes.text(0.5, 0.5, "encode suite not run", ha="center", va="center", transform=axes.transAxes)
+        axes.set_axis_off()
+        return
+    for dtype in sorted({run["dtype"] for run in figures["runs"]}):
+        runs = [run for run in figures["runs"] if run["dtype"] == dtype]
+        axes.plot([run["batch_size"] for run in runs], [run["texts_per_s"] for run in runs], marker="o",
+                  label=f"EmbeddingsService, {dtype}")
+    axes.axhline(figures["baseline_texts_per_s"], color="grey", linestyle="--", label="plain encode(), fp32")
+    batch_sizes = sorted({run["batch_size"] for run in figures["runs"]})
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(batch_sizes, [str(size) for size in batch_sizes])
+    axes.minorticks_off()
+    axes.set_xlabel("batch size")
+    axes.set_ylabel("texts/s")
+    axes.set_ylim(bottom=0)
+    axes.set_title(f"encode on {figures['device']}: {figures['texts']:,} texts", fontsize=10)
+    axes.legend(fontsize=8)
+
+
+def _search_panel(axes, figures):
+    if not figures:
+        axes.text(0.5, 0.5, "search suite not run", ha="center", va="center", transform=axes.transAxes)
+        axes.set_axis_off()
+        return
+    sweep = figures["sweep"]
+    axes.plot([entry["p50_ms"] for entry in sweep], [entry["recall_at_10"] for entry in sweep], marker="o",
+              label="p50")
+    axes.plot([entry["p95_ms"] for entry in sweep], [entry["recall_at_10"] for entry in sweep], marker=".",
+              linestyle=":", label="p95")
+    for entry in sweep:
+        axes.annotate(f"ef {entry['ef_search']}", (entry["p50_ms"], entry["recall_at_10"]), fontsize=7,
+                      textcoords="offset points", xytext=(4, -8))
+    axes.axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
+    axes.set_xlabel("query latency, SQL only (ms)")
+    axes.set_ylabel("recall@10 against exact search")
+    axes.set_title(f"search: {figures['rows']:,} rows, HNSW ({figures['vectors']} vectors)", fontsize=10)
+    axes.legend(fontsize=8, loc="lower right")
+
+
+def draw(results, path):
+    """Write the two panels for `results` to the image file `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, (left, right) = pyplot.subplots(1, 2, figsize=(12, 4.5))
+    _encode_panel(left, results.get("encode"))
+    _search_panel(right, results.get("search"))
+    machine, model = results.get("machine", {}), results.get("run", {}).get("model")
+    title = f"{machine.get('cpu')}, {machine.get('cores')} cores, GPU: {machine.get('gpu') or 'none'}"
+    figure.suptitle(title + (f"\nmodel: {model}" if model else ""), fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)

@@ -1,0 +1,183 @@
+"""The benchmark's results as a readable table, and the change against an earlier run.
+
+`render(results)` and `render_comparison(old, new)` return lists of lines; the command writes
+them. `compare(old, new)` returns the changes as data, for `--json`.
+"""
+
+
+def _n(value, digits=0):
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _table(header, rows, indent="  ", left=(0,)):
+    """Aligned lines: columns numbered in `left` left-aligned, the others right-aligned."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells):
+        return indent + "  ".join(str(cell).ljust(width) if i in left else str(cell).rjust(width)
+                                  for i, (cell, width) in enumerate(zip(cells, widths))).rstrip()
+
+    return [line(header), *(line(row) for row in rows)]
+
+
+def _targets(figures):
+    targets = figures.get("targets") or {}
+    return [f"  target {name.replace('_', ' ')}: {'met' if met else 'NOT met'}" for name, met in targets.items()]
+
+
+def render_machine(machine):
+    gpu = machine["gpu"] or "none"
+    return [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB; GPU: {gpu}",
+        f"  torch {machine['torch']} ({machine['torch_threads']} threads), sentence-transformers "
+        f"{machine['sentence_transformers']}, PostgreSQL {machine['postgresql']}, pgvector {machine['pgvector']}",
+    ]
+
+
+def render_encode(figures):
+    rows = [[run["dtype"], run["batch_size"], _n(run["texts_per_s"], 1), _n(run["tokens_per_s"]),
+             _n(run["peak_memory_mb"]), f"{run['ratio_to_baseline']:.2f}x"] for run in figures["runs"]]
+    return [
+        f"encode: {figures['model']} on {figures['device']}",
+        f"  {figures['texts']:,} texts from {figures['texts_source']}, "
+        f"{figures['mean_tokens_per_text']:.0f} tokens each on average",
+        *_table(["dtype", "batch", "texts/s", "tokens/s", "peak MB", "vs plain"], rows),
+        f"  plain encode() baseline: {_n(figures['baseline_texts_per_s'], 1)} texts/s ({figures['baseline']})",
+        f"  best: {_n(figures['best_texts_per_s'], 1)} texts/s at batch size {figures['best_batch_size']} "
+        f"({figures['best_dtype']}), {figures['ratio_to_baseline']:.2f}x plain encode(); "
+        f"each figure the best of {figures['repeats']} runs; memory is {figures['peak_memory_kind']}",
+        *_targets(figures),
+    ]
+
+
+def render_db_write(figures):
+    names = [("per_row_update", "one UPDATE per row"), ("bulk_update", "ORM bulk_update"),
+             ("backfill_path", "backfill path")]
+    rows = [[label, _n(figures[name]["rows_written"]), _n(figures[name]["rows_per_s"]), figures[name]["method"]]
+            for name, label in names]
+    return [
+        f"db-write: {figures['dimensions']}-dim vectors into a {figures['table_rows']:,}-row scratch copy "
+        f"({figures['rows_source']})",
+        *_table(["method", "rows", "rows/s", "how"], rows, left=(0, 3)),
+        f"  backfill path: {figures['backfill_path_vs_per_row_update']:.1f}x per-row UPDATE, "
+        f"{figures['backfill_path_vs_bulk_update']:.1f}x bulk_update",
+        *_targets(figures),
+    ]
+
+
+def render_backfill(figures):
+    model, fake = figures["with_model"], figures["with_fake_encoder"]
+    return [
+        f"backfill: {figures['model']} on {figures['device']}, batch size {figures['batch_size']}",
+        f"  raw encode_documents(): {_n(figures['encode_texts_per_s'], 1)} texts/s (in the engine's batches of "
+        f"{figures['engine_batch_size']:,} rows)",
+        f"  backfill engine:        {_n(figures['backfill_rows_per_s'], 1)} rows/s "
+        f"({model['rows_embedded']:,} rows in {model['seconds']:.1f} s) = {figures['ratio']:.2f}x raw encode",
+        f"  with the zero-cost HashingEncoder: {_n(figures['fake_encoder_rows_per_s'])} rows/s "
+        f"({fake['rows_embedded']:,} rows: the database's ceiling)",
+        f"  (raw encode and the engine alternate {figures['rounds']} times; each figure is its best run)",
+        *_targets(figures),
+    ]
+
+
+def render_search(figures):
+    rows = [[entry["ef_search"], f"{entry['p50_ms']:.2f}", f"{entry['p95_ms']:.2f}", f"{entry['recall_at_10']:.3f}"]
+            for entry in figures["sweep"]]
+    reached = "smallest ef_search reaching recall 0.95" if figures["recall_target_reached"] else (
+        "recall 0.95 NOT reached in the sweep; best recall")
+    return [
+        f"search: {figures['rows']:,} rows, {figures['index']}, built in {figures['index_build_s']:.1f} s "
+        f"({figures['index_mb']:.0f} MB); index used: {'yes' if figures['index_used'] else 'NO'}",
+        f"  vectors: {figures['vectors_source']}",
+        f"  {figures['queries']} queries: {figures['query_vectors']}; exact search p50 {figures['exact_p50_ms']:.1f} ms",
+        *_table(["ef_search", "p50 ms", "p95 ms", "recall@10"], rows),
+        f"  {reached}: ef_search {figures['ef_search']}, p50 {figures['p50_ms']:.2f} ms, "
+        f"p95 {figures['p95_ms']:.2f} ms, recall@10 {figures['recall_at_10']:.3f}",
+        f"  with query encoding ({figures['with_encoding_queries']} queries): p50 "
+        f"{figures['with_encoding_p50_ms']:.1f} ms, p95 {figures['with_encoding_p95_ms']:.1f} ms with "
+        f"{figures['with_encoding_torch_threads']} torch threads; p50 {figures['with_encoding_one_thread_p50_ms']:.1f} ms, "
+        f"p95 {figures['with_encoding_one_thread_p95_ms']:.1f} ms with 1",
+        *_targets(figures),
+    ]
+
+
+def render_rerank(figures):
+    if figures.get("skipped"):
+        return [f"rerank: skipped: {figures['skipped']}"]
+    return [
+        f"rerank: {figures['model']} on {figures['device']}, batch size {figures['batch_size']}",
+        f"  {_n(figures['pairs_per_s'], 1)} pairs/s: {figures['ms_per_query']:,.0f} ms to rerank "
+        f"{figures['top_k']} candidates ({figures['rerankings']} reranking(s) timed)",
+        *[f"  note: {note}" for note in figures.get("notes", [])],
+    ]
+
+
+RENDERERS = [("encode", render_encode), ("db_write", render_db_write), ("backfill", render_backfill),
+             ("search", render_search), ("rerank", render_rerank)]
+
+
+def render(results):
+    """The results as lines of text, one section per suite run."""
+    lines = render_machine(results["machine"])
+    run = results.get("run", {})
+    if run.get("model"):
+        lines.append(f"Model: {run['model']}")
+    for key, renderer in RENDERERS:
+        if key in results:
+            lines += ["", *renderer(results[key])]
+    if run:
+        lines += ["", f"Finished in {run['seconds']:.0f} s."]
+    return lines
+
+
+# --- comparing two runs ---------------------------------------------------------------------
+
+HIGHER_IS_BETTER = ("per_s", "ratio", "recall", "_vs_")
+
+
+def figures_of(results):
+    """{"suite.key": number} for each suite's top-level numbers (lists and nested dicts left out)."""
+    flat = {}
+    for key, _ in RENDERERS:
+        for name, value in (results.get(key) or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat[f"{key}.{name}"] = value
+    return flat
+
+
+def better(name, old, new):
+    """'better', 'worse' or '' (no direction: a setting, or no change)."""
+    if new == old or name.endswith(("ef_search", "batch_size", "rows", "texts", "queries", "dimensions",
+                                    "table_rows", "top_k", "pairs", "rerankings", "max_seq_length",
+                                    "mean_tokens_per_text", "with_encoding_queries")):
+        return ""
+    higher = any(word in name for word in HIGHER_IS_BETTER)
+    return "better" if (new > old) == higher else "worse"
+
+
+def compare(old, new):
+    """[{figure, old, new, change_pct, verdict}] for the figures both runs have."""
+    before, after = figures_of(old), figures_of(new)
+    changes = []
+    for name in sorted(before.keys() & after.keys()):
+        was, now = before[name], after[name]
+        change = (now - was) / was * 100 if was else None
+        changes.append({"figure": name, "old": was, "new": now, "change_pct": change, "verdict": better(name, was, now)})
+    return changes
+
+
+def render_comparison(old, new):
+    """Lines describing the change from `old` to `new` results."""
+    changes = compare(old, new)
+    if not changes:
+        return ["No figures in common with the earlier run."]
+    machine_old, machine_new = old.get("machine", {}), new.get("machine", {})
+    lines = ["Change against the earlier run:"]
+    if (machine_old.get("cpu"), machine_old.get("gpu")) != (machine_new.get("cpu"), machine_new.get("gpu")):
+        lines.append(f"  (different machines: {machine_old.get('cpu')} / {machine_old.get('gpu')} then, "
+                     f"{machine_new.get('cpu')} / {machine_new.get('gpu')} now)")
+    rows = [[c["figure"], _n(c["old"], 2), _n(c["new"], 2),
+             "-" if c["change_pct"] is None else f"{c['change_pct']:+.1f}%", c["verdict"]] for c in changes]
+    return lines + _table(["figure", "before", "now", "change", ""], rows, left=(0, 4))

@@ -1,0 +1,113 @@
+"""Runs the selected suites side by side in one scratch schema and gathers their figures.
+
+    results = run(Options(suites=("encode", "search"), rows=10_000, model_shape="bge-small"))
+
+`results` has one key per suite run (`encode`, `db_write`, `backfill`, `search`, `rerank`), plus
+`machine` (what it ran on) and `run` (the options, when, how long). Everything is measured in
+the same run because absolute times on shared machines drift: compare ratios taken together.
+"""
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+from embeddings.benchmark import backfill, db_write, encode, encoders, interrupts, machine, rerank, scratch, search
+from embeddings.benchmark import source as sources
+
+# Suite name (for --suite) -> (JSON key, the suite's run function).
+SUITES = {
+    "encode": ("encode", encode.run),
+    "db-write": ("db_write", db_write.run),
+    "backfill": ("backfill", backfill.run),
+    "search": ("search", search.run),
+    "rerank": ("rerank", rerank.run),
+}
+NEEDS_EMBEDDING_MODEL = {"encode", "backfill", "search"}
+DEFAULT_TEXTS = {"cuda": 8192}
+DEFAULT_TEXTS_CPU = 192
+
+
+def default_texts(device):
+    return DEFAULT_TEXTS.get(device, DEFAULT_TEXTS_CPU)
+
+
+@dataclass
+class Options:
+    suites: tuple = tuple(SUITES)
+    rows: int = 100_000  # size of the scratch tables (db-write, the backfill's fake-encoder run, search)
+    texts: int | None = None  # texts run through the model (encode, the backfill's model run, rerank)
+    batch_sizes: tuple | None = None  # the encode sweep; None: by device
+    backfill_batch_size: int | None = None  # None: settings.EMBEDDING_BATCH_SIZE
+    model_shape: str | None = None
+    ef_search: tuple = search.DEFAULT_EF_SEARCH
+    queries: int = 200
+    search_vectors: str = "auto"
+    seed: int = 0
+    using: str = "default"
+
+
+@dataclass
+class Context:
+    """What a suite needs: the options, the scratch schema, the model, shared inputs (made once)."""
+
+    options: Options
+    scratch: scratch.Scratch
+    service: object  # the EmbeddingsService benchmarked, None when no suite needs one
+    device: str
+    column: sources.VectorColumn
+    progress: object = None  # progress(message): a line for the user while the run goes on
+    _texts: object = field(default=None, repr=False)
+    _source: object = field(default=None, repr=False)
+
+    @property
+    def texts_count(self):
+        return self.options.texts or default_texts(self.device)
+
+    @property
+    def model_label(self):
+        return encoders.model_label(self.service) if self.service is not None else None
+
+    def texts(self):
+        """The TextSample the model suites encode (sampled once per run)."""
+        if self._texts is None:
+            self._texts = sources.sample_texts(self.texts_count, self.options.seed, self.options.using)
+        return self._texts
+
+    def source(self):
+        """The scratch `source` table every scratch copy is filled from (made once per run)."""
+        if self._source is None:
+            from django.db import connections
+
+            self.progress("preparing the scratch rows")
+            with connections[self.options.using].cursor() as cursor:
+                rows = max(self.options.rows, self.texts_count)
+                self._source = sources.fill_source(cursor, self.scratch, rows, self.options.seed)
+        return self._source
+
+
+def _run_description(options, started, seconds, dropped, service):
+    description = {**asdict(options), "started_at": started.isoformat(timespec="seconds"), "seconds": seconds,
+                   "scratch_leftovers_dropped": list(dropped)}
+    if service is not None:
+        description["model"] = encoders.model_label(service)
+        description["vectors_meaningful"] = not options.model_shape
+    return description
+
+
+def run(options, progress=lambda message: None):
+    """Run `options.suites`; returns the results dict. The live tables are only read."""
+    started, clock = datetime.now(timezone.utc), time.perf_counter()
+    column = sources.vector_column(options.using)  # SchemaNotReady before any model is loaded
+    service = None
+    if NEEDS_EMBEDDING_MODEL & set(options.suites):
+        progress("loading the embedding model")
+        service = encoders.embedding_service(options.model_shape)
+    device = service.device.split(":")[0] if service is not None else encoders.default_device()
+    results = {"machine": machine.describe(options.using)}
+    with interrupts.sigterm_raises(), interrupts.cancel_on_interrupt(options.using), \
+            scratch.scratch_schema(options.using) as schema:
+        ctx = Context(options, schema, service, device, column, progress)
+        for name in options.suites:
+            key, suite = SUITES[name]
+            results[key] = suite(ctx)
+    results["run"] = _run_description(options, started, time.perf_counter() - clock, schema.dropped_leftovers, service)
+    return results

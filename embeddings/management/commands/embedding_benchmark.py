@@ -1,0 +1,136 @@
+import json
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.base import BaseCommand, CommandError
+
+from embeddings.benchmark import report
+from embeddings.benchmark.encoders import SHAPES, BenchmarkModelUnavailable
+from embeddings.benchmark.interrupts import Terminated
+from embeddings.benchmark.encode import CPU_BATCH_SIZES, CUDA_BATCH_SIZES
+from embeddings.benchmark.runner import DEFAULT_TEXTS, DEFAULT_TEXTS_CPU, SUITES, Options, run
+from embeddings.benchmark.search import VECTOR_SOURCES
+from segments.schema import SchemaNotReady
+
+MAX_EF_SEARCH = 1000  # pgvector's limit for hnsw.ef_search
+
+
+def positive_ints(raw):
+    """'16,32,64' -> (16, 32, 64); argparse turns the ValueError into a usage error."""
+    values = tuple(int(part) for part in raw.split(",") if part.strip())
+    if not values or min(values) < 1:
+        raise ValueError(raw)
+    return values
+
+
+def _listed(values):
+    return ",".join(str(value) for value in values)
+
+
+class Command(BaseCommand):
+    help = "Measure encoding, vector writes, the backfill, search and reranking side by side on this machine."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--suite", action="append", choices=list(SUITES), dest="suites",
+                            help="Suite to run; repeat for several (default: all).")
+        parser.add_argument("--rows", type=int, default=Options.rows,
+                            help=f"Rows in the scratch tables: db-write, the backfill's fake-encoder run, search "
+                                 f"(default {Options.rows:,}).")
+        parser.add_argument("--texts", type=int,
+                            help="Texts run through the model: encode, the backfill's model run, rerank candidates "
+                                 f"(default {DEFAULT_TEXTS_CPU} on a CPU, {DEFAULT_TEXTS['cuda']} on CUDA).")
+        parser.add_argument("--batch-sizes", type=positive_ints, metavar="N,N,...",
+                            help=f"Batch sizes of the encode sweep (default {_listed(CPU_BATCH_SIZES)} on a CPU, "
+                                 f"{_listed(CUDA_BATCH_SIZES)} on CUDA).")
+        parser.add_argument("--batch-size", type=int, dest="backfill_batch_size", metavar="N",
+                            help="Rows per backfill engine batch in the backfill suite (default: the engine's, fewer for a small run).")
+        parser.add_argument("--model-shape", choices=list(SHAPES),
+                            help="Benchmark a randomly initialised model of this shape instead of EMBEDDING_MODEL "
+                                 "(real speed, meaningless vectors).")
+        parser.add_argument("--ef-search", type=positive_ints, metavar="N,N,...", default=Options.ef_search,
+                            help="hnsw.ef_search values of the search sweep.")
+        parser.add_argument("--queries", type=int, default=Options.queries,
+                            help=f"Queries per ef_search value (default {Options.queries}).")
+        parser.add_argument("--search-vectors", choices=VECTOR_SOURCES, default="auto",
+                            help="Vectors of the search table: the live table's, hashed words, hashed texts "
+                                 "(random), or the model's (default auto: live if there are enough, else words).")
+        parser.add_argument("--seed", type=int, default=0, help="Seed of every random choice (default 0).")
+        parser.add_argument("--database", default="default", help="Database alias (default 'default').")
+        parser.add_argument("--json", action="store_true", help="Print one JSON object instead of the table.")
+        parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                            help="Draw throughput against batch size and recall against latency into FILE.png.")
+        parser.add_argument("--compare", type=Path, metavar="OLD.json",
+                            help="Show the change against an earlier run's --json output.")
+
+    def handle(self, *args, **options):
+        benchmark = self.validated(options)
+        earlier = self.read_earlier(options["compare"])
+        if options["plot"] and not options["plot"].parent.is_dir():
+            raise CommandError(f"--plot {options['plot']}: the folder {options['plot'].parent} does not exist.")
+        progress = self.progress if options["verbosity"] >= 1 and not options["json"] else (lambda message: None)
+        results = self.run(benchmark, progress)
+        if options["plot"]:
+            from embeddings.benchmark.plot import draw
+
+            draw(results, options["plot"])
+        self.report(results, earlier, options)
+
+    def validated(self, options):
+        for name, minimum in (("rows", 10), ("texts", 1), ("backfill_batch_size", 1), ("queries", 1)):
+            if options[name] is not None and options[name] < minimum:
+                raise CommandError(f"--{name.replace('backfill_', '').replace('_', '-')} must be at least {minimum}.")
+        if max(options["ef_search"]) > MAX_EF_SEARCH:
+            raise CommandError(f"--ef-search values must be at most {MAX_EF_SEARCH} (pgvector's limit).")
+        suites = options["suites"] or list(SUITES)
+        return Options(
+            suites=tuple(name for name in SUITES if name in suites), rows=options["rows"], texts=options["texts"],
+            batch_sizes=options["batch_sizes"], backfill_batch_size=options["backfill_batch_size"],
+            model_shape=options["model_shape"], ef_search=options["ef_search"], queries=options["queries"],
+            search_vectors=options["search_vectors"], seed=options["seed"], using=options["database"],
+        )
+
+    @staticmethod
+    def read_earlier(path):
+        if path is None:
+            return None
+        try:
+            earlier = json.loads(path.read_text())
+        except OSError as exc:
+            raise CommandError(f"--compare {path}: cannot read it ({exc.strerror}).") from None
+        except ValueError:
+            raise CommandError(f"--compare {path}: not JSON. Give it a file written by `embedding_benchmark "
+                               "--json > FILE.json`.") from None
+        if not isinstance(earlier, dict) or "machine" not in earlier:
+            raise CommandError(f"--compare {path}: not an embedding_benchmark --json result.")
+        return earlier
+
+    def progress(self, message):
+        self.stderr.write(f"... {message}", style_func=self.style.NOTICE)
+
+    @staticmethod
+    def run(benchmark, progress):
+        try:
+            return run(benchmark, progress)
+        except (BenchmarkModelUnavailable, SchemaNotReady) as exc:
+            raise CommandError(str(exc)) from None
+        except ImproperlyConfigured as exc:
+            raise CommandError(f"{exc} Fix the setting, or pass --model-shape bge-small.") from None
+        except Terminated:
+            raise CommandError("Interrupted by SIGTERM; the scratch schema was removed.", returncode=143) from None
+        except KeyboardInterrupt:
+            raise CommandError("Interrupted; the scratch schema was removed.", returncode=130) from None
+
+    def report(self, results, earlier, options):
+        if earlier is not None:
+            results["compare"] = report.compare(earlier, results)
+        if options["json"]:
+            self.stdout.write(json.dumps(results, indent=2))
+            return
+        for line in report.render(results):
+            self.stdout.write(line)
+        if earlier is not None:
+            self.stdout.write("")
+            for line in report.render_comparison(earlier, results):
+                self.stdout.write(line)
+        if options["plot"]:
+            self.stdout.write(self.style.SUCCESS(f"Plot written to {options['plot']}."))

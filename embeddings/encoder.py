@@ -23,6 +23,8 @@ from django.core.exceptions import ImproperlyConfigured
 
 logger = logging.getLogger(__name__)
 
+CPU_BATCH_SIZE = 32
+CUDA_BATCH_SIZE = 256
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 
 
@@ -112,7 +114,7 @@ class EmbeddingsService(LazyModel):
     def __init__(self, model_name=None, device=None, batch_size=None, dimensions=None, query_instruction=None):
         self.model_name = model_name or settings.EMBEDDING_MODEL
         self.requested_device = device or settings.EMBEDDING_DEVICE
-        self.batch_size = batch_size or settings.EMBEDDING_BATCH_SIZE
+        self._batch_size = batch_size or settings.EMBEDDING_BATCH_SIZE
         self.expected_dimensions = dimensions or settings.EMBEDDING_DIMENSIONS
         if query_instruction is None:
             query_instruction = settings.EMBEDDING_QUERY_INSTRUCTION
@@ -141,6 +143,14 @@ class EmbeddingsService(LazyModel):
     @property
     def device(self):
         return str(self.model.device)
+
+    @property
+    def batch_size(self):
+        """Texts per model call: as configured, else what suits the device (measured with
+        `embedding_benchmark --suite encode`: on a CPU, 16-32 beat 64 and more)."""
+        if self._batch_size:
+            return self._batch_size
+        return CUDA_BATCH_SIZE if self.device.startswith("cuda") else CPU_BATCH_SIZE
 
     @property
     def dimensions(self):

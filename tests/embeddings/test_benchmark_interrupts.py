@@ -56,7 +56,10 @@ def session_alive(schema):
     (signal.SIGINT, 130, "Interrupted;"),
 ])
 def test_an_interrupted_run_removes_its_scratch_schema(signum, returncode, message):
-    process = manage("embedding_benchmark", "--suite", "db-write", "--rows", "20000", "--json")
+    # A shell that runs jobs in the background starts them with SIGINT ignored, and Python then
+    # never turns Ctrl-C into KeyboardInterrupt: give the run the default a terminal gives it.
+    process = manage("embedding_benchmark", "--suite", "db-write", "--rows", "20000", "--json",
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(scratch_table_exists("write_per_row_update"), "the run to be writing")
     process.send_signal(signum)
     out, err = process.communicate(timeout=WAIT_SECONDS)
@@ -78,7 +81,10 @@ def test_sigterm_during_the_index_build_cancels_it_and_removes_the_scratch_schem
 
 @pytest.mark.slow
 def test_the_schema_of_a_killed_run_is_removed_by_the_next_run():
-    process = manage("embedding_benchmark", "--suite", "db-write", "--rows", "20000", "--json")
+    # A shell that runs jobs in the background starts them with SIGINT ignored, and Python then
+    # never turns Ctrl-C into KeyboardInterrupt: give the run the default a terminal gives it.
+    process = manage("embedding_benchmark", "--suite", "db-write", "--rows", "20000", "--json",
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(scratch_table_exists("write_per_row_update"), "the run to be writing")
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=WAIT_SECONDS)

@@ -120,7 +120,7 @@ INDEX_MAINTENANCE_WORK_MEM = _read("INDEX_MAINTENANCE_WORK_MEM", str, "1GB")
 EMBEDDING_MODEL = _read("EMBEDDING_MODEL", str, "BAAI/bge-small-en-v1.5")
 EMBEDDING_DIMENSIONS = _read("EMBEDDING_DIMENSIONS", int, 384, minimum=1)
 EMBEDDING_DEVICE = _read("EMBEDDING_DEVICE", str, "auto", choices=("auto", "cpu", "cuda", "mps"))
-# None: by device (32 texts per call on a CPU, 256 on CUDA; see embeddings/encoder.py).
+# None: by device (16 texts per call on a CPU, 256 on CUDA; see embeddings/encoder.py).
 EMBEDDING_BATCH_SIZE = _read("EMBEDDING_BATCH_SIZE", int, None, minimum=1)
 # None means "the model's own": bge's instruction for BAAI/bge-*-en* models, none otherwise.
 # Set it to an empty value to switch it off.

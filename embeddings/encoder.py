@@ -23,7 +23,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 logger = logging.getLogger(__name__)
 
-CPU_BATCH_SIZE = 32
+CPU_BATCH_SIZE = 16
 CUDA_BATCH_SIZE = 256
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 

@@ -60,10 +60,14 @@ def check_ready(schema_editor):
         )
 
 
-def _rename(schema_editor, pairs, kind):
+def _rename_columns(schema_editor, pairs):
     for old, new in pairs:
-        schema_editor.execute(f"ALTER {kind} {old} RENAME TO {new}" if kind == "INDEX"
-                              else f"ALTER TABLE segments RENAME COLUMN {old} TO {new}")
+        schema_editor.execute(f"ALTER TABLE segments RENAME COLUMN {old} TO {new}")
+
+
+def _rename_indexes(schema_editor, pairs):
+    for old, new in pairs:
+        schema_editor.execute(f"ALTER INDEX {old} RENAME TO {new}")
 
 
 def _locked(schema_editor, steps):
@@ -80,8 +84,8 @@ def swap(apps, schema_editor):
 
     def steps():
         check_ready(schema_editor)  # again, now that no writer can add a row without a vector
-        _rename(schema_editor, COLUMNS, "COLUMN")
-        _rename(schema_editor, INDEXES, "INDEX")
+        _rename_columns(schema_editor, COLUMNS)
+        _rename_indexes(schema_editor, INDEXES)
         schema_editor.execute(triggers.create_sql("embedding"))
 
     _locked(schema_editor, steps)
@@ -89,8 +93,8 @@ def swap(apps, schema_editor):
 
 def unswap(apps, schema_editor):
     def steps():
-        _rename(schema_editor, [(new, old) for old, new in reversed(COLUMNS)], "COLUMN")
-        _rename(schema_editor, [(new, old) for old, new in INDEXES], "INDEX")
+        _rename_columns(schema_editor, [(new, old) for old, new in reversed(COLUMNS)])
+        _rename_indexes(schema_editor, [(new, old) for old, new in INDEXES])
         schema_editor.execute(triggers.create_sql("embedding_384"))
 
     _locked(schema_editor, steps)

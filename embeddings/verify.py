@@ -28,7 +28,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from segments.models import HNSW_EF_CONSTRUCTION, HNSW_M
-from segments.schema import SchemaNotReady, embedding_schema
+from segments.schema import SchemaNotReady, blank_sql, embedding_schema, pending_sql
 from segments.search import cosine_index, explain_nearest, nearest, search
 
 RECALL_K = 10
@@ -37,7 +37,6 @@ STALE_MIN_COSINE = 0.99
 NORM_TOLERANCE = 1e-3
 LEGACY_OVERLAP_QUERIES = 20  # exact searches over the 1536-dim column are slow: a few suffice
 SMALL_TABLE_ROWS = 10_000  # below this, the planner may rightly prefer a sequential scan
-BLANK_SQL = "text ~ '^[[:space:]]*$'"
 
 
 class GoldenFileError(ValueError):
@@ -122,10 +121,10 @@ def _sample(cursor, column, legacy_column, size):
 
 def _coverage(cursor, column):
     cursor.execute(f"""
-        SELECT count(*) FILTER (WHERE NOT {BLANK_SQL}), count(*) FILTER (WHERE NOT {BLANK_SQL} AND {column} IS NULL),
-               count(*) FILTER (WHERE {BLANK_SQL}),
+        SELECT count(*) FILTER (WHERE NOT {blank_sql()}), count(*) FILTER (WHERE {pending_sql(column)}),
+               count(*) FILTER (WHERE {blank_sql()}),
                (SELECT count(*) FROM embeddings_quarantine q JOIN segments s ON s.id = q.segment_id)
-        FROM segments""")
+        FROM segments s""")
     with_text, missing, blank, quarantined = cursor.fetchone()
     figures = {"segments_with_text": with_text, "missing": missing, "quarantined": quarantined, "blank": blank}
     if missing or quarantined:

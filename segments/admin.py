@@ -18,8 +18,8 @@ from django.db.models import BooleanField, Case, CharField, Exists, FloatField, 
 from django.db.models.expressions import RawSQL
 
 from embeddings.models import QuarantinedSegment
-from segments.models import BLANK_TEXT_PATTERN, Segment
-from segments.schema import TABLE, SchemaNotReady, embedding_schema
+from segments.models import Segment
+from segments.schema import BLANK_TEXT_PATTERN, TABLE, SchemaNotReady, embedding_schema
 from segments.search import SearchError, format_timestamp, search
 
 EMBEDDED, PENDING, BLANK, QUARANTINED = "embedded", "pending", "blank", "quarantined"

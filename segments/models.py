@@ -3,14 +3,13 @@ from django.db.models import Q
 from pgvector.django import HnswIndex, VectorField
 
 from segments.fields import CurrentTimestamp, SerialField, TimestampField
+from segments.schema import BLANK_TEXT_PATTERN
 
 # The width of `segments.embedding` once the switch is done (BAAI/bge-small-en-v1.5).
 # Migrations keep their own frozen copy; settings.EMBEDDING_DIMENSIONS is checked against the
 # live column, never used to define it.
 EMBEDDING_DIMENSIONS = 384
 
-# A segment whose text is empty or only whitespace gets no vector: there is nothing to embed.
-BLANK_TEXT_PATTERN = r"^[[:space:]]*$"
 
 # HNSW build parameters (pgvector's defaults, documented in the README's runbook).
 HNSW_M = 16

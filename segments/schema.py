@@ -14,6 +14,20 @@ from django.db import connections
 
 TABLE = "segments"
 
+# A segment whose text is empty or only whitespace gets no vector: there is nothing to embed.
+BLANK_TEXT_PATTERN = r"^[[:space:]]*$"
+
+
+def blank_sql(alias="s"):
+    """SQL that is true for a segment (table alias `alias`) whose text is blank."""
+    return f"{alias}.text ~ '{BLANK_TEXT_PATTERN}'"
+
+
+def pending_sql(column, alias="s"):
+    """Segments needing a vector in `column`. Written exactly as the partial index `..._todo`
+    is defined, so the planner answers it from that index."""
+    return f"{alias}.{column} IS NULL AND NOT ({blank_sql(alias)})"
+
 
 @dataclass(frozen=True)
 class EmbeddingSchema:

@@ -13,6 +13,7 @@ from django.core.management.base import CommandError
 
 from segments import triggers
 from segments.operations import index_validity
+from segments.schema import pending_sql
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +24,6 @@ INDEXES = [
     ("segments_embedding_384_hnsw", "segments_embedding_hnsw"),
     ("segments_embedding_384_todo", "segments_embedding_todo"),
 ]
-
-BLANK_TEXT_SQL = "text ~ '^[[:space:]]*$'"
 
 
 class SwapRefused(CommandError):
@@ -37,7 +36,7 @@ def missing_vectors(cursor, column):
         f"""
         SELECT count(*), count(q.segment_id) FROM segments s
         LEFT JOIN embeddings_quarantine q ON q.segment_id = s.id
-        WHERE s.{column} IS NULL AND NOT (s.{BLANK_TEXT_SQL})
+        WHERE {pending_sql(column)}
         """
     )
     return cursor.fetchone()

@@ -2,19 +2,14 @@
 
 Table names stay unqualified: `search_path` decides which schema the engine works on.
 """
-BLANK = "'^[[:space:]]*$'"  # PostgreSQL regex of a blank text (never embedded)
+from segments.schema import blank_sql, pending_sql
+
 CLAIM_LOCK_KEY = 7_312_514_011  # pg_advisory_xact_lock key serialising the claim step
 
 SET_SEARCH_PATH = "SELECT set_config('search_path', %s, false)"
 SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %s, false)"
 LOCK_CLAIMS = "SELECT pg_advisory_xact_lock(%s)"  # with CLAIM_LOCK_KEY
-COUNT_BLANK = f"SELECT count(*) FROM segments s WHERE s.text ~ {BLANK}"
-
-
-def pending_sql(column):
-    """Segments needing a vector. Written exactly as the partial index `..._todo` is defined,
-    so the planner can answer it from that index."""
-    return f"s.{column} IS NULL AND NOT (s.text ~ {BLANK})"
+COUNT_BLANK = f"SELECT count(*) FROM segments s WHERE {blank_sql()}"
 
 
 def _failed_since(retry_quarantined):

@@ -38,18 +38,6 @@ class EmbeddingSchema:
     legacy_dimensions: int | None
 
     @property
-    def hnsw_index(self):
-        return {"embedding_384": "segments_embedding_384_hnsw", "embedding": "segments_embedding_hnsw"}.get(
-            self.vector_column
-        )
-
-    @property
-    def todo_index(self):
-        return {"embedding_384": "segments_embedding_384_todo", "embedding": "segments_embedding_todo"}.get(
-            self.vector_column
-        )
-
-    @property
     def is_live(self):
         """True once the new vectors are the ones the application searches."""
         return self.phase in ("swapped", "final")

@@ -17,7 +17,7 @@ from django.db import connection
 from django.db.models import BooleanField, Case, CharField, Exists, FloatField, IntegerField, OuterRef, Value, When
 from django.db.models.expressions import RawSQL
 
-from embeddings.models import QuarantinedSegment
+from segments.models import QuarantinedSegment
 from segments.models import Segment
 from segments.schema import BLANK_TEXT_PATTERN, TABLE, SchemaNotReady, embedding_schema
 from segments.search import SearchError, format_timestamp, search
@@ -164,3 +164,5 @@ class SegmentAdmin(admin.ModelAdmin):
     @admin.display(description="embedding", ordering="embedding_status")
     def embedding_status(self, obj):
         return getattr(obj, "embedding_status", None)
+
+from segments.switch import admin as switch_admin  # noqa: E402,F401  (registers the quarantine and claims pages)

@@ -17,7 +17,13 @@ HNSW_EF_CONSTRUCTION = 64
 
 
 class Segment(models.Model):
-    """One transcript segment of a video: the table the search runs on."""
+    """One transcript segment of a video: the table the search runs on.
+
+    The model maps only the columns the project reads and writes. The live table has more
+    (the legacy table's transcription scores and metadata, and whatever the original project
+    added or renamed later, such as `speaker_conf`); they are left to the application that owns
+    them, untouched (see segments/switch/preflight.py).
+    """
 
     id = SerialField(primary_key=True)
     video_id = models.CharField(max_length=255)
@@ -25,13 +31,7 @@ class Segment(models.Model):
     end_sec = models.FloatField()
     text = models.TextField()
     speaker_label = models.CharField(max_length=50, null=True, blank=True)
-    speaker_confidence = models.FloatField(null=True, blank=True)
     embedding = VectorField(dimensions=EMBEDDING_DIMENSIONS, null=True, blank=True, editable=False)
-    avg_logprob = models.FloatField(null=True, blank=True)
-    compression_ratio = models.FloatField(null=True, blank=True)
-    no_speech_prob = models.FloatField(null=True, blank=True)
-    temperature_used = models.FloatField(null=True, blank=True)
-    metadata = models.JSONField(null=True, blank=True)
     created_at = TimestampField(db_default=CurrentTimestamp(), editable=False)
     video_type = models.CharField(max_length=20, null=True, blank=True)
 
@@ -60,3 +60,66 @@ class Segment(models.Model):
 
     def __str__(self):
         return f"{self.video_id} @ {self.start_sec:.1f}s"
+
+
+class QuarantinedSegment(models.Model):
+    """A segment the backfill could not embed, with the reason; it is skipped until retried.
+
+    Kept apart from `segments` (no foreign key) so that the application's writes to that table
+    never depend on this one. An entry whose segment was deleted or whose text changed no
+    longer applies and is cleared by the next backfill.
+    """
+
+    segment_id = models.IntegerField(primary_key=True)
+    text_md5 = models.UUIDField(help_text="md5 of the text that failed")
+    reason = models.TextField()
+    attempts = models.PositiveIntegerField(default=1)
+    first_failed_at = models.DateTimeField(auto_now_add=True)
+    last_failed_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "embeddings_quarantine"
+        verbose_name = "quarantined segment"
+
+    def __str__(self):
+        return f"segment {self.segment_id}: {self.reason}"
+
+
+class BackfillClaim(models.Model):
+    """A range of segment ids one backfill worker is embedding right now.
+
+    The worker is identified by its database session (`worker_pid`, `worker_started_at` as in
+    pg_stat_activity): when that session is gone, the worker is dead and its claim is taken over.
+    """
+
+    first_id = models.IntegerField()
+    last_id = models.IntegerField()
+    worker_pid = models.IntegerField()
+    worker_started_at = models.DateTimeField()
+    worker_name = models.CharField(max_length=255, help_text="host:pid of the worker process")
+    claimed_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "embeddings_backfill_claim"
+
+    def __str__(self):
+        return f"ids {self.first_id}..{self.last_id} by {self.worker_name}"
+
+
+class SwitchEvent(models.Model):
+    """One step of the switch as it happened: what, when, and its figures (JSON).
+
+    Written by the switch's steps (expand, index, swap, undo, contract), read by
+    `embedding_status` and the demo (the table's size before the switch, the swap's lock time).
+    """
+
+    step = models.CharField(max_length=40)
+    at = models.DateTimeField(auto_now_add=True)
+    details = models.JSONField(default=dict)
+
+    class Meta:
+        db_table = "segments_switch_event"
+        ordering = ["at", "id"]
+
+    def __str__(self):
+        return f"{self.step} at {self.at:%Y-%m-%d %H:%M:%S}"

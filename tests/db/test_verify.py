@@ -8,7 +8,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
-from embeddings.models import QuarantinedSegment
+from segments.models import QuarantinedSegment
 from segments.models import Segment
 from tests.conftest import MINILM_PATH, manage
 

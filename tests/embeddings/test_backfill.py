@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from django.db import connection
 
-from embeddings.backfill import BEFORE_FIRST_ID, BackfillError, claim_sql, run_backfill
+from segments.switch.backfill import BEFORE_FIRST_ID, BackfillError, claim_sql, run_backfill
 from embeddings.encoder import DimensionMismatch
 from embeddings.fakes import HashingEncoder
-from embeddings.models import BackfillClaim, QuarantinedSegment
-from segments import swap
+from segments.models import BackfillClaim, QuarantinedSegment
+from segments.switch import swap
 from tests.embeddings.conftest import (
     add_segments, is_blank_in_postgres, scalar, segment_texts, sentences, stored_vectors,
 )

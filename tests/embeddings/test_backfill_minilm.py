@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from embeddings.backfill import run_backfill
+from segments.switch.backfill import run_backfill
 from tests.embeddings.conftest import add_segments, is_blank_in_postgres, segment_texts, sentences, stored_vectors
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]

@@ -9,7 +9,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
-from embeddings.benchmark.scratch import scratch_schemas
+from segments.benchmark.scratch import scratch_schemas
 from embeddings.fakes import HashingEncoder
 from segments.schema import vector_columns
 from tests.conftest import MINILM_PATH
@@ -182,8 +182,8 @@ def test_a_compare_file_that_is_not_a_benchmark_result_is_refused(tmp_path):
 
 def test_db_write_methods_write_the_vectors_they_are_given():
     """The three methods put exactly the given vectors on the given rows (checked on a scratch table)."""
-    from embeddings.benchmark import db_write
-    from embeddings.benchmark.scratch import scratch_schema
+    from segments.benchmark import db_write
+    from segments.benchmark.scratch import scratch_schema
 
     with scratch_schema() as scratch, connection.cursor() as cursor:
         table = scratch.table("t")

@@ -5,7 +5,7 @@ import argparse
 import numpy as np
 import pytest
 
-from embeddings.benchmark import encoders, report, search
+from segments.benchmark import encoders, report, search
 from embeddings.management.commands.embedding_benchmark import positive_ints
 
 

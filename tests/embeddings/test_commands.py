@@ -8,7 +8,7 @@ from django.core.management.base import CommandError
 
 from embeddings.encoder import EmbeddingsService
 from embeddings.fakes import HashingEncoder
-from embeddings.models import BackfillClaim, QuarantinedSegment
+from segments.models import BackfillClaim, QuarantinedSegment
 from tests.conftest import MINILM_PATH
 from tests.embeddings.conftest import add_segments, command, sentences, stored_vectors
 from tests.embeddings.encoders import POISON_NAN, PoisonedEncoder, RecordingEncoder

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 from django.db import connection, connections
 
-from embeddings.backfill import run_backfill
-from embeddings.models import BackfillClaim
+from segments.switch.backfill import run_backfill
+from segments.models import BackfillClaim
 from tests.embeddings.conftest import add_segments, scalar, sentences
 from tests.embeddings.encoders import RecordingEncoder
 from tests.embeddings.test_backfill import assert_every_vector_is_its_texts
@@ -110,7 +110,7 @@ def test_dropped_connections_are_reopened_and_the_run_finishes(caplog):
             finally:
                 connections["default"].close()  # the writer thread's Django connection, opened just now
 
-    with caplog.at_level(logging.WARNING, logger="embeddings.backfill"):
+    with caplog.at_level(logging.WARNING, logger="segments.switch.backfill"):
         report = run_backfill(RecordingEncoder(delay=0.01), batch_size=20, progress=progress)
     assert killed == [True, True, True]
     assert (report.rows_embedded, report.rows_remaining) == (400, 0)

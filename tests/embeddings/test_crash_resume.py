@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from embeddings.models import BackfillClaim
+from segments.models import BackfillClaim
 from tests.conftest import manage
 from tests.embeddings.conftest import add_segments, fake_backfill, scalar, sentences
 from tests.embeddings.test_backfill import assert_every_vector_is_its_texts

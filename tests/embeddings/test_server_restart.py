@@ -19,10 +19,10 @@ import psycopg2
 import pytest
 from django.db import connection, transaction
 
-from embeddings import backfill
-from embeddings.backfill import BackfillError, run_backfill
+from segments.switch import backfill
+from segments.switch.backfill import BackfillError, run_backfill
 from embeddings.fakes import HashingEncoder
-from embeddings.models import BackfillClaim
+from segments.models import BackfillClaim
 from tests.conftest import ROOT
 from tests.embeddings.conftest import FAKE_BACKFILL, add_segments, sentences
 from tests.embeddings.encoders import RecordingEncoder

@@ -7,7 +7,7 @@ from django.db import connection, connections
 
 from segments import demo_data
 from segments.schema import embedding_schema
-from segments.swap import SwapRefused
+from segments.switch.swap import SwapRefused
 from tests.conftest import PHASES
 
 ONE_HOT = "'[1" + ",0" * 383 + "]'"

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from embeddings import backfill
-from embeddings.backfill import BackfillError, BackfillReport, ClaimedBatch, encode_batch, encode_texts
+from segments.switch import backfill
+from segments.switch.backfill import BackfillError, BackfillReport, ClaimedBatch, encode_batch, encode_texts
 from embeddings.encoder import DimensionMismatch
 from embeddings.fakes import HashingEncoder
 from tests.embeddings.encoders import POISON_NAN, POISON_RAISE, BrokenEncoder, PoisonedEncoder

@@ -3,7 +3,7 @@ backoff on a fresh connection after a transient error (dropped connection, serve
 lock timeout).
 
 The retry settings (LOCK_TIMEOUT, DB_ATTEMPTS, BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS) are
-attributes of the `embeddings.backfill` package, read at each use: change them there.
+attributes of the `segments.switch.backfill` package, read at each use: change them there.
 """
 import logging
 import os
@@ -23,7 +23,7 @@ TRANSIENT_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 
 
 def retry_setting(name):
-    """The current value of retry setting `name` of the `embeddings.backfill` package."""
+    """The current value of retry setting `name` of the `segments.switch.backfill` package."""
     return getattr(sys.modules[__package__], name)
 
 

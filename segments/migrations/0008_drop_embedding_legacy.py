@@ -9,7 +9,8 @@ from segments.operations import IrreversibleStep, LockTimeoutMigration
 
 
 class Migration(LockTimeoutMigration):
-    dependencies = [("segments", "0005_swap_embedding")]
+    operator_step = "contract"  # never run by a plain `migrate` (segments/switch/gate.py)
+    dependencies = [("segments", "0007_swap_embedding")]
 
     operations = [
         IrreversibleStep(

@@ -14,6 +14,7 @@ from django.core.management.base import CommandError, OutputWrapper
 from django.db import connection
 
 from segments.schema import embedding_schema
+from segments.switch import gate
 
 DEMO_SUFFIX = "_demo"
 QUERIES = [
@@ -48,16 +49,19 @@ def drop_segments():
         cursor.execute(
             "DROP TABLE IF EXISTS segments CASCADE;"
             "DROP FUNCTION IF EXISTS segments_clear_stale_embedding() CASCADE;"
+            "DROP TABLE IF EXISTS segments_switch_event;"
             "TRUNCATE embeddings_quarantine, embeddings_backfill_claim;"
         )
-    call_command("migrate", "segments", "zero", fake=True, verbosity=0)
+    with gate.allow(*gate.STEPS):
+        call_command("migrate", "segments", "zero", fake=True, verbosity=0)
 
 
 def reset_to_legacy():
     """Recreate the legacy table (migration 0001), empty, with everything else at head."""
     call_command("migrate", verbosity=0)
     drop_segments()
-    call_command("migrate", "segments", "0001", verbosity=0)
+    with gate.allow(*gate.STEPS):
+        call_command("migrate", "segments", "0001", verbosity=0)
 
 
 def storage(column, index):
@@ -126,7 +130,7 @@ class Demo:
         call_command("verify_embeddings", stdout=self.stream)
 
         self.step("Phase 3b: the guarded swap (migration 0005)")
-        with collecting(logging.getLogger("segments.swap")) as messages:
+        with collecting(logging.getLogger("segments.switch.swap")) as messages:
             call_command("migrate", "segments", "0005", stdout=self.stream)
         self.out.write("\n".join(messages))
         after = storage("embedding", "segments_embedding_hnsw")

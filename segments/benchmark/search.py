@@ -29,8 +29,8 @@ import numpy as np
 from django.conf import settings
 from django.db import connections, transaction
 
-from embeddings.benchmark.measure import percentile_ms
-from embeddings.benchmark.scratch import quote
+from segments.benchmark.measure import percentile_ms
+from segments.benchmark.scratch import quote
 from segments.models import HNSW_EF_CONSTRUCTION, HNSW_M
 
 K = 10

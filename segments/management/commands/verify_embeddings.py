@@ -2,7 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from embeddings.verify import GoldenFileError, read_golden, verify
+from segments.switch.verify import GoldenFileError, read_golden, verify
 
 LABELS = {True: "OK", False: "FAIL", None: "INFO"}
 

@@ -33,7 +33,7 @@ def count_plan(connection, cursor, column):
 
 
 class Run:
-    """One worker's pipelined run (see the `embeddings.backfill` docstring)."""
+    """One worker's pipelined run (see the `segments.switch.backfill` docstring)."""
 
     def __init__(self, encoder, column, dims, *, batch_size, limit, search_path, progress, using,
                  retry_quarantined):

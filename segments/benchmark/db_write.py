@@ -16,10 +16,10 @@ from django.apps.registry import Apps
 from django.db import connections, models, transaction
 from pgvector.django import VectorField
 
-from embeddings.backfill import DEFAULT_BATCH_SIZE as BACKFILL_BATCH
-from embeddings.benchmark.measure import per_second, timed
-from embeddings.benchmark.scratch import quote
-from embeddings.benchmark.source import segments_copy
+from segments.switch.backfill import DEFAULT_BATCH_SIZE as BACKFILL_BATCH
+from segments.benchmark.measure import per_second, timed
+from segments.benchmark.scratch import quote
+from segments.benchmark.source import segments_copy
 
 SLOW_METHOD_ROWS = 3_000
 BULK_UPDATE_BATCH = 1_000

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from django.db import connections
 
-from embeddings.benchmark.scratch import copy_table, drop_vector_indexes, own_id_sequence, quote
+from segments.benchmark.scratch import copy_table, drop_vector_indexes, own_id_sequence, quote
 from segments.models import BLANK_TEXT_PATTERN, EMBEDDING_DIMENSIONS
 from segments.schema import embedding_schema
 

@@ -4,12 +4,12 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 
-from embeddings.benchmark import report
-from embeddings.benchmark.encoders import SHAPES, BenchmarkModelUnavailable
-from embeddings.benchmark.interrupts import Terminated
-from embeddings.benchmark.encode import CPU_BATCH_SIZES, CUDA_BATCH_SIZES
-from embeddings.benchmark.runner import DEFAULT_TEXTS, DEFAULT_TEXTS_CPU, SUITES, Options, run
-from embeddings.benchmark.search import VECTOR_SOURCES
+from segments.benchmark import report
+from segments.benchmark.encoders import SHAPES, BenchmarkModelUnavailable
+from segments.benchmark.interrupts import Terminated
+from segments.benchmark.encode import CPU_BATCH_SIZES, CUDA_BATCH_SIZES
+from segments.benchmark.runner import DEFAULT_TEXTS, DEFAULT_TEXTS_CPU, SUITES, Options, run
+from segments.benchmark.search import VECTOR_SOURCES
 from segments.schema import SchemaNotReady
 
 MAX_EF_SEARCH = 1000  # pgvector's limit for hnsw.ef_search
@@ -70,7 +70,7 @@ class Command(BaseCommand):
         progress = self.progress if options["verbosity"] >= 1 and not options["json"] else (lambda message: None)
         results = self.run(benchmark, progress)
         if options["plot"]:
-            from embeddings.benchmark.plot import draw
+            from segments.benchmark.plot import draw
 
             draw(results, options["plot"])
         self.report(results, earlier, options)

@@ -7,14 +7,15 @@ import pgvector.django
 from django.db import migrations, models
 from django.db.models import Q
 
-from segments import swap
+from segments.switch import swap
 from segments.operations import LockTimeoutMigration
 
 
 class Migration(LockTimeoutMigration):
+    operator_step = "swap"  # never run by a plain `migrate` (segments/switch/gate.py)
+    undo_step = "undo"
     dependencies = [
-        ("segments", "0004_embedding_384_hnsw"),
-        ("embeddings", "0001_initial"),
+        ("segments", "0006_embedding_384_hnsw"),
     ]
 
     operations = [

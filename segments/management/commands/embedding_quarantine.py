@@ -8,7 +8,7 @@ import json
 
 from django.core.management.base import BaseCommand
 
-from embeddings.models import QuarantinedSegment
+from segments.models import QuarantinedSegment
 
 
 class Command(BaseCommand):

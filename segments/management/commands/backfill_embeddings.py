@@ -1,4 +1,4 @@
-"""`manage.py backfill_embeddings`: a thin adapter over embeddings.backfill.run_backfill.
+"""`manage.py backfill_embeddings`: a thin adapter over segments.switch.backfill.run_backfill.
 
 It fills the 384-dim column for every segment lacking a current vector: `embedding_384`
 before the swap, `embedding` after it, so the same command keeps serving new rows later.
@@ -31,7 +31,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from embeddings.backfill import (
+from segments.switch.backfill import (
     DEFAULT_BATCH_SIZE, BackfillError, BackfillReport, backfill_plan, count_pending, run_backfill, target_schema,
 )
 from embeddings.encoder import get_service

@@ -12,7 +12,8 @@ from segments.operations import LockTimeoutMigration
 
 
 class Migration(LockTimeoutMigration):
-    dependencies = [("segments", "0001_initial")]
+    expands = True  # phase 1: `migrate` runs the pre-flight check before it (segments/switch/preflight.py)
+    dependencies = [("segments", "0002_switch_bookkeeping")]
 
     operations = [
         migrations.AddField(

@@ -10,8 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from embeddings.benchmark import backfill, db_write, encode, encoders, interrupts, machine, rerank, scratch, search
-from embeddings.benchmark import source as sources
+from segments.benchmark import backfill, db_write, encode, encoders, interrupts, machine, rerank, scratch, search
+from segments.benchmark import source as sources
 
 # Suite name (for --suite) -> (JSON key, the suite's run function).
 SUITES = {

@@ -2,7 +2,7 @@
 claims of the workers running now."""
 from django.contrib import admin, messages
 
-from embeddings.models import BackfillClaim, QuarantinedSegment
+from segments.models import BackfillClaim, QuarantinedSegment
 
 
 @admin.register(QuarantinedSegment)

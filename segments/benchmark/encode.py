@@ -9,7 +9,7 @@ down, so the fastest run is the truest.
 """
 import contextlib
 
-from embeddings.benchmark.measure import per_second, timed
+from segments.benchmark.measure import per_second, timed
 
 REPEATS = 2
 CPU_BATCH_SIZES = (16, 32, 64)

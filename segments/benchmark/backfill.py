@@ -1,6 +1,6 @@
 """The backfill suite: the real backfill engine over scratch segments, against raw encode().
 
-The engine (embeddings.backfill.run_backfill) runs with `search_path` set to the scratch schema,
+The engine (segments.switch.backfill.run_backfill) runs with `search_path` set to the scratch schema,
 which holds its own `segments` (shaped like the live table, without vector indexes, with the
 staleness trigger), `embeddings_quarantine` and `embeddings_backfill_claim`.
 
@@ -16,9 +16,9 @@ staleness trigger), `embeddings_quarantine` and `embeddings_backfill_claim`.
 """
 from django.db import connections
 
-from embeddings.benchmark.measure import per_second, timed
-from embeddings.benchmark.scratch import copy_table
-from embeddings.benchmark.source import segments_copy
+from segments.benchmark.measure import per_second, timed
+from segments.benchmark.scratch import copy_table
+from segments.benchmark.source import segments_copy
 from segments import triggers
 from segments.models import BLANK_TEXT_PATTERN
 
@@ -30,7 +30,7 @@ ROUNDS = 2
 
 def engine_batch_size(ctx):
     """Rows per engine batch: `--batch-size`, else the engine's default."""
-    from embeddings.backfill import DEFAULT_BATCH_SIZE
+    from segments.switch.backfill import DEFAULT_BATCH_SIZE
 
     return ctx.options.backfill_batch_size or DEFAULT_BATCH_SIZE
 
@@ -57,7 +57,7 @@ def texts_to_embed(ctx, table):
 
 def backfill(ctx, encoder, batch_size):
     """Run the engine over the scratch schema; (report, wall seconds)."""
-    from embeddings.backfill import run_backfill
+    from segments.switch.backfill import run_backfill
 
     result = {}
 
@@ -111,7 +111,7 @@ def with_fake_encoder(ctx):
     prepare_tables(ctx, ctx.options.rows)
     ctx.progress(f"backfill: the engine with the zero-cost HashingEncoder over {ctx.options.rows:,} segments")
     report, seconds = backfill(ctx, HashingEncoder(ctx.column.dimensions), None)
-    from embeddings.backfill import DEFAULT_BATCH_SIZE
+    from segments.switch.backfill import DEFAULT_BATCH_SIZE
 
     return {"engine_batch_size": DEFAULT_BATCH_SIZE, **_report_figures(report, seconds)}
 

@@ -8,8 +8,8 @@ import time
 
 from django.conf import settings
 
-from embeddings.benchmark.encoders import MEANINGLESS, RERANKER_SHAPES, quiet_transformers, reranker_loader
-from embeddings.benchmark.measure import per_second
+from segments.benchmark.encoders import MEANINGLESS, RERANKER_SHAPES, quiet_transformers, reranker_loader
+from segments.benchmark.measure import per_second
 from embeddings.encoder import ModelUnavailable
 
 QUERY_WORDS = 8

@@ -12,9 +12,10 @@ from segments.operations import AddIndexConcurrently
 
 
 class Migration(migrations.Migration):
+    operator_step = "index"  # never run by a plain `migrate` (segments/switch/gate.py)
     atomic = False
 
-    dependencies = [("segments", "0003_embedding_384_todo_index")]
+    dependencies = [("segments", "0005_unmapped_legacy_columns")]
 
     operations = [
         AddIndexConcurrently(

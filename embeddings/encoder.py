@@ -2,7 +2,14 @@
 
 - `EMBEDDING_MODEL` is a Hugging Face id or a local directory. It is never replaced by another
   model: a model that cannot be loaded is a ModelUnavailable error naming the fix.
-- Device `auto` picks CUDA, then MPS, then the CPU. On CUDA the model runs in fp16.
+- Device `auto` picks CUDA, then MPS, then the CPU; `cuda:<index>` picks one GPU (a backfill
+  worker's). On CUDA the model runs in fp16.
+- Texts go through the encode pipeline (embeddings/pipeline.py): length-sorted batches cut by
+  count and token budget, tokenized on a thread ahead of the device, copied from pinned memory.
+  Its vectors are `SentenceTransformer.encode`'s.
+- Texts per model call: EMBEDDING_BATCH_SIZE if set; else 16 on a CPU and, on CUDA, the fastest
+  of 64-1024 measured on the device with the first call of MEASURE_TEXTS texts or more (256
+  until then).
 - Documents are encoded as they are; queries get the model's query instruction (bge's for
   BAAI/bge-*-en* models, none otherwise, or settings.EMBEDDING_QUERY_INSTRUCTION).
 - Output is float32 and L2-normalised, one row per input, in input order. Texts longer than the
@@ -21,10 +28,13 @@ import numpy as np
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from embeddings import pipeline
+
 logger = logging.getLogger(__name__)
 
 CPU_BATCH_SIZE = 16
-CUDA_BATCH_SIZE = 256
+CUDA_BATCH_SIZE = 256  # on CUDA until the batch size is measured
+MEASURE_TEXTS = 1024  # a first CUDA call of this many texts measures the batch size (on up to 2x as many)
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 
 
@@ -42,8 +52,15 @@ def default_query_instruction(model_name):
 
 
 def resolve_device(requested):
+    """The torch device to load the model on: "cuda", "cuda:<index>", "mps" or "cpu"."""
     import torch
 
+    if requested.startswith("cuda:"):
+        index = int(requested.split(":", 1)[1])
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise ImproperlyConfigured(f"Device {requested} was asked for but torch sees "
+                                       f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA device(s).")
+        return requested
     if requested == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -121,6 +138,9 @@ class EmbeddingsService(LazyModel):
         if query_instruction is None:
             query_instruction = default_query_instruction(self.model_name)
         self.query_instruction = query_instruction
+        self.measured_batch_sizes = None  # {batch size: texts/s} once measured (CUDA)
+        self._measured_batch_size = None
+        self._encode_lock = threading.Lock()  # one call at a time on the device (and the tokenizer)
         super().__init__()
 
     def _load(self):
@@ -147,10 +167,25 @@ class EmbeddingsService(LazyModel):
     @property
     def batch_size(self):
         """Texts per model call: as configured, else what suits the device (measured with
-        `embedding_benchmark --suite encode`: on a CPU, 16-32 beat 64 and more)."""
+        `embedding_benchmark --suite encode`: on a CPU, 16-32 beat 64 and more; on CUDA, measured
+        on the device itself, see `measure_batch_size`)."""
         if self._batch_size:
             return self._batch_size
-        return CUDA_BATCH_SIZE if self.device.startswith("cuda") else CPU_BATCH_SIZE
+        if not self.device.startswith("cuda"):
+            return CPU_BATCH_SIZE
+        return self._measured_batch_size or CUDA_BATCH_SIZE
+
+    def measure_batch_size(self, texts):
+        """On CUDA, time batch sizes 64-1024 over `texts` and keep the fastest (logged, and in
+        `measured_batch_sizes`); returns it."""
+        with self._encode_lock:
+            chosen, rates = pipeline.fastest_batch_size(self.model, list(texts)[: 2 * MEASURE_TEXTS])
+        self._measured_batch_size, self.measured_batch_sizes = chosen, rates
+        return chosen
+
+    def _measures_first(self, texts):
+        return (not self._batch_size and self._measured_batch_size is None and len(texts) >= MEASURE_TEXTS
+                and self.device.startswith("cuda"))
 
     @property
     def dimensions(self):
@@ -177,7 +212,10 @@ class EmbeddingsService(LazyModel):
 
     def encode_documents(self, texts, batch_size=None):
         """Vectors for `texts` as stored documents: float32, L2-normalised, shape (n, dims)."""
-        return self._encode(list(texts), batch_size or self.batch_size)
+        texts = list(texts)
+        if batch_size is None and self._measures_first(texts):
+            self.measure_batch_size(texts)
+        return self._encode(texts, batch_size or self.batch_size)
 
     def encode_queries(self, queries):
         return self._encode([self.query_instruction + q for q in queries], self.batch_size)
@@ -189,13 +227,8 @@ class EmbeddingsService(LazyModel):
         if not texts:
             return np.empty((0, self.dimensions), dtype=np.float32)
         try:
-            vectors = self.model.encode(
-                texts,
-                batch_size=batch_size,
-                convert_to_numpy=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
+            with self._encode_lock:
+                vectors = pipeline.encode(self.model, texts, batch_size)
         except Exception as exc:
             if not _is_cuda_oom(exc) or len(texts) == 1:
                 raise
@@ -231,10 +264,11 @@ _services = {}
 _services_lock = threading.Lock()
 
 
-def get_service():
-    """The process's EmbeddingsService for the configured model (one per model and device)."""
-    key = (settings.EMBEDDING_MODEL, settings.EMBEDDING_DEVICE)
+def get_service(device=None):
+    """The process's EmbeddingsService for the configured model (one per model and device) on
+    `device` ("cuda:1"), or on EMBEDDING_DEVICE when None."""
+    key = (settings.EMBEDDING_MODEL, device or settings.EMBEDDING_DEVICE)
     with _services_lock:
         if key not in _services:
-            _services[key] = EmbeddingsService()
+            _services[key] = EmbeddingsService(device=device)
         return _services[key]

@@ -3,28 +3,43 @@
 The search box runs the same semantic search as `manage.py search_segments` (segments.search):
 the query is embedded and the nearest segments are listed in similarity order with their cosine
 distance (and the reranker's score when ENABLE_RERANKER is on), over as many pages as needed.
-The query reaches the database only as a vector parameter, never as SQL text.
+The query reaches the database only as a vector parameter, never as SQL text. Each row's time
+links to that moment of the video on YouTube.
 
 Until the new embeddings are live (before the swap), and whenever the embedding model cannot be
 loaded, the box falls back to Django's plain text search (`text` contains the words) and a
 message says why and what to do. Vectors are never loaded into the list or the form.
+
+The "Embedding switch" page (EmbeddingSwitchAdmin) shows segments.switch.status as a panel:
+phase, progress, counts, workers, index build, swap readiness and the next command.
 """
+from urllib.parse import urlencode
+
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ORDER_VAR, SEARCH_VAR
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, PermissionDenied
 from django.db import connection
 from django.db.models import BooleanField, Case, CharField, Exists, FloatField, IntegerField, OuterRef, Value, When
 from django.db.models.expressions import RawSQL
+from django.template.response import TemplateResponse
+from django.urls import path
+from django.utils.html import format_html
 
-from segments.models import QuarantinedSegment
-from segments.models import Segment
+from segments.models import EmbeddingSwitch, QuarantinedSegment, Segment, SwitchEvent
 from segments.schema import BLANK_TEXT_PATTERN, TABLE, SchemaNotReady, embedding_schema
 from segments.search import SearchError, format_timestamp, search
+from segments.switch import status as switch_status
 
 EMBEDDED, PENDING, BLANK, QUARANTINED = "embedded", "pending", "blank", "quarantined"
 NO_COLUMN = "no new column yet"
-EXCERPT_CHARS = 120
+EXCERPT_CHARS = 400
+YOUTUBE_WATCH = "https://www.youtube.com/watch"
+
+
+def youtube_url(video_id, start_sec):
+    """The video on YouTube at the segment's start (`t` in whole seconds)."""
+    return f"{YOUTUBE_WATCH}?{urlencode({'v': video_id, 't': f'{int(start_sec)}s'})}"
 
 
 def embedding_status_expression(schema):
@@ -127,7 +142,7 @@ class SegmentAdmin(admin.ModelAdmin):
             self.message_user(request, (
                 f"The new embeddings are not live yet (phase: {schema.phase}), so this is a plain text "
                 "search: segments whose text contains the words. Semantic search starts after the swap: "
-                "`manage.py verify_embeddings`, then `manage.py migrate segments 0005`."
+                "`manage.py verify_embeddings`, then `manage.py embedding_switch swap`."
             ), messages.WARNING)
             return None
         rerank = settings.ENABLE_RERANKER
@@ -154,7 +169,9 @@ class SegmentAdmin(admin.ModelAdmin):
 
     @admin.display(description="time", ordering="start_sec")
     def timestamps(self, obj):
-        return f"{format_timestamp(obj.start_sec)}–{format_timestamp(obj.end_sec)}"
+        return format_html(
+            '<a href="{}" target="_blank" rel="noopener" title="Watch this moment on YouTube">{}–{}</a>',
+            youtube_url(obj.video_id, obj.start_sec), format_timestamp(obj.start_sec), format_timestamp(obj.end_sec))
 
     @admin.display(description="text")
     def excerpt(self, obj):
@@ -164,5 +181,98 @@ class SegmentAdmin(admin.ModelAdmin):
     @admin.display(description="embedding", ordering="embedding_status")
     def embedding_status(self, obj):
         return getattr(obj, "embedding_status", None)
+
+STEP_LABELS = {"expand": "Expand", "backfill": "Backfill", "index": "Index", "swap": "Verify & swap",
+               "contract": "Contract"}
+REFRESH_SECONDS = 10  # the page reloads itself this often while a backfill or an index build runs
+
+
+def _number(value):
+    return "–" if value is None else f"{value:,}"
+
+
+def _detail(value):
+    return _number(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _percent(part, whole):
+    return None if not whole or part is None else 100.0 * part / whole
+
+
+def switch_panel(status):
+    """What the "Embedding switch" page shows, formatted (segments.switch.status.collect's dict)."""
+    rows, backfill, build = status["rows"], status["backfill"], status["index_build"]
+    percent = _percent(rows["embedded"], rows["with_text"])
+    build_percent = None if build is None else build["percent_blocks"] or build["percent_tuples"]
+    size = status["size"]
+    return {
+        "steps": [{**step, "label": STEP_LABELS[step["step"]]} for step in status["steps"]],
+        "percent": None if percent is None else f"{min(percent, 100.0):.1f}",
+        "embedded": _number(rows["embedded"]), "with_text": _number(rows["with_text"]),
+        "counts": [(label, _number(rows[key]), key) for key, label in (
+            ("total", "total"), ("with_text", "with text"), ("embedded", "embedded"), ("pending", "pending"),
+            ("quarantined", "quarantined"), ("blank", "blank"))],
+        "workers": [{**worker, "rows_done": f"{worker['rows_done']:,}",
+                     "rate": "–" if worker["rows_per_s"] is None else f"{worker['rows_per_s']:,.1f}",
+                     "idle": switch_status.human_duration(worker["seconds_since_update"])}
+                    for worker in backfill["workers"]],
+        "rate": None if backfill["rows_per_s"] is None else f"{backfill['rows_per_s']:,.1f}",
+        "eta": switch_status.human_duration(backfill["eta_seconds"]),
+        "build_percent": None if build_percent is None else f"{build_percent:.1f}",
+        "tuples": None if build is None or not build["tuples_total"] else
+        f"{_number(build['tuples_done'])} of {_number(build['tuples_total'])} tuples",
+        "sizes": [(label, switch_status.human_bytes(size[key])) for key, label in (
+            ("now_bytes", "now"), ("before_bytes", "before the switch"), ("after_contract_bytes", "after the contract"))
+            if size[key] is not None],
+        "refresh": REFRESH_SECONDS if backfill["running"] or build is not None else None,
+        # red only when the swap is the step at hand and it would be refused
+        "swap_tone": "ok" if status["swap"]["done"] or status["swap"]["accepted"] else
+        "bad" if any(step["step"] == "swap" and step["state"] == "current" for step in status["steps"]) else "",
+    }
+
+
+@admin.register(EmbeddingSwitch)
+class EmbeddingSwitchAdmin(admin.ModelAdmin):
+    """The "Embedding switch" page: where the switch stands (segments.switch.status), and its events.
+
+    Read-only; for staff with the view permission of "embedding switch" (superusers have it).
+    """
+
+    events_shown = 20
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def get_urls(self):
+        info = self.opts.app_label, self.opts.model_name
+        return [path("", self.admin_site.admin_view(self.changelist_view), name="%s_%s_changelist" % info)]
+
+    def changelist_view(self, request, extra_context=None):
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        status = switch_status.collect()
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Embedding switch", "opts": self.opts, "status": status, "panel": switch_panel(status),
+            "events": self._events(),
+            **(extra_context or {}),
+        }
+        return TemplateResponse(request, "admin/segments/embedding_switch.html", context)
+
+    def _events(self):
+        """The latest steps of the switch, newest first (none before migration 0002 made their table)."""
+        if SwitchEvent._meta.db_table not in connection.introspection.table_names():
+            return []
+        events = list(SwitchEvent.objects.order_by("-at", "-id")[: self.events_shown])
+        for event in events:
+            event.summary = " · ".join(f"{key}: {_detail(value)}" for key, value in (event.details or {}).items())
+        return events
+
 
 from segments.switch import admin as switch_admin  # noqa: E402,F401  (registers the quarantine and claims pages)

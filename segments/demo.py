@@ -49,7 +49,7 @@ def drop_segments():
         cursor.execute(
             "DROP TABLE IF EXISTS segments CASCADE;"
             "DROP FUNCTION IF EXISTS segments_clear_stale_embedding() CASCADE;"
-            "DROP TABLE IF EXISTS segments_switch_event;"
+            "DROP TABLE IF EXISTS segments_switch_event, segments_backfill_worker;"
             "TRUNCATE embeddings_quarantine, embeddings_backfill_claim;"
         )
     with gate.allow(*gate.STEPS):
@@ -114,25 +114,23 @@ class Demo:
         call_command("load_demo_segments", count=self.count, stdout=self.stream)
         before = storage("embedding", "segments_embedding_idx")
 
-        self.step("Phase 1: add embedding_384 (migrations 0002-0003)")
-        call_command("migrate", "segments", "0003", stdout=self.stream)
+        self.step("Phase 1: `manage.py migrate` adds embedding_384 (a plain migrate never goes further)")
+        call_command("migrate", stdout=self.stream)
 
-        self.step("Phase 2: backfill the new column")
+        self.step("Phase 2: `manage.py backfill_embeddings` fills the new column")
         started = time.perf_counter()
         call_command("backfill_embeddings", stdout=self.stream)
         seconds = time.perf_counter() - started
         embedded = count_embedded("embedding_384")
 
-        self.step("Phase 3a: build the HNSW index without blocking (migration 0004)")
-        call_command("migrate", "segments", "0004", stdout=self.stream)
+        self.step("Phase 3a: `manage.py embedding_switch index` builds the HNSW index without blocking")
+        call_command("embedding_switch", "index", stdout=self.stream)
 
         self.step("Verify: complete, current, indexed, accurate")
         call_command("verify_embeddings", stdout=self.stream)
 
-        self.step("Phase 3b: the guarded swap (migration 0005)")
-        with collecting(logging.getLogger("segments.switch.swap")) as messages:
-            call_command("migrate", "segments", "0005", stdout=self.stream)
-        self.out.write("\n".join(messages))
+        self.step("Phase 3b: `manage.py embedding_switch swap`")
+        call_command("embedding_switch", "swap", stdout=self.stream)
         after = storage("embedding", "segments_embedding_hnsw")
 
         self.step("Search with the new model")
@@ -140,16 +138,27 @@ class Demo:
             self.out.write(self.style.SQL_FIELD(f'\n"{query}"'))
             call_command("search_segments", query, k=3, stdout=self.stream)
 
+        self.step("Phase 4: `manage.py embedding_switch contract --confirm` gives the legacy space back")
+        call_command("embedding_switch", "contract", confirm=True, stdout=self.stream)
+
         self.summary(embedded, seconds, before, after)
 
     def summary(self, embedded, seconds, before, after):
+        from segments.models import SwitchEvent
+
         schema = embedding_schema()
+        sizes = SwitchEvent.objects.filter(step="contract").order_by("-at").first().details
+        total_before, total_after = sizes["total_bytes_before_switch"], sizes["total_bytes"]
+        swap = SwitchEvent.objects.filter(step="swap").order_by("-at").first().details
         self.step("Summary")
         self.out.write(
             f"rows embedded: {embedded:,} in {seconds:.1f} s ({embedded / seconds:,.1f} rows/s, model load included)\n"
-            f"storage before: {before} (1536 dims)\n"
-            f"storage after:  {after} ({schema.vector_dimensions} dims), "
+            f"vectors before: {before} (1536 dims)\n"
+            f"vectors after:  {after} ({schema.vector_dimensions} dims), "
             f"{1 - after.column_bytes / before.column_bytes:.0%} less for the vectors\n"
-            f"phase now: {schema.phase}; `manage.py migrate segments 0005` can still be reversed "
-            "(`manage.py migrate segments 0004`); 0006 drops the legacy column for good."
+            f"the table on disk (heap + TOAST + indexes): {total_before / 2**20:,.1f} MB before the switch, "
+            f"{total_after / 2**20:,.1f} MB after the contract ({total_after / total_before:.0%} of before)\n"
+            f"the swap blocked writes for {swap['writes_blocked_ms']:.1f} ms and reads for "
+            f"{swap['reads_blocked_ms']:.1f} ms\n"
+            f"phase now: {schema.phase}"
         )

@@ -1,3 +1,5 @@
+import uuid
+
 from django.db import models
 from django.db.models import Q
 from pgvector.django import HnswIndex, VectorField
@@ -123,3 +125,37 @@ class SwitchEvent(models.Model):
 
     def __str__(self):
         return f"{self.step} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class EmbeddingSwitch(SwitchEvent):
+    """The admin's "Embedding switch" page: where the switch stands, over its events (no table)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = verbose_name_plural = "embedding switch"
+
+
+class BackfillWorker(models.Model):
+    """One backfill worker's run, as it goes: its heartbeat.
+
+    Written by the worker's write stage in the same transaction as each batch (so `rows_done` is
+    exactly what was committed), read by `embedding_status` and the admin for each worker's
+    device, rows/s and the ETA. The worker is alive while its writer's database session (`pid`,
+    `backend_start`, as in pg_stat_activity) exists and `finished` is empty.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    worker_name = models.CharField(max_length=255, help_text="host:pid of the worker process")
+    pid = models.IntegerField(help_text="the writer's database session, as in pg_stat_activity")
+    backend_start = models.DateTimeField()
+    device = models.CharField(max_length=40, null=True, blank=True, help_text="where the model runs")
+    rows_done = models.BigIntegerField(default=0)
+    started = models.DateTimeField()
+    updated = models.DateTimeField()
+    finished = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "segments_backfill_worker"
+
+    def __str__(self):
+        return f"{self.worker_name}: {self.rows_done} rows"

@@ -4,22 +4,37 @@
   migration that cannot get its lock gives up quickly (and changes nothing) instead of queueing
   the application's queries behind it.
 - `AddIndexConcurrently`: Django's, made safe to re-run: a VALID index of the same name is
-  kept, an INVALID one (left by an interrupted build) is dropped and built again, and the build
-  runs with `maintenance_work_mem` raised to settings.INDEX_MAINTENANCE_WORK_MEM and gives up
-  under lock_timeout like the rest.
+  kept, an INVALID one (left by an interrupted build) is dropped and built again. The build runs
+  with `maintenance_work_mem` raised to settings.INDEX_MAINTENANCE_WORK_MEM and without
+  lock_timeout or statement_timeout: its SHARE UPDATE EXCLUSIVE lock blocks no query of the
+  application, and it waits, however long, for the transactions older than it (a pg_dump, a
+  long report) rather than throw the built index away. While it waits, `watching_build` says
+  for which session.
 - `IrreversibleStep`: operations that must never be undone (dropping the legacy column).
 - `CreateVectorExtension`: pgvector's extension, with an error naming the fix when it is missing.
 """
+import logging
+import threading
 from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.postgres import operations as postgres_operations
 from django.core.management.base import CommandError
-from django.db import migrations
-from django.db.utils import OperationalError, ProgrammingError
+from django.db import connections, migrations
+from django.db.utils import DatabaseError, OperationalError, ProgrammingError
 from pgvector.django import VectorExtension
 
+logger = logging.getLogger(__name__)
+
 LOCK_NOT_AVAILABLE = "55P03"
+QUERY_CANCELED = "57014"
+WATCH_INTERVAL = 1.0  # seconds between two looks at what a concurrent build waits for
+WATCHER_NAME = "segments index build watcher"  # its application_name in pg_stat_activity
+QUERY_SHOWN = 200  # characters of a blocking session's query that are reported
+
+_output = ContextVar("segments_operations_output", default=None)
 
 
 class MigrationLocked(CommandError):
@@ -80,19 +95,15 @@ def index_validity(schema_editor, name):
 
 
 class AddIndexConcurrently(postgres_operations.AddIndexConcurrently):
-    """CREATE INDEX CONCURRENTLY that survives being interrupted and run again."""
+    """CREATE INDEX CONCURRENTLY that survives being interrupted and run again, and that waits
+    for older transactions instead of giving up (see the module's docstring)."""
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        # Session settings (the migration is not atomic), restored whatever happens. A
-        # concurrent build waits for transactions writing the table; lock_timeout bounds that
-        # wait, and a build interrupted that way leaves an INVALID index the next run rebuilds.
-        schema_editor.execute("SET maintenance_work_mem = %s", [settings.INDEX_MAINTENANCE_WORK_MEM])
-        schema_editor.execute("SET lock_timeout = %s", [settings.MIGRATION_LOCK_TIMEOUT])
-        try:
-            with giving_up_on_lock_timeout(f"Building index {self.index.name}"):
+        # Session settings (the migration is not atomic), restored whatever happens.
+        with session_settings(schema_editor, maintenance_work_mem=settings.INDEX_MAINTENANCE_WORK_MEM,
+                              lock_timeout="0", statement_timeout="0"):
+            with cancelled_build(self.index.name), watching_build(schema_editor, f"Building index {self.index.name}"):
                 self._build(app_label, schema_editor, from_state, to_state)
-        finally:
-            schema_editor.execute("RESET maintenance_work_mem; RESET lock_timeout")
 
     def _build(self, app_label, schema_editor, from_state, to_state):
         valid = index_validity(schema_editor, self.index.name)
@@ -103,6 +114,142 @@ class AddIndexConcurrently(postgres_operations.AddIndexConcurrently):
             # every write but never used by a query: drop it and build it again.
             schema_editor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {schema_editor.quote_name(self.index.name)}")
         super().database_forwards(app_label, schema_editor, from_state, to_state)
+
+
+@contextmanager
+def session_settings(schema_editor, **values):
+    """Set these settings for the session during the block, then give back the values it had."""
+    names = list(values)
+    with schema_editor.connection.cursor() as cursor:
+        cursor.execute("SELECT " + ", ".join(["current_setting(%s)"] * len(names)), names)
+        previous = dict(zip(names, cursor.fetchone()))
+    _set_config(schema_editor, values)
+    try:
+        yield
+    finally:
+        if schema_editor.collect_sql or schema_editor.connection.is_usable():  # else the session is gone
+            _set_config(schema_editor, previous)
+
+
+def _set_config(schema_editor, values):
+    schema_editor.execute(
+        "SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(values)),
+        [item for name_value in values.items() for item in name_value],
+    )
+
+
+@contextmanager
+def cancelled_build(name):
+    """Turn a cancelled build (pg_cancel_backend) into an error that says what to do."""
+    try:
+        yield
+    except OperationalError as exc:
+        if getattr(exc.__cause__, "pgcode", None) != QUERY_CANCELED:
+            raise
+        raise CommandError(
+            f"Building index {name} was cancelled (pg_cancel_backend). Any INVALID index it left "
+            "behind is dropped and built again by the next run: run the same command again."
+        ) from exc
+
+
+@contextmanager
+def reporting_to(stream):
+    """Write what concurrent index builds wait for to `stream` (a command's stdout) as well as
+    to the log, during the block."""
+    token = _output.set(stream)
+    try:
+        yield
+    finally:
+        _output.reset(token)
+
+
+@contextmanager
+def watching_build(schema_editor, what):
+    """While the block runs statements on `schema_editor`'s connection, a thread with its own
+    connection reports each session the statement waits for (once per session's transaction)."""
+    if schema_editor.collect_sql:
+        yield  # sqlmigrate: nothing runs, nothing waits
+        return
+    with schema_editor.connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    watcher = BuildWatcher(schema_editor.connection.alias, pid, what, _output.get())
+    watcher.start()
+    try:
+        yield
+    finally:
+        watcher.stop()
+
+
+class BuildWatcher(threading.Thread):
+    """Polls pg_blocking_pids() and pg_stat_progress_create_index for backend `pid`, about once a
+    second, and reports every blocking transaction once. It connects on its first look (a build
+    that waits for nothing is done before then) and always closes its connection."""
+
+    def __init__(self, alias, pid, what, stream=None):
+        super().__init__(name=f"{WATCHER_NAME} ({what})", daemon=True)
+        self.alias, self.pid, self.what, self.stream = alias, pid, what, stream
+        self._stopping = threading.Event()
+        self._reported = set()
+
+    def stop(self):
+        self._stopping.set()
+        self.join()
+
+    def run(self):
+        connection = None
+        try:
+            while not self._stopping.wait(WATCH_INTERVAL):
+                if connection is None:
+                    connection = connections.create_connection(self.alias)
+                    with connection.cursor() as cursor:
+                        cursor.execute("SELECT set_config('application_name', %s, false), "
+                                       "set_config('statement_timeout', '5s', false)", [WATCHER_NAME])
+                self._look(connection)
+        except DatabaseError as exc:
+            logger.warning("%s: cannot tell what it waits for (%s); it goes on regardless.", self.what, exc)
+        finally:
+            if connection is not None:
+                connection.close()
+
+    def _look(self, connection):
+        with connection.cursor() as cursor:
+            cursor.execute(BLOCKERS_SQL, {"pid": self.pid, "shown": QUERY_SHOWN + 1})
+            for blocker in cursor.fetchall():
+                if blocker[:2] not in self._reported:
+                    self._reported.add(blocker[:2])
+                    self._report(*blocker[2:])
+
+    def _report(self, pid, state, seconds, query, phase, lockers_done, lockers_total):
+        query = " ".join((query or "").split())
+        query = query[:QUERY_SHOWN] + "..." if len(query) > QUERY_SHOWN else query
+        age = "unknown" if seconds is None else str(timedelta(seconds=int(seconds)))
+        if lockers_total:
+            phase = f"{phase}: {lockers_done} of {lockers_total} transactions done"
+        progress = f" ({phase})" if phase else ""
+        message = (
+            f"{self.what} is waiting, not failing{progress}: pid {pid} ({state or 'state unknown'}, "
+            f"transaction open {age}) holds it up; its query: {query or 'unknown'!r}. "
+            "The build carries on by itself once that transaction ends."
+        )
+        logger.warning(message)
+        if self.stream is not None:
+            self.stream.write(message + "\n")
+
+
+# The sessions backend %(pid)s waits for: those pg_blocking_pids() names (the lock waits) and the
+# transaction a concurrent build waits out (its virtualxid waits); never the watcher itself.
+BLOCKERS_SQL = """
+WITH progress AS (
+    SELECT phase, lockers_done, lockers_total, current_locker_pid
+    FROM pg_stat_progress_create_index WHERE pid = %(pid)s
+)
+SELECT a.pid, a.xact_start, a.pid, a.state, extract(epoch FROM now() - a.xact_start),
+       left(a.query, %(shown)s), p.phase, p.lockers_done, p.lockers_total
+FROM pg_stat_activity a LEFT JOIN progress p ON true
+WHERE (a.pid = ANY (pg_blocking_pids(%(pid)s)) OR a.pid = p.current_locker_pid)
+  AND a.pid <> pg_backend_pid()
+"""
 
 
 class IrreversibleStep(migrations.SeparateDatabaseAndState):

@@ -3,7 +3,7 @@
 The commands, the search and the admin work at every phase: they ask here which column holds
 the 384-dim vectors (if any) instead of trusting the code's model, which describes the end state.
 
-    legacy    embedding vector(1536)                         -> apply segments 0002
+    legacy    embedding vector(1536)                         -> `manage.py migrate` (phase 1)
     expanded  embedding vector(1536) + embedding_384         -> backfill, index, verify, swap
     swapped   embedding vector(384) + embedding_legacy       -> the swap can still be reversed
     final     embedding vector(384)                          -> the legacy column is gone
@@ -86,6 +86,6 @@ def require_vector_column(using="default"):
     if schema.vector_column is None:
         raise SchemaNotReady(
             f"{TABLE} has no 384-dim column yet (phase: legacy). Apply phase 1 first: "
-            "`manage.py migrate segments 0003`."
+            "`manage.py migrate`."
         )
     return schema

@@ -256,7 +256,7 @@ def _notes(schema, column, filtered, iterative, using):
                      f"(phase {schema.phase}): the application still serves the legacy column.")
     index = cosine_index(column, using)
     if index is None:
-        fix = ("Build it with `manage.py migrate segments 0004`." if schema.phase == "expanded" else
+        fix = ("Build it with `manage.py embedding_switch index`." if schema.phase == "expanded" else
                "`manage.py verify_embeddings` says how to create it.")
         notes.append(f"segments.{column} has no HNSW index: this search scanned the whole table. {fix}")
     elif not index[1]:

@@ -10,11 +10,18 @@ hidden 768).
 """
 import contextlib
 import logging
+import re
+import threading
+import time
+import zlib
 from dataclasses import dataclass
 
+import numpy as np
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 from embeddings.encoder import EmbeddingsService, ModelUnavailable, resolve_device
+from segments.benchmark.scratch import NAME_REGEX
 
 logger = logging.getLogger(__name__)
 
@@ -169,3 +176,55 @@ def reranker_loader(model_shape):
 
 def default_device():
     return resolve_device(settings.EMBEDDING_DEVICE)
+
+
+class SimulatedGpuEncoder:
+    """A stand-in for a GPU encoding at a fixed rate, for the backfill suite only.
+
+    `encode_documents` takes len(texts) / `texts_per_second` seconds by sleeping (a device works
+    while the CPU waits; sleeping leaves the CPU to the other stages, as a real GPU would) and
+    returns unit vectors picked from a fixed pool by a checksum of each text: no model, next to
+    no CPU. Calls are timed back to back as on one device: a call waits for the previous one.
+
+    It refuses to run on anything but a benchmark scratch schema (`check_target`, asked by
+    run_backfill): its vectors mean nothing.
+    """
+
+    POOL = 1024
+
+    def __init__(self, dimensions=384, texts_per_second=20_000, seed=0):
+        if texts_per_second <= 0:
+            raise ValueError("texts_per_second must be positive")
+        self.dimensions = int(dimensions)
+        self.texts_per_second = float(texts_per_second)
+        self.model_name = f"simulated GPU, {self.texts_per_second:,.0f} texts/s"
+        pool = np.random.default_rng(seed).standard_normal((self.POOL, self.dimensions)).astype(np.float32)
+        self._pool = pool / np.linalg.norm(pool, axis=1, keepdims=True)
+        self._free_at = 0.0  # time.monotonic() when the simulated device has finished its queue
+        self._lock = threading.Lock()
+
+    def check_target(self, search_path):
+        """Refuse any schema but a benchmark scratch schema (segments/benchmark/scratch.py)."""
+        first = (search_path or "").split(",")[0].strip().strip('"')
+        if not re.match(NAME_REGEX, first):
+            raise ImproperlyConfigured(
+                "SimulatedGpuEncoder writes meaningless vectors: it runs only on the benchmark's scratch schemas, "
+                f"not on search_path {search_path!r}."
+            )
+
+    def check_dimensions(self, column=None, column_dimensions=None):
+        if column_dimensions is not None and column_dimensions != self.dimensions:
+            raise ValueError(f"SimulatedGpuEncoder({self.dimensions}) cannot fill {column_dimensions}-dim {column}")
+
+    def encode_documents(self, texts, batch_size=None):
+        """float32 (n, dims) unit vectors, after n / texts_per_second seconds of (simulated) device time."""
+        texts = list(texts)
+        with self._lock:
+            start = max(time.monotonic(), self._free_at)
+            self._free_at = start + len(texts) / self.texts_per_second
+            done_at = self._free_at
+        delay = done_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        rows = [zlib.crc32(text.encode("utf-8", "surrogatepass")) % self.POOL for text in texts]
+        return self._pool[rows]

@@ -37,6 +37,7 @@ class Options:
     texts: int | None = None  # texts run through the model (encode, the backfill's model run, rerank)
     batch_sizes: tuple | None = None  # the encode sweep; None: by device
     backfill_batch_size: int | None = None  # None: settings.EMBEDDING_BATCH_SIZE
+    simulated_gpu_rate: float = 20_000  # texts/s of the backfill suite's simulated GPU
     model_shape: str | None = None
     ef_search: tuple = search.DEFAULT_EF_SEARCH
     queries: int = 200
@@ -57,6 +58,7 @@ class Context:
     progress: object = None  # progress(message): a line for the user while the run goes on
     _texts: object = field(default=None, repr=False)
     _source: object = field(default=None, repr=False)
+    _legacy_source: object = field(default=None, repr=False)
 
     @property
     def texts_count(self):
@@ -82,6 +84,20 @@ class Context:
                 rows = max(self.options.rows, self.texts_count)
                 self._source = sources.fill_source(cursor, self.scratch, rows, self.options.seed)
         return self._source
+
+    def legacy_source(self):
+        """The scratch table of legacy vectors for the live-shaped copies (made once per run)."""
+        if self._legacy_source is None:
+            from django.db import connections
+
+            from segments.benchmark.shapes import fill_legacy_source
+
+            source = self.source()
+            self.progress("preparing the legacy 1536-dim vectors of the live-shaped tables")
+            with connections[self.options.using].cursor() as cursor:
+                self._legacy_source = fill_legacy_source(cursor, self.scratch, source, self.options.seed,
+                                                         self.options.using)
+        return self._legacy_source
 
 
 def _run_description(options, started, seconds, dropped, service):

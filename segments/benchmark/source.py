@@ -4,8 +4,11 @@
   non-blank segments; generated transcript-like text (segments/demo_data.py) when it has none.
 - `fill_source(cursor, scratch, rows)`: the scratch table `source`, holding `rows` segments:
   the live table's first rows (vectors left out), then generated segments for the rest.
-- `segments_copy(...)`: a working copy of `segments` in the scratch schema, shaped like the live
-  table (its indexes, without the vector indexes), filled from `source`.
+- `fill_legacy_source(...)` (shapes.py): a legacy 1536-dim vector for each row of `source`, for
+  the live-shaped copies.
+- `segments_copy(...)`: a working copy of `segments` in the scratch schema, of one of the shapes of
+  shapes.py (by default the scratch shape: the live table's indexes without the vector indexes),
+  filled from `source`.
 
 The live table is only read.
 """
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 
 from django.db import connections
 
+from segments import triggers
+from segments.benchmark import shapes
 from segments.benchmark.scratch import copy_table, drop_vector_indexes, own_id_sequence, quote
 from segments.models import BLANK_TEXT_PATTERN, EMBEDDING_DIMENSIONS
 from segments.schema import embedding_schema
@@ -118,11 +123,14 @@ def fill_source(cursor, scratch, rows, seed=0):
     return Source(table, rows, from_live, generated)
 
 
-def segments_copy(cursor, scratch, source, name, rows, column):
-    """Scratch table `name` shaped like the live `segments`, holding `source`'s first `rows` rows.
+def segments_copy(cursor, scratch, source, name, rows, column, shape="scratch", legacy_source=None):
+    """Scratch table `name` of `shape` (shapes.SHAPES), holding `source`'s first `rows` rows.
 
-    It has the live table's indexes except the vector ones, and the vector column `column`
-    (a VectorColumn), empty.
+    It has the live table's btree indexes and the vector column `column` (a VectorColumn),
+    empty. The live shapes also have the legacy column filled from `legacy_source` (the table
+    shapes.fill_legacy_source made), the pending-rows partial index and, for `live`, the legacy
+    IVFFlat index. A copy named `segments` (the one the engine finds through search_path) gets
+    the staleness trigger. The table is vacuumed and a checkpoint taken (shapes.settle).
     """
     table = copy_table(cursor, scratch, "segments", name)
     drop_vector_indexes(cursor, table)
@@ -130,7 +138,22 @@ def segments_copy(cursor, scratch, source, name, rows, column):
     own_id_sequence(cursor, scratch, name, start=cursor.fetchone()[0])
     if not column.in_live_table:
         cursor.execute(f"ALTER TABLE {table} ADD COLUMN {quote(column.name)} vector({int(column.dimensions)})")
-    columns = ", ".join(quote(name) for name in live_columns(cursor))
-    cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {source.table} ORDER BY id LIMIT %s", [rows])
-    cursor.execute(f"VACUUM ANALYZE {table}")
+    columns = [quote(name) for name in live_columns(cursor)]
+    values = [f"s.{name}" for name in columns]
+    join = ""
+    if shape != "scratch":
+        legacy, dims = shapes.legacy_column(scratch.using)
+        cursor.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {quote(legacy)} vector({int(dims)})")
+        shapes.ensure_pending_index(cursor, table, name, column.name)
+        if shape == "live":
+            shapes.add_legacy_index(cursor, table, legacy)
+        columns.append(quote(legacy))
+        values.append("l.v")
+        join = f" LEFT JOIN {legacy_source} l ON l.id = s.id"
+    cursor.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(values)} FROM {source.table} s{join} "
+                   "ORDER BY s.id LIMIT %s", [rows])
+    if name == "segments":
+        with scratch.searched_first(cursor):
+            cursor.execute(triggers.create_sql(column.name))
+    shapes.settle(cursor, table)
     return table

@@ -5,7 +5,11 @@
 - `segments_switch_event` records each step of the switch; the first entry is the size of the
   table before the switch (`pg_total_relation_size`: heap, TOAST and indexes), so the saving can
   be reported against what the operator paid for before.
+- `segments_backfill_worker` holds each backfill worker's heartbeat (rows done, device), and the
+  admin's "Embedding switch" page is a proxy of the events (no table).
 """
+import uuid
+
 from django.db import migrations, models
 
 TABLE_SIZE = """
@@ -68,6 +72,28 @@ class Migration(migrations.Migration):
                 ("details", models.JSONField(default=dict)),
             ],
             options={"db_table": "segments_switch_event", "ordering": ["at", "id"]},
+        ),
+        migrations.CreateModel(
+            name="EmbeddingSwitch",
+            fields=[],
+            options={"verbose_name": "embedding switch", "verbose_name_plural": "embedding switch",
+                     "proxy": True, "indexes": [], "constraints": []},
+            bases=("segments.switchevent",),
+        ),
+        migrations.CreateModel(
+            name="BackfillWorker",
+            fields=[
+                ("id", models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
+                ("worker_name", models.CharField(help_text="host:pid of the worker process", max_length=255)),
+                ("pid", models.IntegerField(help_text="the writer's database session, as in pg_stat_activity")),
+                ("backend_start", models.DateTimeField()),
+                ("device", models.CharField(blank=True, help_text="where the model runs", max_length=40, null=True)),
+                ("rows_done", models.BigIntegerField(default=0)),
+                ("started", models.DateTimeField()),
+                ("updated", models.DateTimeField()),
+                ("finished", models.DateTimeField(blank=True, null=True)),
+            ],
+            options={"db_table": "segments_backfill_worker"},
         ),
         migrations.RunPython(record_size_before, migrations.RunPython.noop),
     ]

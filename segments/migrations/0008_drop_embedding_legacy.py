@@ -1,11 +1,14 @@
-"""Phase 4 (contract): drop the old 1536-dim column and its IVFFlat index.
+"""Phase 4 (contract): drop the old 1536-dim column.
 
-The one irreversible step of the switch: after it, the swap can no longer be undone. Apply it
-once the new search has served for long enough to trust it.
+The one irreversible step of the switch: after it, the swap can no longer be undone. Run by
+`manage.py embedding_switch contract --confirm`, which first clears the legacy vectors in small
+batches and vacuums (segments/switch/contract.py), so that the disk space comes back without a
+long lock. Refused, changing nothing, while a view still selects the legacy column.
 """
 from django.db import migrations
 
 from segments.operations import IrreversibleStep, LockTimeoutMigration
+from segments.switch import contract
 
 
 class Migration(LockTimeoutMigration):
@@ -16,7 +19,7 @@ class Migration(LockTimeoutMigration):
         IrreversibleStep(
             database_operations=[
                 # Irreversible on purpose: re-adding an empty column would not bring the data back.
-                migrations.RunSQL("ALTER TABLE segments DROP COLUMN embedding_legacy"),
+                migrations.RunPython(contract.drop_legacy_column),
             ],
             state_operations=[
                 migrations.RemoveIndex(model_name="segment", name="segments_embedding_legacy_idx"),

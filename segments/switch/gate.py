@@ -80,6 +80,25 @@ class GatedMigrationExecutor(MigrationExecutor):
             )
         return _without(plan, blocked)
 
+    def detect_soft_applied(self, project_state, migration):
+        """`--fake-initial` for segments.0001 whenever the table exists, whatever its columns.
+
+        Django fakes an initial migration only when every column it creates exists; a real
+        deployment's table has columns renamed or added by its own history. The pre-flight
+        check, which `migrate` runs before phase 1, decides whether the project can serve it.
+        """
+        applied, state = super().detect_soft_applied(project_state, migration)
+        if applied or (migration.app_label, migration.name) != ("segments", "0001_initial"):
+            return applied, state
+        with self.connection.cursor() as cursor:
+            cursor.execute("SELECT to_regclass('segments') IS NOT NULL")
+            exists = cursor.fetchone()[0]
+        if not exists:
+            return False, state
+        after = migration.mutate_state(project_state) if project_state is not None else \
+            self.loader.project_state((migration.app_label, migration.name), at_end=True)
+        return True, after
+
 
 def _without(plan, blocked):
     """`plan` less the `blocked` entries and every later entry that depends on one of them."""

@@ -1,22 +1,408 @@
-"""Where the switch stands: one view for `embedding_status`, `migrate` and the admin.
+"""Where the switch stands: one view for `manage.py embedding_status`, the admin's "Embedding
+switch" page and the end of `migrate`.
 
-(Being written: a first version with the phase and the next command.)
+`collect(using)` returns a JSON-serialisable dict:
+
+    phase, columns   the phase (segments.schema) and the vector columns with their widths
+    rows             total, with_text, embedded, pending, quarantined, blank
+    backfill         the workers running now (their claims and heartbeats), rows/s, ETA
+    index_build      a CREATE INDEX on segments in progress (pg_stat_progress_create_index), or None
+    indexes          the HNSW cosine index on the new column and the legacy vector index, with validity
+    swap             whether the swap would be accepted now, and if not why (segments.switch.swap.refusal)
+    size             the table's total size now, before the switch, after the contract
+    undo_lacks       (swapped) segments with text and no legacy vector: what an undo would not find
+    legacy_writes    (expanded) segments added since the switch began that carry a 1536-dim vector
+    preflight        the pre-flight findings (segments.switch.preflight)
+    steps            expand, backfill, index, swap, contract: each "done", "current" or "todo"
+    warnings         sentences for the operator
+    next             the next command ("command", None when there is nothing to run) and why
+
+What it costs on a large table: `total`, `blank`, `embedded`, `undo_lacks` and `legacy_writes`
+come from one sequential scan of the table's heap (not of its TOAST, where the vectors are:
+testing a vector for NULL does not read it), about a second per million rows (0.09 s for
+100,000 here). `pending` and `quarantined` read only the pending rows, found through the partial
+index of pending rows (it holds only the rows still waiting). Everything else reads the
+catalogue, the statistics views and the small bookkeeping tables. `collect(using, scan=False)`
+skips the scan (those counts are then None): `brief()` does, so that `migrate` stays quick.
 """
-from segments.schema import SchemaNotReady, embedding_schema
+from contextlib import contextmanager
 
-NEXT = {
-    "legacy": "`manage.py migrate` (phase 1: the new column; nothing else changes)",
-    "expanded": "`manage.py backfill_embeddings`, then `manage.py embedding_switch index`",
-    "swapped": "watch the new search serve; `manage.py embedding_switch contract --confirm` later, or "
-               "`manage.py embedding_switch undo`",
-    "final": "nothing: the switch is done",
+from django.db import connections, transaction
+from django.db.migrations.recorder import MigrationRecorder
+
+from segments.models import BackfillWorker, SwitchEvent
+from segments.schema import TABLE, SchemaNotReady, blank_sql, embedding_schema, pending_sql
+from segments.switch import catalog, preflight, swap
+from segments.switch.backfill import sql as backfill_sql
+
+STALLED_SECONDS = 300  # a running worker that wrote nothing for this long is reported
+VECTOR_METHODS = ("hnsw", "ivfflat")
+
+COMMANDS = {  # the operator's sequence
+    "check": "python manage.py check --database default",
+    "adopt": "python manage.py migrate --fake-initial",
+    "migrate": "python manage.py migrate",
+    "backfill": "python manage.py backfill_embeddings",
+    "retry": "python manage.py backfill_embeddings --retry-quarantined",
+    "index": "python manage.py embedding_switch index",
+    "verify": "python manage.py verify_embeddings",
+    "swap": "python manage.py embedding_switch swap",
+    "status": "python manage.py embedding_status",
+    "undo": "python manage.py embedding_switch undo",
+    "contract": "python manage.py embedding_switch contract --confirm",
+    "quarantine": "python manage.py embedding_quarantine",
 }
+
+_ALIVE = """EXISTS (SELECT 1 FROM pg_stat_activity a
+    WHERE a.pid = {pid} AND (a.backend_start IS NULL OR a.backend_start = {start}))"""
+
+HEARTBEATS = f"""
+    SELECT w.worker_name, w.pid, w.device, w.rows_done, w.started, w.updated,
+           extract(epoch FROM w.updated - w.started), extract(epoch FROM now() - w.updated)
+    FROM segments_backfill_worker w
+    WHERE w.finished IS NULL AND {_ALIVE.format(pid="w.pid", start="w.backend_start")}
+    ORDER BY w.started, w.worker_name
+"""
+LIVE_CLAIMS = f"""
+    SELECT c.worker_name, count(*), min(c.first_id), max(c.last_id) FROM embeddings_backfill_claim c
+    WHERE {_ALIVE.format(pid="c.worker_pid", start="c.worker_started_at")}
+    GROUP BY c.worker_name ORDER BY c.worker_name
+"""
+INDEX_BUILD = """
+    SELECT p.pid, p.command, p.phase, CASE WHEN p.index_relid = 0 THEN NULL ELSE p.index_relid::regclass::text END,
+           p.blocks_done, p.blocks_total, p.tuples_done, p.tuples_total
+    FROM pg_stat_progress_create_index p WHERE p.relid = to_regclass(%s) ORDER BY p.pid LIMIT 1
+"""
+
+
+def collect(using="default", scan=True):
+    """Where the switch stands on database `using`, as a JSON-serialisable dict (module docstring).
+
+    Everything is read in one snapshot, so the counts add up while a backfill writes."""
+    with _one_snapshot(using):
+        return _collect(using, scan)
+
+
+@contextmanager
+def _one_snapshot(using):
+    """A REPEATABLE READ transaction (inside a caller's transaction: that one)."""
+    connection = connections[using]
+    outer = connection.in_atomic_block
+    with transaction.atomic(using=using):
+        if not outer:
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        yield
+
+
+def _collect(using, scan):
+    try:
+        schema = embedding_schema(using)
+    except SchemaNotReady as exc:
+        return _without_table(using, str(exc))
+    tables = set(connections[using].introspection.table_names())
+    before, contract = _event(using, tables, "before", first=True), _event(using, tables, "contract")
+    with connections[using].cursor() as cursor:
+        rows, extra = _rows(cursor, schema, before, scan)
+        status = {
+            "phase": schema.phase,
+            "columns": {"vector": _column(schema.vector_column, schema.vector_dimensions),
+                        "legacy": _column(schema.legacy_column, schema.legacy_dimensions)},
+            "rows": rows,
+            "backfill": _backfill(cursor, rows, heartbeats=BackfillWorker._meta.db_table in tables),
+            "index_build": _index_build(cursor),
+            "indexes": {"hnsw": _hnsw_index(cursor, schema.vector_column),
+                        "legacy": _legacy_index(cursor, schema.legacy_column)},
+            "size": _size(cursor, schema.phase, before, contract),
+            **extra,
+        }
+    reason = swap.refusal(using=using)
+    status["swap"] = {"done": schema.is_live, "accepted": reason is None, "refusal": reason}
+    status["preflight"] = _preflight(using)
+    status["adopted"] = _adopted(using)
+    status["steps"] = steps(status)
+    status["warnings"] = warnings(status)
+    status["next"] = next_step(status)
+    return status
 
 
 def brief(using="default"):
-    """A few lines for the end of `migrate`: the phase and the next command."""
-    try:
-        phase = embedding_schema(using).phase
-    except SchemaNotReady as exc:
-        return [str(exc)]
-    return [f"phase: {phase}", f"next: {NEXT[phase]}"]
+    """A few lines for the end of `migrate`: the phase and the next command (no table scan)."""
+    status = collect(using, scan=False)
+    lines = [f"phase: {status['phase'] or 'no segments table'}"]
+    step = status["next"]
+    lines.append(f"next: {step['command'] or 'nothing'} ({step['why']})")
+    lines.append(f"`{COMMANDS['status']}` shows the whole picture.")
+    return lines
+
+
+# The parts.
+
+def _without_table(using, problem):
+    status = {"phase": None, "problem": problem, "columns": {"vector": None, "legacy": None},
+              "rows": dict.fromkeys(("total", "with_text", "embedded", "pending", "quarantined", "blank")),
+              "backfill": {"running": False, "workers": [], "rows_per_s": None, "eta_seconds": None},
+              "index_build": None, "indexes": {"hnsw": None, "legacy": None},
+              "swap": {"done": False, "accepted": False, "refusal": problem},
+              "size": {"now_bytes": None, "before_bytes": None, "after_contract_bytes": None},
+              "undo_lacks": None, "legacy_writes": None, "preflight": {"findings": [], "blocking": 0},
+              "adopted": False}
+    status["steps"] = steps(status)
+    status["warnings"] = []
+    status["next"] = _next("migrate", "creates the segments table and applies phase 1 (expand)")
+    return status
+
+
+def _column(name, dimensions):
+    return None if name is None else {"name": name, "dimensions": dimensions}
+
+
+def _event(using, tables, step, first=False):
+    if SwitchEvent._meta.db_table not in tables:  # before migration 0002
+        return None
+    events = SwitchEvent.objects.using(using).filter(step=step)
+    return events.order_by("at", "id").first() if first else events.order_by("-at", "-id").first()
+
+
+def _rows(cursor, schema, before, scan):
+    """(the row counts, {"undo_lacks", "legacy_writes"}): the scan's counts, then the pending ones."""
+    column, legacy = schema.vector_column, schema.legacy_column
+    counts = dict.fromkeys(("total", "with_text", "embedded", "pending", "quarantined", "blank"))
+    extra = {"undo_lacks": None, "legacy_writes": None}
+    if scan:
+        parts, params = ["count(*)", f"count(*) FILTER (WHERE {blank_sql()})"], []
+        if column:
+            parts.append(f"count(s.{column})")
+        if schema.phase == "swapped":  # segments with text and no legacy vector: the pending predicate's
+            parts.append(f"count(*) FILTER (WHERE {pending_sql(legacy)})")
+        if schema.phase == "expanded" and before is not None:
+            parts.append(f"count(*) FILTER (WHERE s.created_at > (%s AT TIME ZONE 'UTC') AND s.{legacy} IS NOT NULL)")
+            params.append(before.at)
+        cursor.execute(f"SELECT {', '.join(parts)} FROM {TABLE} s", params)
+        found = list(cursor.fetchone())
+        counts["total"], counts["blank"] = found.pop(0), found.pop(0)
+        counts["with_text"] = counts["total"] - counts["blank"]
+        if column:
+            counts["embedded"] = found.pop(0)
+        if schema.phase == "swapped":
+            extra["undo_lacks"] = found.pop(0)
+        if schema.phase == "expanded" and before is not None:
+            extra["legacy_writes"] = found.pop(0)
+    if column:
+        cursor.execute(backfill_sql.count_pending_and_quarantined_sql(column))
+        counts["pending"], counts["quarantined"] = cursor.fetchone()
+    return counts, extra
+
+
+def _backfill(cursor, rows, heartbeats=True):
+    """The workers running now: heartbeats of live runs, and live claims of workers that have not
+    written a batch yet; their rows/s and the ETA of the pending rows the quarantine does not hold."""
+    workers = []
+    if heartbeats:  # the table comes with migration 0002
+        cursor.execute(HEARTBEATS)
+        workers = [
+            {"name": name, "pid": pid, "device": device, "rows_done": done,
+             "rows_per_s": round(done / float(elapsed), 1) if elapsed else None,
+             "started": started.isoformat(), "updated": updated.isoformat(),
+             "seconds_since_update": round(float(idle), 1), "claims": 0, "claimed_ids": None}
+            for name, pid, device, done, started, updated, elapsed, idle in cursor.fetchall()
+        ]
+    cursor.execute(LIVE_CLAIMS)
+    for name, claims, first_id, last_id in cursor.fetchall():
+        mine = [worker for worker in workers if worker["name"] == name]
+        if not mine:
+            mine = [{"name": name, "pid": None, "device": None, "rows_done": 0, "rows_per_s": None,
+                     "started": None, "updated": None, "seconds_since_update": None}]
+            workers.append(mine[0])
+        mine[0].update(claims=claims, claimed_ids=[first_id, last_id])
+    rates = [worker["rows_per_s"] for worker in workers if worker["rows_per_s"]]
+    rate = round(sum(rates), 1) if rates else None
+    open_rows = None if rows["pending"] is None else rows["pending"] - rows["quarantined"]
+    eta = round(open_rows / rate) if rate and open_rows is not None else None
+    return {"running": bool(workers), "workers": workers, "rows_per_s": rate, "eta_seconds": eta}
+
+
+def _percent(done, total):
+    return round(100.0 * done / total, 1) if total else None
+
+
+def _index_build(cursor):
+    cursor.execute(INDEX_BUILD, [TABLE])
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    pid, command, phase, index, blocks_done, blocks_total, tuples_done, tuples_total = row
+    return {"pid": pid, "command": command, "phase": phase, "index": index,
+            "blocks_done": blocks_done, "blocks_total": blocks_total,
+            "percent_blocks": _percent(blocks_done, blocks_total),
+            "tuples_done": tuples_done, "tuples_total": tuples_total,
+            "percent_tuples": _percent(tuples_done, tuples_total)}
+
+
+def _vector_indexes(cursor, column, method=None, opclass=None):
+    """The vector indexes on segments.`column`, valid ones first, found by what they are."""
+    found = [index for index in catalog.column_indexes(cursor, column)
+             if index.method in VECTOR_METHODS and method in (None, index.method) and opclass in (None, index.opclass)]
+    return sorted(found, key=lambda index: not index.valid)
+
+
+def _hnsw_index(cursor, column):
+    """The HNSW vector_cosine_ops index the search uses (as segments.search.cosine_index finds it)."""
+    found = _vector_indexes(cursor, column, "hnsw", "vector_cosine_ops") if column else []
+    return {"name": found[0].name, "valid": found[0].valid} if found else None
+
+
+def _legacy_index(cursor, column):
+    found = _vector_indexes(cursor, column) if column else []
+    if not found:
+        return None
+    index = found[0]
+    return {"name": index.name, "method": index.method, "opclass": index.opclass, "valid": index.valid}
+
+
+def _size(cursor, phase, before, contract):
+    cursor.execute("SELECT pg_total_relation_size(to_regclass(%s))", [TABLE])
+    now = cursor.fetchone()[0]
+    after = (contract.details or {}).get("total_bytes") if contract is not None else None
+    return {"now_bytes": now, "before_bytes": (before.details or {}).get("total_bytes") if before else None,
+            "after_contract_bytes": after if after is not None or phase != "final" else now}
+
+
+def _preflight(using):
+    report = preflight.inspect(using)
+    return {"findings": [{"level": f.level, "code": f.code, "message": f.message, "fix": f.fix}
+                         for f in report.findings],
+            "blocking": len(report.blocking)}
+
+
+def _adopted(using):
+    """Whether migration segments.0001 is recorded (made here, or adopted with --fake-initial)."""
+    return ("segments", "0001_initial") in MigrationRecorder(connections[using]).applied_migrations()
+
+
+# What it means.
+
+def _open_pending(status):
+    rows = status["rows"]
+    return None if rows["pending"] is None else rows["pending"] - rows["quarantined"]
+
+
+def steps(status):
+    """[{"step", "state"}] for expand, backfill, index, swap, contract: "done", "current" or "todo"."""
+    phase = status["phase"]
+    order = ["expand", "backfill", "index", "swap", "contract"]
+    if phase in (None, "legacy"):
+        done, current = 0, "expand"
+    elif phase == "final":
+        done, current = 5, None
+    elif phase == "swapped":
+        done, current = 4, "contract"
+    elif status["backfill"]["running"] or _open_pending(status):
+        done, current = 1, "backfill"
+    elif not (status["indexes"]["hnsw"] or {}).get("valid"):
+        done, current = 2, "index"
+    else:
+        done, current = 3, "swap"
+    return [{"step": step, "state": "done" if i < done else "current" if step == current else "todo"}
+            for i, step in enumerate(order)]
+
+
+def human_duration(seconds):
+    """`seconds` as "4 s", "3 min 05 s" or "2 h 10 min" ("unknown" for None)."""
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def human_bytes(value):
+    """A byte count as "512 bytes", "1.5 kB", "12.3 MB" or "1.2 GB" (binary units; "unknown" for None)."""
+    if value is None:
+        return "unknown"
+    if abs(value) < 1024:
+        return f"{value:,} bytes"
+    for unit in ("kB", "MB", "GB"):
+        value /= 1024
+        if abs(value) < 1024 or unit == "GB":
+            return f"{value:,.1f} {unit}"
+
+
+def next_step(status):
+    """{"command": the next command of the operator's sequence (None: nothing to run), "why"}."""
+    phase, backfill = status["phase"], status["backfill"]
+    pending = _open_pending(status)
+    if phase == "legacy":
+        if status["preflight"]["blocking"]:
+            return _next("check", "fix the pre-flight findings first, then check again")
+        if not status["adopted"]:
+            return _next("adopt", "adopts the existing table and applies phase 1 (expand)")
+        return _next("migrate", "applies phase 1 (expand): the new column; nothing else changes")
+    if backfill["running"]:
+        after = _after_backfill(status)
+        return {**after, "why": f"once the running backfill finishes (ETA {human_duration(backfill['eta_seconds'])}); "
+                                f"then: {after['why']}"}
+    if pending:
+        return _next("backfill", f"{pending:,} segment(s) with text have no {_width(status)}-dim vector yet")
+    return _after_backfill(status)
+
+
+def _after_backfill(status):
+    """The next step once nothing is left for the backfill."""
+    phase, quarantined = status["phase"], status["rows"]["quarantined"] or 0
+    if phase == "swapped":
+        return _next("contract", "later, once the new search has served long enough (irreversible); "
+                                 f"`{COMMANDS['undo']}` if it disappoints")
+    if phase != "expanded":
+        return {"command": None, "why": "the switch is done; run the backfill after each import to embed new segments"}
+    build, hnsw = status["index_build"], status["indexes"]["hnsw"] or {}
+    if build is not None:
+        return _next("verify", f"once the index build finishes (now: {build['phase']})")
+    if not hnsw.get("valid"):
+        return _next("index", "builds the HNSW index over the filled column, without blocking")
+    if quarantined:
+        return _next("retry", f"{quarantined:,} quarantined segment(s) hold the swap back "
+                              f"(`{COMMANDS['quarantine']}` lists them with the reason)")
+    if status["swap"]["refusal"]:
+        return {"command": None, "why": status["swap"]["refusal"]}
+    return _next("verify", f"then `{COMMANDS['swap']}`: the swap would be accepted now")
+
+
+def _next(key, why):
+    return {"command": COMMANDS[key], "why": why}
+
+
+def _width(status):
+    column = status["columns"]["vector"]
+    return column["dimensions"] if column else "new"
+
+
+def warnings(status):
+    """Sentences for the operator: what needs looking at now."""
+    found = []
+    if status.get("legacy_writes"):
+        found.append(
+            f"{status['legacy_writes']:,} segment(s) added since the switch began carry a "
+            f"{status['columns']['legacy']['dimensions']}-dim vector in `{status['columns']['legacy']['name']}`: "
+            "an application still writes the old model's vectors. After the swap such INSERTs fail with "
+            f"`expected {_width(status)} dimensions, not {status['columns']['legacy']['dimensions']}`: deploy the "
+            "application code that writes the new vectors (or none) before the swap.")
+    if status.get("undo_lacks"):
+        found.append(
+            f"{status['undo_lacks']:,} segment(s) with text have no legacy vector (added or edited since the swap): "
+            f"after `{COMMANDS['undo']}` the old search would not find them.")
+    if status["rows"]["quarantined"]:
+        found.append(f"{status['rows']['quarantined']:,} segment(s) are quarantined: the model could not embed "
+                     f"them (`{COMMANDS['quarantine']}` says why).")
+    hnsw, legacy = status["indexes"]["hnsw"], status["indexes"]["legacy"]
+    building = status["index_build"] is not None
+    if hnsw is not None and not hnsw["valid"] and not building:
+        found.append(f"The HNSW index {hnsw['name']} is INVALID (an interrupted build): "
+                     f"`{COMMANDS['index']}` builds it again.")
+    if legacy is not None and not legacy["valid"] and not building:
+        found.append(f"The legacy vector index {legacy['name']} is INVALID: the legacy search scans the table.")
+    for worker in status["backfill"]["workers"]:
+        if (worker["seconds_since_update"] or 0) > STALLED_SECONDS:
+            found.append(f"Backfill worker {worker['name']} has written nothing for "
+                         f"{human_duration(worker['seconds_since_update'])}.")
+    return found

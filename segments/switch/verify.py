@@ -81,7 +81,7 @@ def verify(*, sample=100, golden=None, encoder=None, ef_search=None, using="defa
         return Report("missing", None, [Check("phase", False, str(exc))])
     if schema.vector_column is None:
         return Report(schema.phase, None, [Check("phase", False, (
-            "segments has no 384-dim column yet (phase legacy): apply `manage.py migrate segments 0003`, "
+            "segments has no 384-dim column yet (phase legacy): apply phase 1 with `manage.py migrate`, "
             "then run `manage.py backfill_embeddings`."))])
     column, ef_search = schema.vector_column, ef_search or settings.HNSW_EF_SEARCH
     report = Report(schema.phase, column)
@@ -191,13 +191,13 @@ def _service():
 def _index(column, phase, using):
     index = cosine_index(column, using)
     if index is None:
-        fix = ("Apply `manage.py migrate segments 0004`." if phase == "expanded" else
+        fix = ("Build it with `manage.py embedding_switch index`." if phase == "expanded" else
                f"Create it: CREATE INDEX CONCURRENTLY segments_embedding_hnsw ON segments USING hnsw "
                f"({column} vector_cosine_ops) WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION});")
         return Check("index", False, f"segments.{column} has no HNSW vector_cosine_ops index. {fix}", {"index": None})
     name, valid = index
     if not valid:
-        again = " (or `manage.py migrate segments 0004` if it is not applied yet)" if phase == "expanded" else ""
+        again = " (or `manage.py embedding_switch index`, which does it)" if phase == "expanded" else ""
         return Check("index", False, (
             f"The HNSW index {name} is INVALID (left by an interrupted build): queries ignore it. Rebuild it with "
             f"`REINDEX INDEX CONCURRENTLY {name};` in `manage.py dbshell`{again}."), {"index": name, "valid": False})

@@ -1,17 +1,24 @@
-"""The Segment admin: semantic search in similarity order, statuses, filters, and the fallbacks."""
+"""The Segment admin: semantic search in similarity order, statuses, filters, the fallbacks, the
+links to YouTube, and the "Embedding switch" page."""
+import re
+from html.parser import HTMLParser
+
 import numpy as np
 import pytest
 from django.db import connection
 from django.contrib import admin
 from django.contrib.auth.models import Permission
 from django.test import RequestFactory
+from django.utils.html import escape
 
 from segments.models import QuarantinedSegment
 from segments.admin import SegmentAdmin
 from segments.models import Segment
+from segments.switch import status, swap
 from tests.conftest import MINILM_PATH
 
 CHANGELIST = "/admin/segments/segment/"
+SWITCH_PAGE = "/admin/segments/embeddingswitch/"
 TEXTS = [
     ("v1", "Chaffee", "interview", "Fasting lowers insulin within a day."),
     ("v1", "Chaffee", "interview", "Red meat is rich in protein and fat."),
@@ -230,7 +237,7 @@ def test_before_the_swap_the_admin_says_so_and_searches_the_text(segments_at, ad
     assert [row.pk for row in listed(response)] == [match.pk]
     html = response.content.decode()
     assert f"The new embeddings are not live yet (phase: {phase})" in html
-    assert "manage.py migrate segments 0005" in html
+    assert "manage.py embedding_switch swap" in html
     assert listed(response)[0].embedding_status == {"legacy": "no new column yet", "expanded": "pending"}[phase]
 
 
@@ -263,3 +270,125 @@ def test_editing_a_segments_text_in_the_admin_sends_it_back_to_pending(admin_cli
     rows = {row.pk: row for row in listed(admin_client.get(CHANGELIST))}
     assert rows[segment.pk].text == "A new sentence about eggs." and rows[segment.pk].embedding_status == "pending"
     assert rows[embedded[1].pk].embedding_status == "embedded"
+
+
+# --- Links to the moment in the video ----------------------------------------------------------
+
+class Links(HTMLParser):
+    """The attributes of every <a> whose href goes to YouTube."""
+
+    def __init__(self, html):
+        super().__init__()
+        self.found = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "a" and attrs.get("href", "").startswith("https://www.youtube.com/"):
+            self.found.append(attrs)
+
+
+def test_each_segment_links_to_its_moment_on_youtube_in_a_new_tab(admin_client, db):
+    Segment.objects.create(video_id="dQw4w9WgXcQ", start_sec=61.9, end_sec=70, text="Fasting lowers insulin.")
+
+    [link] = Links(admin_client.get(CHANGELIST).content.decode()).found
+
+    assert link == {"href": "https://www.youtube.com/watch?v=dQw4w9WgXcQ&t=61s", "target": "_blank",
+                    "rel": "noopener", "title": "Watch this moment on YouTube"}
+
+
+def test_a_video_id_with_markup_or_url_characters_is_escaped_in_the_link(admin_client, db):
+    Segment.objects.create(video_id='a&b"<i>x', start_sec=5.2, end_sec=6, text="Red meat.")
+
+    html = admin_client.get(CHANGELIST).content.decode()
+
+    assert Links(html).found[0]["href"] == "https://www.youtube.com/watch?v=a%26b%22%3Ci%3Ex&t=5s"
+    assert 'href="https://www.youtube.com/watch?v=a%26b%22%3Ci%3Ex&amp;t=5s"' in html and "<i>x" not in html
+
+
+def test_semantic_search_results_link_to_their_moments(admin_client, embedded, minilm):
+    expected_ids, _ = expected_ranking(minilm, embedded, QUERY)
+    by_id = {segment.pk: segment for segment in embedded}
+
+    links = Links(admin_client.get(CHANGELIST, {"q": QUERY}).content.decode()).found
+
+    assert [link["href"] for link in links] == [
+        f"https://www.youtube.com/watch?v={by_id[pk].video_id}&t={int(by_id[pk].start_sec)}s" for pk in expected_ids]
+
+
+def test_the_text_column_keeps_a_readable_width(admin_client, db):
+    html = admin_client.get(CHANGELIST).content.decode()
+
+    assert "td.field-excerpt { min-width: 16em; max-width: 48em; white-space: normal;" in html
+
+
+# --- The "Embedding switch" page ---------------------------------------------------------------
+
+def test_the_admin_index_links_to_the_embedding_switch_page(admin_client, db):
+    html = admin_client.get("/admin/").content.decode()
+
+    assert f'<a href="{SWITCH_PAGE}">Embedding switch</a>' in html
+
+
+def test_anonymous_users_are_sent_from_the_switch_page_to_the_login_page(client, db):
+    response = client.get(SWITCH_PAGE)
+
+    assert response.status_code == 302 and response.url.startswith("/admin/login/")
+
+
+def test_users_who_are_not_staff_are_sent_from_the_switch_page_to_the_login_page(client, django_user_model):
+    client.force_login(django_user_model.objects.create_user("reader", password="not-staff-1234"))
+
+    response = client.get(SWITCH_PAGE)
+
+    assert response.status_code == 302 and response.url.startswith("/admin/login/")
+
+
+def test_staff_without_the_view_permission_are_refused_the_switch_page(client, django_user_model):
+    client.force_login(django_user_model.objects.create_user("clerk", password="staff-1234", is_staff=True))
+
+    assert client.get(SWITCH_PAGE).status_code == 403
+
+
+def test_staff_with_the_view_permission_see_the_switch_page(client, django_user_model):
+    user = django_user_model.objects.create_user("operator", password="staff-1234", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="view_embeddingswitch"))
+    client.force_login(user)
+
+    response = client.get(SWITCH_PAGE)
+
+    assert response.status_code == 200 and '<strong id="switch-phase">final</strong>' in response.content.decode()
+
+
+def test_the_switch_page_shows_phase_progress_counts_swap_and_next_command(admin_client, segments_at):
+    segments_at("expanded")
+    for i, text in enumerate(["one", "two", "three", "four", "   "]):
+        Segment.objects.create(video_id="v", start_sec=i, end_sec=i + 1, text=text)
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE segments SET embedding_384 = array_fill(0.5::real, ARRAY[384])::vector "
+                       "WHERE text IN ('one', 'two', 'three')")
+
+    response = admin_client.get(SWITCH_PAGE)
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert '<strong id="switch-phase">expanded</strong>' in html
+    assert 'aria-valuenow="75.0"' in html and '<div style="width: 75.0%"></div>' in html
+    assert "3 of 4 segments with text have their 384-dim vector" in html
+    assert dict(re.findall(r'id="count-(\w+)">.*?<dd>([^<]*)</dd>', html, re.S)) == {
+        "total": "5", "with_text": "4", "embedded": "3", "pending": "1", "quarantined": "0", "blank": "1"}
+    assert response.context["status"]["rows"] == status.collect()["rows"]
+    assert "<code>python manage.py backfill_embeddings</code>" in html
+    assert "would be refused" in html and escape(swap.refusal()) in html
+    assert [step["state"] for step in response.context["panel"]["steps"]] == ["done", "current", "todo", "todo", "todo"]
+
+
+@pytest.mark.parametrize("phase, next_command", [("legacy", "python manage.py migrate"),
+                                                 ("swapped", "python manage.py embedding_switch contract --confirm")])
+def test_the_switch_page_shows_the_phase_and_next_command_before_and_after_the_swap(admin_client, segments_at, phase,
+                                                                                   next_command):
+    segments_at(phase)
+
+    html = admin_client.get(SWITCH_PAGE).content.decode()
+
+    assert f'<strong id="switch-phase">{phase}</strong>' in html and f"<code>{next_command}</code>" in html

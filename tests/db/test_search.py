@@ -106,7 +106,7 @@ def _hnsw_index():
 
 
 def test_the_planner_uses_the_hnsw_index_for_the_search_on_a_real_sized_table(db):
-    # Build the index over the filled table (as migration 0004 does): much faster than inserting
+    # Build the index over the filled table (as `embedding_switch index` does): much faster than inserting
     # thousands of rows into the graph one by one.
     with connection.schema_editor() as editor:
         editor.remove_index(Segment, _hnsw_index())
@@ -198,7 +198,7 @@ def test_before_the_swap_the_search_runs_on_the_new_column(segments_at):
     assert ids(results) == [east, north]
     assert [hit.distance for hit in results] == pytest.approx([0.0, 0.4], abs=1e-6)
     assert any("before the swap" in note for note in results.notes)
-    assert any("no HNSW index" in note and "migrate segments 0004" in note for note in results.notes)
+    assert any("no HNSW index" in note and "embedding_switch index" in note for note in results.notes)
 
 
 def test_after_the_swap_the_search_runs_on_embedding_with_its_renamed_index(segments_at):
@@ -234,5 +234,5 @@ def test_the_legacy_column_cannot_be_searched_with_a_new_query_vector(segments_a
 def test_before_phase_one_the_search_names_the_migration(segments_at):
     segments_at("legacy")
 
-    with pytest.raises(SchemaNotReady, match="migrate segments 0003"):
+    with pytest.raises(SchemaNotReady, match=r"Apply phase 1 first: `manage.py migrate`"):
         search("east", encoder=EAST)

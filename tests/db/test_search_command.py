@@ -74,5 +74,5 @@ def test_a_bad_request_is_a_command_error_naming_the_fix(two_segments):
 def test_before_phase_one_the_error_names_the_migration(segments_at):
     segments_at("legacy")
 
-    with pytest.raises(CommandError, match="migrate segments 0003"):
+    with pytest.raises(CommandError, match=r"Apply phase 1 first: `manage.py migrate`"):
         run("fasting")

@@ -197,7 +197,7 @@ def test_before_the_index_is_built_it_names_the_migration(segments_at, minilm):
     report, error = run(minilm)
 
     assert "index" in error.args[0]
-    assert "manage.py migrate segments 0004" in report["checks"]["index"]["message"]
+    assert "manage.py embedding_switch index" in report["checks"]["index"]["message"]
 
 
 def test_before_phase_one_it_names_the_migration(segments_at, minilm):
@@ -206,7 +206,7 @@ def test_before_phase_one_it_names_the_migration(segments_at, minilm):
     report, error = run(minilm)
 
     assert str(error) == "1 check(s) failed: phase."
-    assert "migrate segments 0003" in report["checks"]["phase"]["message"]
+    assert "manage.py migrate" in report["checks"]["phase"]["message"]
 
 
 @pytest.mark.parametrize("suffix", [".json", ".csv"])

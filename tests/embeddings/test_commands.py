@@ -26,7 +26,7 @@ def nothing_written():
 def test_before_phase_1_the_command_names_the_migration_to_apply(segments_at):
     segments_at("legacy")
     encoder = RecordingEncoder()
-    with pytest.raises(CommandError, match="migrate segments 0003"):
+    with pytest.raises(CommandError, match=r"Apply phase 1 first: `manage.py migrate`"):
         command("backfill_embeddings", encoder=encoder)
     assert encoder.calls == []
 
@@ -110,9 +110,9 @@ def test_the_admin_retry_action_releases_the_selected_entries(admin_client):
     ids = add_segments([f"{POISON_NAN} one", f"{POISON_NAN} two"])
     with pytest.raises(CommandError):
         command("backfill_embeddings", encoder=PoisonedEncoder())
-    page = admin_client.get("/admin/embeddings/quarantinedsegment/")
+    page = admin_client.get("/admin/segments/quarantinedsegment/")
     assert page.status_code == 200 and b"vector contains NaN or Inf" in page.content
-    response = admin_client.post("/admin/embeddings/quarantinedsegment/",
+    response = admin_client.post("/admin/segments/quarantinedsegment/",
                                  {"action": "retry", "_selected_action": [ids[1]]}, follow=True)
     assert b"Released 1 quarantined segment(s)" in response.content
     assert list(QuarantinedSegment.objects.values_list("segment_id", flat=True)) == [ids[0]]

@@ -13,10 +13,15 @@ Blank segments (empty or whitespace-only text) are never embedded and keep NULL.
 than the model's input limit (512 tokens for bge-small) are truncated by the tokenizer: only
 their beginning is embedded.
 
+On a machine with several GPUs, `--workers N` gives each worker a CUDA device of its own,
+round robin over all visible devices or over those `--devices 0,1,...` names; the report shows
+each worker's device and rate.
+
 Exit status: 0 when every segment with text has its vector (or --limit was reached); 3 when
 the run finished but quarantined segments remain without one (the message says how to list
 and retry them); 1 when the run failed (the message says why and what to run).
 """
+import argparse
 import json
 import os
 import subprocess
@@ -34,6 +39,7 @@ from tqdm import tqdm
 from segments.switch.backfill import (
     DEFAULT_BATCH_SIZE, BackfillError, BackfillReport, backfill_plan, count_pending, run_backfill, target_schema,
 )
+from embeddings.devices import assign_devices, cuda_device_count, parse_devices
 from embeddings.encoder import get_service
 from segments.schema import SchemaNotReady
 
@@ -50,7 +56,10 @@ class Command(BaseCommand):
                             help=f"Rows per batch (claim, encode, one write transaction). Default {DEFAULT_BATCH_SIZE}.")
         parser.add_argument("--limit", type=int, help="Stop after this many rows (per run, all workers together).")
         parser.add_argument("--workers", type=int, default=1,
-                            help="Worker processes sharing the work (CPU threads are split between them).")
+                            help="Worker processes sharing the work (CPU threads are split between them; "
+                                 "on several GPUs, one device each).")
+        parser.add_argument("--devices", type=_device_list, metavar="N,N,...",
+                            help="CUDA devices the workers use, round robin (default: every visible one).")
         parser.add_argument("--dry-run", action="store_true",
                             help="Report what would be done, without loading the model or writing.")
         parser.add_argument("--retry-quarantined", action="store_true",
@@ -67,10 +76,11 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         if options["dry_run"]:
             return self._dry_run(options)
+        devices = self._devices(options)
         if options["workers"] > 1:
-            report, extra = self._run_workers(options)
+            report, extra = self._run_workers(options, devices)
         else:
-            report, extra = self._run_one(options), {}
+            report, extra = self._run_one(options, devices[0])
         self._output(report, options, extra)
         self._check_finished(report, options)
 
@@ -81,6 +91,22 @@ class Command(BaseCommand):
         if options["workers"] > 1 and options.get("encoder") is not None:
             raise CommandError("--workers > 1 starts processes that load EMBEDDING_MODEL; "
                                "a custom encoder cannot be handed to them: use --workers 1.")
+        if options.get("devices") and options.get("encoder") is not None:
+            raise CommandError("--devices places the model EMBEDDING_MODEL; a custom encoder chooses its own device: "
+                               "leave --devices out.")
+
+    def _devices(self, options):
+        """The device of each worker ("cuda:N"), or [None, ...] for the configured EMBEDDING_DEVICE."""
+        if options.get("encoder") is not None or (options["workers"] == 1 and not options.get("devices")):
+            return [None] * options["workers"]
+        count = cuda_device_count(settings.EMBEDDING_DEVICE)
+        if options.get("devices") and not count:
+            raise CommandError(f"--devices: no CUDA device is usable here (EMBEDDING_DEVICE={settings.EMBEDDING_DEVICE}, "
+                               "torch sees none for it): leave --devices out.")
+        try:
+            return assign_devices(options["workers"], count, options.get("devices"))
+        except ValueError as exc:
+            raise CommandError(f"--devices: {exc}: choose among those.") from exc
 
     # --- dry run ---------------------------------------------------------------------------
 
@@ -104,14 +130,16 @@ class Command(BaseCommand):
 
     # --- one worker ------------------------------------------------------------------------
 
-    def _run_one(self, options):
+    def _run_one(self, options, device=None):
+        """(report, extra): `extra` names the device the model ran on."""
         encoder = options.get("encoder")
         try:
-            encoder = encoder if encoder is not None else get_service()
+            encoder = encoder if encoder is not None else get_service(device)
             with self._progress_bar(options) as progress:
-                return run_backfill(encoder, batch_size=options["batch_size"], limit=options["limit"],
-                                    progress=progress, using=options["database"],
-                                    retry_quarantined=options["retry_quarantined"])
+                report = run_backfill(encoder, batch_size=options["batch_size"], limit=options["limit"],
+                                      progress=progress, using=options["database"],
+                                      retry_quarantined=options["retry_quarantined"])
+            return report, {"device": _device_of(encoder)}
         except ImproperlyConfigured as exc:  # DimensionMismatch, ModelUnavailable: nothing was read
             raise CommandError(str(exc)) from exc
         except BackfillError as exc:
@@ -140,12 +168,13 @@ class Command(BaseCommand):
 
     # --- several workers -------------------------------------------------------------------
 
-    def _run_workers(self, options):
+    def _run_workers(self, options, devices):
         """Start N worker processes (this command with --workers 1 --json), aggregate their reports."""
         count, using = options["workers"], options["database"]
         started = time.monotonic()
         logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(count)]
-        processes = [self._start_worker(options, index, out, err) for index, (out, err) in enumerate(logs)]
+        processes = [self._start_worker(options, index, out, err, device)
+                     for index, ((out, err), device) in enumerate(zip(logs, devices))]
         try:
             self._wait_for(processes, options)
         finally:
@@ -163,19 +192,22 @@ class Command(BaseCommand):
         report.column = plan["column"]
         report.rows_remaining, report.rows_in_quarantine, report.rows_blank = (
             plan["rows_pending"], plan["rows_in_quarantine"], plan["rows_blank"])
-        extra = {"workers": count, "rows_embedded_per_worker": [result.get("rows_embedded", 0) for result in results]}
+        extra = {"workers": count, "rows_embedded_per_worker": [result.get("rows_embedded", 0) for result in results],
+                 "per_worker": [_worker_figures(index, result, device)
+                                for index, (result, device) in enumerate(zip(results, devices))]}
         failures = [result["error"] for result in results if "error" in result]
         if failures:
             self._output(report, options, extra)
             raise CommandError("\n".join(failures))
         return report, extra
 
-    def _start_worker(self, options, index, stdout, stderr):
+    def _start_worker(self, options, index, stdout, stderr, device=None):
         share = None if options["limit"] is None else -(-options["limit"] // options["workers"])
         command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "backfill_embeddings",
                    "--workers", "1", "--json", "--batch-size", str(options["batch_size"]),
                    "--database", options["database"]]
         command += ["--limit", str(share)] if share is not None else []
+        command += ["--devices", device.split(":")[1]] if device else []
         command += ["--retry-quarantined"] if options["retry_quarantined"] else []
         threads = str(max(1, (os.cpu_count() or 1) // options["workers"]))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
@@ -214,6 +246,9 @@ class Command(BaseCommand):
             f"Embedded {report.rows_embedded} segment(s) into segments.{report.column} in {report.seconds:.1f} s "
             f"({report.rows_per_second:.1f} rows/s)."
         ))
+        for worker in extra.get("per_worker", []):
+            self.stdout.write(f"  worker {worker['worker']} on {worker['device'] or 'its default device'}: "
+                              f"{worker['rows_embedded']} segment(s), {worker['rows_per_second']:.1f} rows/s")
         self.stdout.write(
             f"Quarantined by this run: {report.rows_quarantined}. Not written because the text changed "
             f"meanwhile (embedded again): {report.rows_stale}.\n"
@@ -235,3 +270,24 @@ class Command(BaseCommand):
             self.stdout.write(self.style.WARNING(
                 f"{left} segment(s) still need a vector ({why}): run `manage.py backfill_embeddings` again."
             ))
+
+
+def _device_list(raw):
+    """argparse type of --devices: '0,1' -> (0, 1)."""
+    try:
+        return parse_devices(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError("give CUDA device indices, e.g. 0,1") from None
+
+
+def _device_of(encoder):
+    """The device the encoder's model runs on ("cuda:1", "cpu"), or None if it does not say."""
+    device = getattr(encoder, "device", None)
+    return None if device is None else str(device)
+
+
+def _worker_figures(index, result, device):
+    """One worker's line of the report: its device (as it reported it) and its rate."""
+    return {"worker": index, "device": result.get("device") or device,
+            "rows_embedded": result.get("rows_embedded", 0), "seconds": result.get("seconds", 0.0),
+            "rows_per_second": result.get("rows_per_second", 0.0)}

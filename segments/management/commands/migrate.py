@@ -9,6 +9,7 @@ refused with the command to run instead.
 from django.core.management.base import CommandError
 from django.core.management.commands import migrate
 
+from segments import operations
 from segments.switch import gate
 
 
@@ -35,7 +36,8 @@ class Command(migrate.Command):
 
         migrate.MigrationExecutor = Executor
         try:
-            super().handle(*args, **options)
+            with operations.reporting_to(None if quiet else self.stdout):  # what an index build waits for
+                super().handle(*args, **options)
         finally:
             migrate.MigrationExecutor = executor_class
         if not quiet:
@@ -51,10 +53,13 @@ class Command(migrate.Command):
                    for migration, backwards in plan):
             return
         report = preflight.inspect(using=database)
-        if report.blocking:
+        refused = report.blocking
+        if not options["fake_initial"]:  # an existing table not adopted yet: CREATE TABLE would fail
+            refused = refused + [f for f in report.findings if f.code == "not_adopted"]
+        if refused:
             raise CommandError(
                 "Phase 1 refused, nothing was changed: the live `segments` table cannot be served as it "
-                "is.\n" + report.as_text(only_blocking=True)
+                "is.\n" + preflight.Report(refused).as_text()
             )
 
     def _report(self, database):

@@ -7,13 +7,22 @@ reading the next batch and writing the last one overlap with the model's work:
    advisory lock, drop the claims of dead workers, read the next `batch_size` pending segments
    past this worker's id cursor that nobody else has claimed, and record the claim (id range,
    this session's pid and start time) in `embeddings_backfill_claim`.
-2. encode (the calling thread): texts to vectors. A vector with NaN or Inf, of the wrong size,
-   or all zeros, and a text whose encoding raises (the batch is split to find it), is
-   quarantined with its reason; the rest of the batch goes on.
-3. write (a thread, its own session): one transaction per batch: binary COPY into a staging
-   table and one UPDATE ... FROM (embeddings/writer.py) that writes a vector only where the
-   text still has the md5 it was read with; quarantine entries are recorded or cleared, and
-   the batch's claim deleted.
+2. encode (the calling thread): texts to vectors, the texts of up to `Tuning.encode_window`
+   claims already waiting in one call. A vector with NaN or Inf, of the wrong size, or all
+   zeros, and a text whose encoding raises (the batch is split to find it), is quarantined with
+   its reason; the rest of the batch goes on.
+3. write (`Tuning.writers` threads, each with its own session): one transaction per batch:
+   binary COPY into a staging table and one UPDATE ... FROM (embeddings/writer.py) that writes a
+   vector only where the text still has the md5 it was read with; quarantine entries are
+   recorded or cleared, and the batch's claim deleted. The commit does not wait for the WAL
+   flush (`synchronous_commit = off` for the transaction): a server crash can lose the last
+   batches, whose rows are then pending again, never a part of one.
+
+In the expanded phase every UPDATE of the backfill is non-HOT (the pending-rows partial index
+references the new column, and the row grows by the vector's 1.5 kB), so it also inserts into
+every index of the table. The legacy L2 IVFFlat index is by far the dearest of them (a 1536-dim
+copy of the vector per row); no cosine query uses it, and segments/switch/legacy_index.py lets
+the operator drop it before the backfill and build it again later.
 
 Consequences:
 - kill -9 at any moment is safe: a batch is written entirely or not at all, and its claim dies
@@ -32,22 +41,24 @@ Consequences:
   with a BackfillError, and the next run resumes.
 
 The engine, by module: `sql` (the SQL text), `session` (database sessions with retries),
-`encode` (the encode-and-check step), `pipeline` (one worker's run), `report` (what a run
-returns or raises). This package holds the settings and the entry points.
+`encode` (the encode-and-check step), `pipeline` (one worker's run and its Tuning), `stages`
+(each stage's busy and waiting time), `report` (what a run returns or raises). This package
+holds the settings and the entry points.
 """
 from django.db import connections
 
 from segments.schema import require_vector_column
 
 from .encode import ClaimedBatch, EncodedBatch, encode_batch, encode_texts
-from .pipeline import BEFORE_FIRST_ID, Run, count_plan
+from .pipeline import BEFORE_FIRST_ID, UNTUNED, Run, Tuning, count_plan
 from .report import BackfillError, BackfillReport
 from .session import Session, backoff_seconds
 from .sql import SET_SEARCH_PATH, claim_sql, count_pending_sql, pending_sql
 
 __all__ = [
     "BACKOFF_FIRST_SECONDS", "BACKOFF_MAX_SECONDS", "BEFORE_FIRST_ID", "DB_ATTEMPTS", "DEFAULT_BATCH_SIZE",
-    "LOCK_TIMEOUT", "BackfillError", "BackfillReport", "ClaimedBatch", "EncodedBatch", "backfill_plan",
+    "LOCK_TIMEOUT", "UNTUNED", "BackfillError", "BackfillReport", "ClaimedBatch", "EncodedBatch", "Tuning",
+    "backfill_plan",
     "backoff_seconds", "claim_sql", "count_pending", "encode_batch", "encode_texts", "pending_sql",
     "run_backfill", "target_schema",
 ]
@@ -77,26 +88,34 @@ def target_schema(using="default", search_path=None):
 
 
 def run_backfill(encoder, *, batch_size=None, limit=None, search_path=None, progress=None, using="default",
-                 retry_quarantined=False):
+                 retry_quarantined=False, tuning=None):
     """Embed every pending segment of the target column with `encoder`; returns a BackfillReport.
 
     - `batch_size`: rows per claim, transaction and encode call (DEFAULT_BATCH_SIZE).
     - `limit`: stop after claiming this many rows (None: until nothing is pending).
     - `search_path`: SET on every connection the engine opens (its schema must hold `segments`,
-      `embeddings_quarantine`, `embeddings_backfill_claim`, and see the `vector` type).
+      `embeddings_quarantine`, `embeddings_backfill_claim`, `segments_backfill_worker`, and see
+      the `vector` type).
     - `progress(done, total)`: called from the writer thread after each batch.
     - `retry_quarantined`: try quarantined rows again (once each in this run).
+    - `tuning`: a Tuning (write sessions, claims per encode call, commit mode); Tuning() by default.
 
     Raises SchemaNotReady before phase 1, DimensionMismatch when the encoder does not fit the
-    column (before any row is read), BackfillError when the run cannot finish.
+    column (before any row is read), BackfillError when the run cannot finish. An encoder with a
+    `check_target(search_path)` method is asked first, and may refuse the target by raising
+    (the benchmark's simulated GPU refuses every schema but its scratch ones).
     """
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
     if batch_size < 1 or (limit is not None and limit < 0):
         raise ValueError("batch_size must be at least 1 and limit at least 0")
+    check_target = getattr(encoder, "check_target", None)
+    if check_target is not None:
+        check_target(search_path)
     schema = target_schema(using, search_path)
     encoder.check_dimensions(schema.vector_column, schema.vector_dimensions)
     run = Run(encoder, schema.vector_column, schema.vector_dimensions, batch_size=batch_size, limit=limit,
-              search_path=search_path, progress=progress, using=using, retry_quarantined=retry_quarantined)
+              search_path=search_path, progress=progress, using=using, retry_quarantined=retry_quarantined,
+              tuning=tuning)
     return run.execute()
 
 

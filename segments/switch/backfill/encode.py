@@ -104,7 +104,27 @@ def check_canary(encoder, batch_error):
 
 def encode_batch(encoder, batch, dims):
     """The EncodedBatch of a ClaimedBatch."""
-    vectors, reasons = encode_texts(encoder, batch.texts, dims)
+    return encode_batches(encoder, [batch], dims)[0]
+
+
+def encode_batches(encoder, batches, dims):
+    """The EncodedBatch of each ClaimedBatch, from one encode call over all their texts.
+
+    One call over several claims lets the encoder sort more texts by length (less padding) and
+    fill larger device batches; the vectors are then handed back claim by claim.
+    """
+    texts = [text for batch in batches for text in batch.texts]
+    vectors, reasons = encode_texts(encoder, texts, dims)
+    encoded, start = [], 0
+    for batch in batches:
+        end = start + len(batch.texts)
+        encoded.append(_encoded(batch, vectors[start:end], reasons[start:end], dims))
+        start = end
+    return encoded
+
+
+def _encoded(batch, vectors, reasons, dims):
+    """The EncodedBatch of `batch` given its texts' checked vectors and reasons."""
     good = [i for i, reason in enumerate(reasons) if reason is None]
     return EncodedBatch(
         claim_id=batch.claim_id,

@@ -1,27 +1,62 @@
 """One worker's pipelined run: the claim, encode and write stages, joined by short queues.
 
-The claim and write stages are threads, each with a database session of its own; the encode
-stage runs in the calling thread. A failure in any stage stops the others; the run then
-releases its claims, counts what is left, and raises the first failure.
+The claim stage is a thread with a database session of its own; the write stage is
+`Tuning.writers` threads, each with its own session, so that one batch's UPDATE runs while the
+next is staged (PostgreSQL runs each session's statements on one core); the encode stage runs
+in the calling thread and encodes up to `Tuning.encode_window` claims in one call. A failure in
+any stage stops the others; the run then releases its claims, counts what is left, and raises
+the first failure. Each stage's busy and waiting time is kept (stages.py): the report names the
+stage that limited the run.
 """
 import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 
 from embeddings.writer import VectorWriter
 
 from . import sql
-from .encode import ClaimedBatch, encode_batch
+from .encode import ClaimedBatch, encode_batches
+from .heartbeat import Heartbeat
 from .report import BackfillError, BackfillReport
 from .session import Session, worker_name
+from .stages import StageClock, limiting_stage, stage_figures
 
 logger = logging.getLogger(__package__)
 
-QUEUE_DEPTH = 2
+QUEUE_DEPTH = 2  # encoded batches waiting for a writer
 POLL_SECONDS = 0.5  # how often a worker looks again while other workers hold the last rows
 BEFORE_FIRST_ID = -(2**31) - 1  # below every int4 id
 _END = object()  # a stage has no more batches
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How a worker spreads its work; none of it changes what is written.
+
+    - `writers`: write sessions. Each batch's UPDATE is one statement that PostgreSQL runs on one
+      core; with two sessions one batch is applied while the next is staged and committed.
+    - `encode_window`: claims encoded in one call when that many are ready (more texts sorted by
+      length together; fuller device batches).
+    - `synchronous_commit`: False lets a batch's commit return before its WAL reaches the disk
+      (`SET LOCAL synchronous_commit = off`). A server crash can then lose the last batches
+      committed, never part of one: their rows are pending again and the next pass embeds them.
+    """
+
+    writers: int = 2
+    encode_window: int = 4
+    synchronous_commit: bool = False
+
+    def __post_init__(self):
+        if self.writers < 1 or self.encode_window < 1:
+            raise ValueError("writers and encode_window must be at least 1")
+
+
+# The engine's settings before the tuning above existed: one write session, one claim per
+# encode call, every commit waiting for its WAL flush. The benchmark measures both.
+UNTUNED = Tuning(writers=1, encode_window=1, synchronous_commit=True)
+ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
 
 
 def count_plan(connection, cursor, column):
@@ -36,20 +71,24 @@ class Run:
     """One worker's pipelined run (see the `segments.switch.backfill` docstring)."""
 
     def __init__(self, encoder, column, dims, *, batch_size, limit, search_path, progress, using,
-                 retry_quarantined):
+                 retry_quarantined, tuning=None):
         self.encoder, self.column, self.dims = encoder, column, dims
         self.batch_size, self.limit, self.progress = batch_size, limit, progress
         self.retry_quarantined = retry_quarantined
+        self.tuning = tuning or Tuning()
         self.report = BackfillReport(column=column)
+        self.heartbeat = Heartbeat(encoder)
         self.stop = threading.Event()
         self.failures = []
         self.lock = threading.Lock()
         self.open_claims = set()
-        self.claimed_queue = queue.Queue(QUEUE_DEPTH)
-        self.encoded_queue = queue.Queue(QUEUE_DEPTH)
+        self.claimed_queue = queue.Queue(max(QUEUE_DEPTH, self.tuning.encode_window))
+        self.encoded_queue = queue.Queue(max(QUEUE_DEPTH, self.tuning.writers))
         self.control = Session(using, "control", search_path, self.stop)
         self.reader = Session(using, "reader", search_path, self.stop, on_reconnect=self._adopt_claims)
-        self.writer = Session(using, "writer", search_path, self.stop)
+        self.writers = [Session(using, "writer", search_path, self.stop) for _ in range(self.tuning.writers)]
+        self.clocks = {"claim": [StageClock()], "encode": [StageClock()],
+                       "write": [StageClock() for _ in self.writers]}
         self.claim_query = sql.claim_sql(column, retry_quarantined)
         self.since = None
         self.total = 0
@@ -63,8 +102,10 @@ class Run:
             if self.limit is not None:
                 self.total = min(self.total, self.limit)
             self._report_progress()
-            threads = [threading.Thread(target=self._guarded, args=(stage,), name=f"backfill-{stage.__name__}")
-                       for stage in (self._claim_stage, self._write_stage)]
+            threads = [threading.Thread(target=self._guarded, args=(self._claim_stage,), name="backfill-claim")]
+            threads += [threading.Thread(target=self._guarded, args=(self._write_stage, session, clock),
+                                         name=f"backfill-write-{number}")
+                        for number, (session, clock) in enumerate(zip(self.writers, self.clocks["write"]), 1)]
             for thread in threads:
                 thread.start()
             try:
@@ -77,6 +118,8 @@ class Run:
                     thread.join()
         finally:
             self.report.seconds = time.monotonic() - started
+            self.report.stages = stage_figures(self.clocks, self.report.seconds)
+            self.report.limited_by = limiting_stage(self.report.stages)
             self._finish()
         if self.failures:
             error = self.failures[0]
@@ -85,9 +128,9 @@ class Run:
             raise error
         return self.report
 
-    def _guarded(self, stage):
+    def _guarded(self, stage, *args):
         try:
-            stage()
+            stage(*args)
         except Exception as exc:
             self.failures.append(exc)
             self.stop.set()
@@ -95,39 +138,70 @@ class Run:
     # The stages.
 
     def _claim_stage(self):
+        clock = self.clocks["claim"][0]
         after, claimed = BEFORE_FIRST_ID, 0
         while not self.stop.is_set():
             room = self.batch_size if self.limit is None else min(self.batch_size, self.limit - claimed)
             if room <= 0:
                 break
-            batch = self.reader.run(self._claim, after, room)
+            with clock.timing("busy"):
+                batch = self.reader.run(self._claim, after, room)
             if batch is not None:
                 claimed, after = claimed + len(batch.ids), batch.ids[-1]
-                if not self._put(self.claimed_queue, batch):
-                    return
+                with clock.timing("waiting_for_room"):
+                    if not self._put(self.claimed_queue, batch):
+                        return
             elif after != BEFORE_FIRST_ID:
                 after = BEFORE_FIRST_ID  # once more from the start: texts changed behind the cursor
-            elif self.reader.run(self._count_open) == 0:
-                break
             else:
-                self.stop.wait(POLL_SECONDS)  # the last rows are in batches in flight (any worker's)
+                with clock.timing("busy"):
+                    left = self.reader.run(self._count_open)
+                if left == 0:
+                    break
+                with clock.timing("waiting_for_input"):
+                    self.stop.wait(POLL_SECONDS)  # the last rows are in batches in flight (any worker's)
         self._put(self.claimed_queue, _END)
 
     def _encode_stage(self):
-        while True:
-            batch = self._get(self.claimed_queue)
-            if batch is _END:
-                self._put(self.encoded_queue, _END)
-                return
-            if not self._put(self.encoded_queue, encode_batch(self.encoder, batch, self.dims)):
-                return
+        clock = self.clocks["encode"][0]
+        ended = False
+        while not ended:
+            with clock.timing("waiting_for_input"):
+                batches, ended = self._window()
+            if batches:
+                with clock.timing("busy"):
+                    encoded = encode_batches(self.encoder, batches, self.dims)
+                with clock.timing("waiting_for_room"):
+                    if not all(self._put(self.encoded_queue, batch) for batch in encoded):
+                        return
+        for _ in self.writers:
+            self._put(self.encoded_queue, _END)
 
-    def _write_stage(self):
+    def _window(self):
+        """(up to encode_window claimed batches, whether the claim stage has ended): waits for
+        the first, then takes only those already queued."""
+        first = self._get(self.claimed_queue)
+        if first is _END:
+            return [], True
+        batches = [first]
+        while len(batches) < self.tuning.encode_window:
+            try:
+                batch = self.claimed_queue.get_nowait()
+            except queue.Empty:
+                break
+            if batch is _END:
+                return batches, True
+            batches.append(batch)
+        return batches, False
+
+    def _write_stage(self, session, clock):
         while True:
-            batch = self._get(self.encoded_queue)
+            with clock.timing("waiting_for_input"):
+                batch = self._get(self.encoded_queue)
             if batch is _END:
                 return
-            written, quarantined = self.writer.run(self._write, batch)
+            with clock.timing("busy"):
+                written, quarantined = session.run(self._write, batch)
             with self.lock:
                 self.open_claims.discard(batch.claim_id)
                 self.report.batches += 1
@@ -135,7 +209,7 @@ class Run:
                 self.report.rows_stale += len(batch.ids) - written
                 self.report.rows_quarantined += quarantined
                 self.done += len(batch.ids) + len(batch.failed)
-            self._report_progress()
+                self._report_progress()
 
     def _put(self, target, item):
         while not self.stop.is_set():
@@ -155,6 +229,7 @@ class Run:
                     return _END
 
     def _report_progress(self):
+        """Call `progress(done, total)`; the write threads call it holding the lock, in order."""
         if self.progress is not None:
             self.total = max(self.total, self.done)
             self.progress(self.done, self.total)
@@ -171,6 +246,7 @@ class Run:
         return cursor.fetchone()
 
     def _claim(self, connection, cursor, after, limit):
+        self._commit_setting(cursor)
         cursor.execute(sql.LOCK_CLAIMS, [sql.CLAIM_LOCK_KEY])
         cursor.execute(sql.DELETE_DEAD_CLAIMS)
         cursor.execute(self.claim_query, {"after": after, "limit": limit, "since": self.since})
@@ -196,7 +272,12 @@ class Run:
         if claims:
             cursor.execute(sql.ADOPT_CLAIMS, [claims])
 
+    def _commit_setting(self, cursor):
+        if not self.tuning.synchronous_commit:
+            cursor.execute(ASYNC_COMMIT)
+
     def _write(self, connection, cursor, batch):
+        self._commit_setting(cursor)
         writer = VectorWriter(connection, self.column, self.dims)
         written = writer.write(batch.ids, batch.md5s, batch.vectors)
         if batch.ids:
@@ -209,6 +290,7 @@ class Run:
             for segment_id, _, reason in batch.failed:
                 logger.warning("segment %s quarantined: %s", segment_id, reason)
         cursor.execute(sql.DELETE_CLAIM, [batch.claim_id])
+        self.heartbeat.beat(cursor, len(batch.ids) + len(batch.failed), self.since)
         return written, quarantined
 
     def _finish(self):
@@ -220,10 +302,11 @@ class Run:
         except BackfillError as exc:
             logger.warning("could not count the remaining rows: %s", exc)
         finally:
-            for session in (self.reader, self.writer, self.control):
+            for session in (self.reader, *self.writers, self.control):
                 session.close()
 
     def _final_counts(self, connection, cursor, claims):
         if claims:
             cursor.execute(sql.DELETE_CLAIMS, [claims])
+        self.heartbeat.finish(cursor)
         return count_plan(connection, cursor, self.column)

@@ -1,5 +1,5 @@
 """What a backfill run returns (BackfillReport) or raises (BackfillError)."""
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 class BackfillError(Exception):
@@ -26,6 +26,9 @@ class BackfillReport:
     rows_blank: int = 0  # segments whose text is blank: never embedded
     batches: int = 0
     seconds: float = 0.0
+    # Per stage (claim, encode, write): threads, busy and waiting seconds, busy share (stages.py).
+    stages: dict = field(default_factory=dict)
+    limited_by: str | None = None  # the stage busy the largest share of the run
 
     @property
     def rows_per_second(self):

@@ -14,12 +14,17 @@ import threading
 import psycopg2
 from django.db import connections
 
+from segments.switch.user_triggers import TriggersNotQuieted, quiet_user_triggers
+
 from .report import BackfillError
 from .sql import SET_LOCK_TIMEOUT, SET_SEARCH_PATH
 
 logger = logging.getLogger(__package__)
 
 TRANSIENT_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+# Sessions that write nothing but vectors: the application's triggers on segments must not fire
+# on their writes (segments/switch/user_triggers.py).
+QUIET_ROLES = {"writer"}
 
 
 def retry_setting(name):
@@ -45,7 +50,9 @@ def open_connection(using, role, search_path=None):
             cursor.execute(SET_LOCK_TIMEOUT, [retry_setting("LOCK_TIMEOUT")])
             if search_path:
                 cursor.execute(SET_SEARCH_PATH, [search_path])
-    except psycopg2.Error:
+            if role in QUIET_ROLES:
+                quiet_user_triggers(cursor)
+    except (psycopg2.Error, TriggersNotQuieted):
         connection.close()
         raise
     return connection

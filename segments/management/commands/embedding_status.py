@@ -1,0 +1,129 @@
+"""`manage.py embedding_status`: where the switch stands, and the next command to run.
+
+Reads only (segments.switch.status.collect); safe to run at any moment, as often as wanted.
+"""
+import json
+
+from django.core.management.base import BaseCommand
+from django.db import DEFAULT_DB_ALIAS
+
+from segments.switch.status import collect, human_bytes, human_duration
+
+BAR_WIDTH = 30
+MARKS = {"done": "✓", "current": "▶", "todo": "·"}
+SECTIONS = ("_phase", "_rows", "_backfill", "_indexes", "_swap", "_size", "_findings", "_next")
+
+
+def number(value):
+    return "–" if value is None else f"{value:,}"
+
+
+def bar(percent):
+    filled = round(BAR_WIDTH * (percent or 0) / 100)
+    return "█" * filled + "░" * (BAR_WIDTH - filled)
+
+
+class Command(BaseCommand):
+    help = "Shows where the embedding switch stands (phase, rows, workers, index, swap, sizes) and the next command."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--database", default=DEFAULT_DB_ALIAS, help='Database alias. Default "default".')
+        parser.add_argument("--json", action="store_true", help="Print one JSON object on stdout.")
+
+    def handle(self, *args, **options):
+        status = collect(using=options["database"])
+        if options["json"]:
+            self.stdout.write(json.dumps(status))
+            return
+        sections = SECTIONS if status["phase"] is not None else ("_phase", "_next")
+        for section in sections:
+            for line in getattr(self, section)(status):
+                self.stdout.write(line)
+
+    def _phase(self, status):
+        yield self.style.MIGRATE_HEADING(f"Embedding switch: phase {status['phase'] or '(no segments table)'}")
+        if status["phase"] is None:
+            yield f"  {status['problem']}"
+            return
+        columns = status["columns"]
+        for label, column in (("new column", columns["vector"]), ("legacy column", columns["legacy"])):
+            if column:
+                yield f"  {label:<14}{column['name']} vector({column['dimensions']})"
+        yield "  steps         " + "  ".join(f"{MARKS[s['state']]} {s['step']}" for s in status["steps"])
+
+    def _rows(self, status):
+        rows = status["rows"]
+        yield self.style.MIGRATE_HEADING("Segments")
+        if rows["embedded"] is not None and rows["with_text"]:
+            percent = 100.0 * rows["embedded"] / rows["with_text"]
+            yield (f"  embedded  {bar(percent)} {percent:5.1f}%  "
+                   f"{number(rows['embedded'])} of {number(rows['with_text'])} with text")
+        yield "  " + " · ".join(f"{label} {number(rows[key])}" for key, label in (
+            ("total", "total"), ("with_text", "with text"), ("embedded", "embedded"), ("pending", "pending"),
+            ("quarantined", "quarantined"), ("blank", "blank")))
+
+    def _backfill(self, status):
+        backfill = status["backfill"]
+        if not backfill["running"]:
+            yield "Backfill: not running."
+            return
+        rate = "unknown" if backfill["rows_per_s"] is None else f"{backfill['rows_per_s']:,.1f}"
+        yield self.style.MIGRATE_HEADING(
+            f"Backfill: {len(backfill['workers'])} worker(s), {rate} rows/s, "
+            f"ETA {human_duration(backfill['eta_seconds'])}")
+        for worker in backfill["workers"]:
+            ids, rate = worker["claimed_ids"], worker["rows_per_s"]
+            yield (f"  {worker['name']:<24} {worker['device'] or 'device ?':<8} {number(worker['rows_done'])} rows  "
+                   f"{'–' if rate is None else f'{rate:,.1f}'} rows/s  "
+                   f"last batch {human_duration(worker['seconds_since_update'])} ago"
+                   + (f"  ids {ids[0]}..{ids[1]}" if ids else ""))
+
+    def _indexes(self, status):
+        build = status["index_build"]
+        if build is not None:
+            done = [f"{build['percent_blocks']}% of blocks" if build["percent_blocks"] is not None else None,
+                    f"{number(build['tuples_done'])} of {number(build['tuples_total'])} tuples"
+                    if build["tuples_total"] else None]
+            yield self.style.WARNING(f"Index build in progress ({build['index'] or 'new index'}): {build['phase']}"
+                                     + "".join(f", {part}" for part in done if part))
+        for label, index in (("HNSW index", status["indexes"]["hnsw"]), ("legacy index", status["indexes"]["legacy"])):
+            if index is None:
+                yield f"{label}: none."
+                continue
+            state = self.style.SUCCESS("valid") if index["valid"] else self.style.ERROR("INVALID")
+            kind = f" ({index['method']} {index['opclass']})" if "method" in index else ""
+            yield f"{label}: {index['name']}{kind} {state}"
+
+    def _swap(self, status):
+        swap = status["swap"]
+        if swap["done"]:
+            yield "Swap: done" + (f"; an undo would lack {number(status['undo_lacks'])} legacy vector(s)."
+                                  if status.get("undo_lacks") is not None else ".")
+        elif swap["accepted"]:
+            yield "Swap: " + self.style.SUCCESS("would be accepted now.")
+        else:
+            yield "Swap: " + self.style.ERROR("would be refused: ") + swap["refusal"]
+
+    def _size(self, status):
+        size = status["size"]
+        parts = [f"{human_bytes(size['now_bytes'])} now"]
+        if size["before_bytes"] is not None:
+            parts.append(f"{human_bytes(size['before_bytes'])} before the switch")
+        if size["after_contract_bytes"] is not None:
+            parts.append(f"{human_bytes(size['after_contract_bytes'])} after the contract")
+        yield "Table size: " + "; ".join(parts) + "."
+
+    def _findings(self, status):
+        findings = status["preflight"]["findings"]
+        yield "Pre-flight: " + ("no findings." if not findings else f"{len(findings)} finding(s).")
+        for finding in findings:
+            style = self.style.ERROR if finding["level"] == "error" else self.style.WARNING
+            level = style("[" + finding["level"] + "]")
+            yield f"  {level} {finding['message']}" + (f"\n      fix: {finding['fix']}" if finding["fix"] else "")
+        for warning in status["warnings"]:
+            yield self.style.WARNING(f"! {warning}")
+
+    def _next(self, status):
+        step = status["next"]
+        yield self.style.MIGRATE_HEADING("Next: ") + (step["command"] or "nothing to run")
+        yield f"  {step['why']}"

@@ -84,14 +84,10 @@ def giving_up_on_lock_timeout(what):
 
 def index_validity(schema_editor, name):
     """True if index `name` exists and is valid, False if it exists but is INVALID, else None."""
+    from segments.switch.catalog import index_valid
+
     with schema_editor.connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-            "WHERE c.relname = %s AND pg_catalog.pg_table_is_visible(c.oid)",
-            [name],
-        )
-        row = cursor.fetchone()
-    return None if row is None else row[0]
+        return index_valid(cursor, name)
 
 
 class AddIndexConcurrently(postgres_operations.AddIndexConcurrently):

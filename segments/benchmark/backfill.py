@@ -25,6 +25,7 @@ trigger), `embeddings_quarantine`, `embeddings_backfill_claim` and `segments_bac
 """
 from dataclasses import asdict
 
+from django.apps import apps
 from django.db import connections
 
 from embeddings.fakes import HashingEncoder
@@ -73,9 +74,22 @@ def prepare_tables(ctx, rows, shape="scratch"):
         for name in ("segments", *SIDE_TABLES):
             cursor.execute(f"DROP TABLE IF EXISTS {scratch.table(name)}")
         for name in SIDE_TABLES:
-            copy_table(cursor, scratch, name)
+            side_table(ctx, cursor, name)
         table = segments_copy(cursor, scratch, ctx.source(), "segments", rows, ctx.column, shape, legacy)
     return table
+
+
+def side_table(ctx, cursor, name):
+    """Scratch table `name` shaped like public.`name`, or, where the live database has none yet (the
+    legacy phase), created from its model."""
+    cursor.execute("SELECT to_regclass(%s)", [f"public.{name}"])
+    if cursor.fetchone()[0] is not None:
+        copy_table(cursor, ctx.scratch, name)
+        return
+    model = next(model for model in apps.get_app_config("segments").get_models() if model._meta.db_table == name)
+    connection = connections[ctx.options.using]
+    with ctx.scratch.searched_first(cursor), connection.schema_editor(atomic=False) as editor:
+        editor.create_model(model)
 
 
 def texts_to_embed(ctx, table):

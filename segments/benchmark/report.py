@@ -37,47 +37,105 @@ def render_machine(machine):
 
 
 def render_encode(figures):
-    rows = [[run["dtype"], run["batch_size"], _n(run["texts_per_s"], 1), _n(run["tokens_per_s"]),
-             _n(run["peak_memory_mb"]), f"{run['ratio_to_baseline']:.2f}x"] for run in figures["runs"]]
-    return [
+    rows = [[run["dtype"], run["batch_size"], _n(run["texts_per_s"], 1), _n(run["st_encode_texts_per_s"], 1),
+             f"{run['ratio_to_st_encode']:.2f}x", _n(run["tokens_per_s"]), _n(run["peak_memory_mb"]),
+             f"{run['ratio_to_baseline']:.2f}x", f"{run['min_cosine_to_plain']:.5f}"] for run in figures["runs"]]
+    chosen = figures.get("chosen_batch_size")
+    lines = [
         f"encode: {figures['model']} on {figures['device']}",
         f"  {figures['texts']:,} texts from {figures['texts_source']}, "
         f"{figures['mean_tokens_per_text']:.0f} tokens each on average",
-        *_table(["dtype", "batch", "texts/s", "tokens/s", "peak MB", "vs plain"], rows),
+        *_table(["dtype", "batch", "pipeline/s", "ST encode/s", "ratio", "tokens/s", "peak MB", "vs plain",
+                 "min cosine"], rows),
+        "  pipeline: EmbeddingsService.encode_documents (embeddings/pipeline.py); ST encode: the former path, "
+        "one SentenceTransformer.encode(batch_size=N) call; min cosine: the pipeline's vectors against plain encode()'s",
         f"  plain encode() baseline: {_n(figures['baseline_texts_per_s'], 1)} texts/s ({figures['baseline']})",
         f"  best: {_n(figures['best_texts_per_s'], 1)} texts/s at batch size {figures['best_batch_size']} "
-        f"({figures['best_dtype']}), {figures['ratio_to_baseline']:.2f}x plain encode(); "
+        f"({figures['best_dtype']}), {figures['ratio_to_baseline']:.2f}x plain encode(), "
+        f"{figures['ratio_to_st_encode']:.2f}x the best ST encode; "
         f"each figure the best of {figures['repeats']} runs; memory is {figures['peak_memory_kind']}",
-        *_targets(figures),
     ]
+    if chosen:
+        measured = ", ".join(f"{size}: {rate:,.0f}" for size, rate in chosen["texts_per_s"].items())
+        lines.append(f"  batch size the service chose on this device: {chosen['batch_size']} ({measured} texts/s)")
+    return lines + _targets(figures)
+
+
+DB_WRITE_ROWS = [  # production-shaped first
+    ("live_backfill_path", "backfill path", "live-shaped, legacy IVFFlat index"),
+    ("live_without_legacy_index_backfill_path", "backfill path", "live-shaped, legacy index dropped"),
+    ("backfill_path", "backfill path", "scratch copy (no vector index)"),
+    ("per_row_update", "one UPDATE per row", "scratch copy"),
+    ("bulk_update", "ORM bulk_update", "scratch copy"),
+    ("raw_copy", "raw binary COPY", "empty table, no index"),
+]
 
 
 def render_db_write(figures):
-    names = [("per_row_update", "one UPDATE per row"), ("bulk_update", "ORM bulk_update"),
-             ("backfill_path", "backfill path")]
-    rows = [[label, _n(figures[name]["rows_written"]), _n(figures[name]["rows_per_s"]), figures[name]["method"]]
-            for name, label in names]
+    share = {**figures["share_of_raw_copy"], "raw_copy": 1.0}
+    rows = [[label, table, _n(figures[name]["rows_written"]), _n(figures[name]["rows_per_s"]), f"{share[name]:.2f}"]
+            for name, label, table in DB_WRITE_ROWS]
     return [
-        f"db-write: {figures['dimensions']}-dim vectors into a {figures['table_rows']:,}-row scratch copy "
+        f"db-write: {figures['dimensions']}-dim vectors into {figures['table_rows']:,}-row tables "
         f"({figures['rows_source']})",
-        *_table(["method", "rows", "rows/s", "how"], rows, left=(0, 3)),
-        f"  backfill path: {figures['backfill_path_vs_per_row_update']:.1f}x per-row UPDATE, "
+        *_table(["method", "table", "rows", "rows/s", "of raw COPY"], rows, left=(0, 1)),
+        f"  backfill path: {figures['backfill_path']['method']}, one session",
+        f"  on the live-shaped table the legacy IVFFlat index costs {figures['live_legacy_index_cost']:.2f}x "
+        "(rate without it / with it)",
+        f"  backfill path on the scratch copy: {figures['backfill_path_vs_per_row_update']:.1f}x per-row UPDATE, "
         f"{figures['backfill_path_vs_bulk_update']:.1f}x bulk_update",
         *_targets(figures),
     ]
 
 
+PRODUCTION_ROWS = [  # production-shaped first
+    ("today_live", "live-shaped, legacy IVFFlat index", "former settings"),
+    ("live", "live-shaped, legacy IVFFlat index", "engine"),
+    ("live_without_legacy_index", "live-shaped, legacy index dropped", "engine"),
+    ("simulated_gpu", "live-shaped, legacy index dropped", "engine"),
+    ("today_scratch", "scratch copy (no vector index)", "former settings"),
+    ("scratch", "scratch copy (no vector index)", "engine"),
+]
+
+
+def _stage_cell(stages, name):
+    return f"{stages[name]['busy_share'] * 100:.0f}%" if name in stages else "-"
+
+
+def render_production(figures):
+    runs = figures["production"]
+    rows = [[key, table, settings, "simulated GPU" if key == "simulated_gpu" else "zero-cost",
+             _n(runs[key]["rows_per_s"]), _stage_cell(runs[key]["stages"], "claim"),
+             _stage_cell(runs[key]["stages"], "encode"), _stage_cell(runs[key]["stages"], "write"),
+             runs[key]["limited_by"] or "-"] for key, table, settings in PRODUCTION_ROWS]
+    return [
+        f"  the production case: {figures['production_rows']:,} segments per run, each on a fresh table "
+        f"(best of {figures['production_rounds']} alternating rounds)",
+        *_table(["run", "table", "engine", "encoder", "rows/s", "claim", "encode", "write", "limited by"], rows,
+                left=(0, 1, 2, 3, 8), indent="    "),
+        "    former settings: 1 write session, synchronous commit, 1 claim per encode call; engine: "
+        f"{runs['live']['tuning']['writers']} write sessions, asynchronous commit, up to "
+        f"{runs['live']['tuning']['encode_window']} claims per encode call; claim/encode/write: each stage's busy share",
+        f"    after the operator drops the legacy index: {figures['live_without_legacy_index_vs_today_live']:.2f}x "
+        f"today's engine on the live-shaped table with it, {figures['live_without_legacy_index_vs_scratch']:.2f}x "
+        "the same engine on the scratch copy",
+        f"    simulated GPU at {figures['simulated_gpu_texts_per_s']:,.0f} texts/s: "
+        f"{figures['simulated_gpu_vs_zero_cost']:.2f}x the zero-cost encoder, limited by the "
+        f"{figures['simulated_gpu_limited_by']} stage",
+    ]
+
+
 def render_backfill(figures):
-    model, fake = figures["with_model"], figures["with_fake_encoder"]
+    model = figures["with_model"]
     return [
         f"backfill: {figures['model']} on {figures['device']}, batch size {figures['batch_size']}",
-        f"  raw encode_documents(): {_n(figures['encode_texts_per_s'], 1)} texts/s (in the engine's batches of "
+        *render_production(figures),
+        "  with the model, on the scratch copy:",
+        f"    raw encode_documents(): {_n(figures['encode_texts_per_s'], 1)} texts/s (in the engine's batches of "
         f"{figures['engine_batch_size']:,} rows)",
-        f"  backfill engine:        {_n(figures['backfill_rows_per_s'], 1)} rows/s "
+        f"    backfill engine:        {_n(figures['backfill_rows_per_s'], 1)} rows/s "
         f"({model['rows_embedded']:,} rows in {model['seconds']:.1f} s) = {figures['ratio']:.2f}x raw encode",
-        f"  with the zero-cost HashingEncoder: {_n(figures['fake_encoder_rows_per_s'])} rows/s "
-        f"({fake['rows_embedded']:,} rows: the database's ceiling)",
-        f"  (raw encode and the engine alternate {figures['rounds']} times; each figure is its best run)",
+        f"    (raw encode and the engine alternate {figures['rounds']} times; each figure is its best run)",
         *_targets(figures),
     ]
 
@@ -151,7 +209,8 @@ def better(name, old, new):
     """'better', 'worse' or '' (no direction: a setting, or no change)."""
     if new == old or name.endswith(("ef_search", "batch_size", "rows", "texts", "queries", "dimensions",
                                     "table_rows", "top_k", "pairs", "rerankings", "max_seq_length",
-                                    "mean_tokens_per_text", "with_encoding_queries")):
+                                    "mean_tokens_per_text", "with_encoding_queries", "simulated_gpu_texts_per_s",
+                                    "production_rounds", "rounds")):
         return ""
     higher = any(word in name for word in HIGHER_IS_BETTER)
     return "better" if (new > old) == higher else "worse"

@@ -12,6 +12,7 @@
                        migration 0008)
     any time           status.py (`manage.py embedding_status`, the admin's panel)
 
-What the catalogue says about the live table is read by catalog.py and live_table.py; the
+What the catalogue says about the live table is read by catalog.py and live_table.py, and
+out_of_line.py finds the values stored out of line (the contract moves them); the
 phase itself, and the pending and blank predicates, by segments/schema.py.
 """

@@ -2,33 +2,60 @@
 
 `ALTER TABLE ... DROP COLUMN` frees nothing on disk: the 1536-dim vectors (about 6 kB a row, in
 TOAST) stay until every row is rewritten, and `VACUUM FULL` rewrites the table under an ACCESS
-EXCLUSIVE lock for the whole rewrite. Instead, `run()`:
+EXCLUSIVE lock for the whole rewrite. A plain VACUUM gives pages back only from the end of each
+file, so `run()` also sees to it that nothing live is left there:
 
 1. drops the legacy vector indexes with `DROP INDEX CONCURRENTLY` (no query used them after the
-   swap, and they make every clearing write dearer);
-2. sets `embedding_legacy` to NULL in batches of `batch_size` rows, one short transaction each
-   (row locks of one batch; the application's triggers do not fire: the rows' values are
-   otherwise unchanged), with a progress bar;
-3. runs a plain `VACUUM` (no lock that blocks reads or writes), which frees the dead TOAST
-   chunks and heap space for reuse and returns the empty pages at the end of each file;
+   swap, and they make every clearing write dearer), then VACUUMs, so that the free space the
+   backfill left at the start of the table is known and used first;
+2. sets `embedding_legacy` to NULL, one short transaction per batch of at most `batch_size`
+   rows, in id order but never two rows of one page in one transaction: a row rewritten after
+   the page has lost one of its rows fits in the freed space (a HOT update: no index entry, no
+   growth), so the table does not grow by another copy of itself. The application's triggers
+   do not fire (segments/switch/user_triggers.py);
+3. VACUUMs (the legacy chunks become free space, lowest pages first), then rewrites each value
+   still stored out of line (the new vectors of longer segments, long texts) so that it moves
+   to the front of the TOAST table (segments/switch/out_of_line.py), and VACUUMs again, which
+   truncates the TOAST table and the heap after their last live page (ACCESS EXCLUSIVE only for
+   the moment of the truncation, and only if it can have it at once);
 4. drops the column (migration 0008: ACCESS EXCLUSIVE for milliseconds, under lock_timeout).
 
-From step 1 on the swap can no longer be undone: `embedding_switch contract` asks for an
-explicit confirmation first, and records that it started, so that an undo is refused.
+Steps 1-3 can be interrupted and run again: they resume with what is left. From step 1 on the
+swap can no longer be undone: `embedding_switch contract` asks for an explicit confirmation
+first, and records that it started, so that an undo is refused. A transaction or query that
+stays open meanwhile (in the same database) keeps the row versions it can see from being freed:
+rows then move instead of being rewritten in place, and that space comes back only at a VACUUM
+after it ends.
 """
 import time
 
-from segments.switch import catalog
+from django.core.management.base import CommandError
+from psycopg2 import errors
+
+from segments.schema import TABLE
+from segments.switch import catalog, out_of_line
 from segments.switch.swap import LEGACY, SwapRefused
 
-DEFAULT_BATCH_SIZE = 2000
-LOCK_TIMEOUT = "5s"  # a batch waiting behind an application transaction gives up and retries
+# Rows a clearing or moving transaction looks at; it writes at most this many, and an application
+# write to one of them waits for it (a few ms a row where the row moves to another page).
+DEFAULT_BATCH_SIZE = 100
+LOCK_TIMEOUT = "5s"  # a batch waiting behind an application transaction gives up, then retries
+LOCK_ATTEMPTS = 5
+FIRST_ID = -(2**31) - 1  # below every id (a literal PostgreSQL reads as bigint, so the id index serves)
 
-TABLE_SIZE = "SELECT pg_total_relation_size('segments')"
+RELATION_SIZES = f"""
+    SELECT pg_relation_size(c.oid), COALESCE(pg_total_relation_size(NULLIF(c.reltoastrelid, 0)), 0),
+           pg_indexes_size(c.oid), pg_total_relation_size(c.oid)
+    FROM pg_class c WHERE c.oid = to_regclass('{TABLE}')
+"""
 
 
 class ContractRefused(SwapRefused):
     """The contract cannot start now; nothing was changed."""
+
+
+class ContractInterrupted(CommandError):
+    """A batch kept waiting behind the application's locks; what was done stays done."""
 
 
 def refuse_dependent_views(cursor):
@@ -43,68 +70,148 @@ def refuse_dependent_views(cursor):
 
 
 def table_size(cursor):
-    cursor.execute(TABLE_SIZE)
-    return cursor.fetchone()[0]
+    """pg_total_relation_size of segments: heap, TOAST and indexes."""
+    return relation_sizes(cursor)["total_bytes"]
+
+
+def relation_sizes(cursor):
+    """Bytes on disk of segments' heap, its TOAST table (with its index), its indexes, and all of
+    them together (with the heap's free space and visibility maps)."""
+    cursor.execute(RELATION_SIZES)
+    return dict(zip(("heap_bytes", "toast_bytes", "indexes_bytes", "total_bytes"), cursor.fetchone()))
 
 
 def drop_legacy_indexes(connection, out):
-    """DROP INDEX CONCURRENTLY each vector index on the legacy column; their names."""
+    """DROP INDEX CONCURRENTLY each vector index on the legacy column; their names. (It waits for
+    the transactions using the table at the time, blocking none; one left INVALID by an
+    interrupted drop is dropped by the next run.)"""
     with connection.cursor() as cursor:
         indexes = [index.name for index in catalog.column_indexes(cursor, LEGACY) if index.method != "btree"]
-        for name in indexes:
-            out(f"dropping the legacy index {name} (CONCURRENTLY)")
-            cursor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {catalog.quote_ident(name)}")
+    for name in indexes:
+        out(f"dropping the legacy index {name} (CONCURRENTLY)")
+        patiently(connection, lambda cursor: cursor.execute(
+            f"DROP INDEX CONCURRENTLY IF EXISTS {catalog.quote_ident(name)}"), transaction=False)
     return indexes
 
 
-CLEAR_BATCH = f"""
-    WITH batch AS (
-        SELECT id FROM segments WHERE id > %s AND {LEGACY} IS NOT NULL ORDER BY id LIMIT %s FOR UPDATE
-    )
-    UPDATE segments s SET {LEGACY} = NULL FROM batch WHERE s.id = batch.id RETURNING s.id
+def patiently(connection, work, transaction=True):
+    """work(cursor), in one transaction unless `transaction` is False; after a lock timeout or a
+    deadlock, again (LOCK_ATTEMPTS times in all), then ContractInterrupted."""
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        with connection.cursor() as cursor:
+            try:
+                if transaction:
+                    cursor.execute("BEGIN")
+                result = work(cursor)
+                if transaction:
+                    cursor.execute("COMMIT")
+                return result
+            except (errors.LockNotAvailable, errors.DeadlockDetected):
+                if transaction:
+                    cursor.execute("ROLLBACK")
+                if attempt == LOCK_ATTEMPTS:
+                    raise ContractInterrupted(
+                        f"The contract stopped: it waited for the application's transactions {LOCK_ATTEMPTS} times "
+                        f"({LOCK_TIMEOUT} each). What it did stays done; run `manage.py embedding_switch contract "
+                        "--confirm` again when no transaction stays open on segments (a smaller --batch-size "
+                        "makes each of its own transactions shorter)."
+                    ) from None
+                time.sleep(0.1 * attempt)
+
+
+CANDIDATES = f"""
+    SELECT id, (ctid::text::point)[0] FROM {TABLE}
+    WHERE id > %s AND {LEGACY} IS NOT NULL ORDER BY id LIMIT %s
 """
+CLEAR = f"UPDATE {TABLE} SET {LEGACY} = NULL WHERE id = ANY(%s) AND {LEGACY} IS NOT NULL"
+
+
+def one_per_page(candidates):
+    """The ids of the first candidate (id, page) on each page."""
+    pages, chosen = set(), []
+    for row_id, page in candidates:
+        if page not in pages:
+            pages.add(page)
+            chosen.append(row_id)
+    return chosen
+
+
+def clear_batch(cursor, after, batch_size):
+    """Clear one row per page among the next `batch_size` legacy vectors after id `after`;
+    (rows cleared, the id to continue after; None when none is left)."""
+    cursor.execute(CANDIDATES, [after, batch_size])
+    candidates = cursor.fetchall()
+    if not candidates:
+        return 0, None
+    chosen = one_per_page(candidates)
+    cursor.execute(CLEAR, [chosen])
+    taken = set(chosen)
+    left = [row_id for row_id, _ in candidates if row_id not in taken]
+    return cursor.rowcount, (min(left) - 1 if left else candidates[-1][0])
 
 
 def clear_legacy_vectors(connection, batch_size, progress=None):
-    """Set the legacy column to NULL, `batch_size` rows a transaction; how many rows were cleared."""
-    from segments.switch.user_triggers import quiet_user_triggers
+    """Set the legacy column to NULL, a batch a transaction; how many rows were cleared."""
+    cleared, after = 0, FIRST_ID
+    while after is not None:
+        done, after = patiently(connection, lambda cursor: clear_batch(cursor, after, batch_size))
+        cleared += done
+        if progress is not None and done:
+            progress(done)
+    return cleared
 
-    cleared, after = 0, -(2**31) - 1
+
+def move_out_of_line_values(connection, batch_size, progress_factory=None):
+    """Rewrite the values stored out of line, `batch_size` rows a transaction, so that they move
+    to the front of the TOAST table; how many rows were rewritten."""
     with connection.cursor() as cursor:
-        quiet_user_triggers(cursor)
-        cursor.execute("SELECT set_config('lock_timeout', %s, false)", [LOCK_TIMEOUT])
-    while True:
-        with connection.cursor() as cursor:
-            cursor.execute("BEGIN")
-            cursor.execute(CLEAR_BATCH, [after, batch_size])
-            ids = [row[0] for row in cursor.fetchall()]
-            cursor.execute("COMMIT")
-        if not ids:
-            return cleared
-        cleared += len(ids)
-        after = max(ids)
-        if progress is not None:
-            progress(len(ids))
+        rewrite = out_of_line.Rewrite(cursor, skip={LEGACY})
+        bar = progress_factory(rewrite.count(cursor)) if progress_factory else None
+    if bar is not None and hasattr(bar, "set_description"):
+        bar.set_description("moving out-of-line values")
+    moved, after = 0, FIRST_ID
+    try:
+        while True:
+            ids = patiently(connection, lambda cursor: rewrite.batch(cursor, after, batch_size))
+            if not ids:
+                return moved
+            moved, after = moved + len(ids), max(ids)
+            if bar is not None:
+                bar.update(len(ids))
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def count_legacy_vectors(cursor):
-    cursor.execute(f"SELECT count(*) FROM segments WHERE {LEGACY} IS NOT NULL")
+    cursor.execute(f"SELECT count(*) FROM {TABLE} WHERE {LEGACY} IS NOT NULL")
     return cursor.fetchone()[0]
 
 
-def vacuum(connection):
-    """Plain VACUUM of segments (it runs outside a transaction; no lock that blocks the application)."""
-    with connection.cursor() as cursor:
-        cursor.execute("VACUUM (ANALYZE) segments")
+def vacuum(connection, analyze=False):
+    """Plain VACUUM of segments (outside a transaction; no lock that blocks reads or writes, but
+    for the moment it truncates empty trailing pages, and only if it gets that lock at once)."""
+    options = "ANALYZE, TRUNCATE" if analyze else "TRUNCATE"
+    patiently(connection, lambda cursor: cursor.execute(f"VACUUM ({options}) {TABLE}"), transaction=False)
 
 
 def raw_connection(using):
-    """A psycopg2 connection of its own in autocommit mode (VACUUM and CONCURRENTLY need one)."""
+    """A psycopg2 connection of its own in autocommit mode (VACUUM and CONCURRENTLY need one),
+    under lock_timeout, with the application's triggers quiet."""
     from segments.switch.backfill.session import open_connection
+    from segments.switch.user_triggers import quiet_user_triggers
 
     raw = open_connection(using, "contract")
     raw.autocommit = True
+    with raw.cursor() as cursor:
+        quiet_user_triggers(cursor)
+        cursor.execute("SELECT set_config('lock_timeout', %s, false)", [LOCK_TIMEOUT])
     return raw
+
+
+def _megabytes(sizes):
+    return (f"{sizes['total_bytes'] / 2**20:,.1f} MB (heap {sizes['heap_bytes'] / 2**20:,.1f}, "
+            f"TOAST {sizes['toast_bytes'] / 2**20:,.1f}, indexes {sizes['indexes_bytes'] / 2**20:,.1f})")
 
 
 def run(using="default", batch_size=DEFAULT_BATCH_SIZE, out=print, progress_factory=None):
@@ -114,26 +221,36 @@ def run(using="default", batch_size=DEFAULT_BATCH_SIZE, out=print, progress_fact
     try:
         with raw.cursor() as cursor:
             refuse_dependent_views(cursor)
-            size_before = table_size(cursor)
+            sizes = {"start": relation_sizes(cursor)}
             to_clear = count_legacy_vectors(cursor)
         dropped = drop_legacy_indexes(raw, out)
+        vacuum(raw)
+        out(f"clearing {to_clear:,} legacy vectors, at most {batch_size} a transaction")
         bar = progress_factory(to_clear) if progress_factory else None
         try:
             cleared = clear_legacy_vectors(raw, batch_size, bar.update if bar else None)
         finally:
             if bar is not None:
                 bar.close()
-        out(f"cleared {cleared:,} legacy vectors; VACUUM segments (reads and writes go on)")
         vacuum(raw)
         with raw.cursor() as cursor:
-            size_after = table_size(cursor)
+            sizes["cleared"] = relation_sizes(cursor)
+        out(f"cleared {cleared:,} legacy vectors; segments is {_megabytes(sizes['cleared'])}; "
+            "moving the values stored out of line to the front of the TOAST table")
+        moved = move_out_of_line_values(raw, batch_size, progress_factory)
+        vacuum(raw, analyze=True)
+        with raw.cursor() as cursor:
+            sizes["moved"] = relation_sizes(cursor)
+        out(f"rewrote the out-of-line values of {moved:,} segments; segments is {_megabytes(sizes['moved'])}")
     finally:
         raw.close()
     return {
         "legacy_indexes_dropped": dropped,
         "legacy_vectors_cleared": cleared,
-        "size_before_contract_bytes": size_before,
-        "size_after_vacuum_bytes": size_after,
+        "out_of_line_rows_moved": moved,
+        "size_before_contract_bytes": sizes["start"]["total_bytes"],
+        "size_after_vacuum_bytes": sizes["moved"]["total_bytes"],
+        "sizes": sizes,
         "seconds": round(time.perf_counter() - started, 1),
     }
 

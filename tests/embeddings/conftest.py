@@ -87,6 +87,8 @@ def write_log(transactional_db):
             BEGIN INSERT INTO test_write_log VALUES (NEW.id, pg_backend_pid()); RETURN NEW; END $$;
             CREATE TRIGGER test_log_write AFTER UPDATE OF embedding ON segments
                 FOR EACH ROW WHEN (NEW.embedding IS NOT NULL) EXECUTE FUNCTION test_log_write();
+            -- ALWAYS: it must fire on the backfill's writes too, which keep ordinary triggers quiet.
+            ALTER TABLE segments ENABLE ALWAYS TRIGGER test_log_write;
         """)
     yield
     with connection.cursor() as cursor:

@@ -19,8 +19,13 @@ pytestmark = pytest.mark.django_db(transaction=True)
 # The keys the issue promises to scripts.
 PROMISED_KEYS = {
     "encode": ["baseline_texts_per_s", "best_texts_per_s", "best_batch_size"],
-    "db_write": ["per_row_update_rows_per_s", "bulk_update_rows_per_s", "backfill_path_rows_per_s"],
-    "backfill": ["encode_texts_per_s", "backfill_rows_per_s", "ratio", "fake_encoder_rows_per_s"],
+    "db_write": ["per_row_update_rows_per_s", "bulk_update_rows_per_s", "backfill_path_rows_per_s",
+                 "raw_copy_rows_per_s", "live_backfill_path_rows_per_s",
+                 "live_without_legacy_index_backfill_path_rows_per_s"],
+    "backfill": ["encode_texts_per_s", "backfill_rows_per_s", "ratio", "fake_encoder_rows_per_s",
+                 "today_live_rows_per_s", "live_without_legacy_index_rows_per_s", "simulated_gpu_rows_per_s",
+                 "live_without_legacy_index_vs_today_live", "live_without_legacy_index_vs_scratch",
+                 "simulated_gpu_vs_zero_cost"],
     "search": ["p50_ms", "p95_ms", "recall_at_10", "ef_search"],
     "rerank": ["pairs_per_s"],
 }
@@ -82,12 +87,25 @@ def test_every_suite_in_a_tiny_run_gives_its_figures_and_leaves_the_live_tables_
     assert "meaningless" in results["encode"]["model"] and results["run"]["vectors_meaningful"] is False
     assert [run["batch_size"] for run in results["encode"]["runs"]] == [4, 8]
     assert results["encode"]["texts_source"] == "the segments table (8 random segments)"
-    for method in ("per_row_update", "bulk_update", "backfill_path"):
+    for method in ("per_row_update", "bulk_update", "backfill_path", "raw_copy", "live_backfill_path",
+                   "live_without_legacy_index_backfill_path"):
         assert results["db_write"][method]["rows_written"] == results["db_write"][method]["rows"] > 0
     assert results["db_write"]["rows_source"] == "13 segments from the segments table + 187 generated"
+    assert set(results["db_write"]["share_of_raw_copy"]) == {
+        "live_backfill_path", "live_without_legacy_index_backfill_path", "backfill_path", "per_row_update",
+        "bulk_update"}
     model_run = results["backfill"]["with_model"]
     assert (model_run["rows_embedded"], model_run["rows_remaining"], model_run["rows_quarantined"]) == (8, 0, 0)
     assert results["backfill"]["with_fake_encoder"]["rows_remaining"] == 0
+    production = results["backfill"]["production"]
+    assert set(production) == {"today_live", "live", "live_without_legacy_index", "simulated_gpu",
+                               "today_scratch", "scratch"}
+    assert len({run["rows_embedded"] for run in production.values()}) == 1  # the same rows each time
+    for run in production.values():
+        assert run["rows_embedded"] > 190 and run["rows_remaining"] == 0
+        assert set(run["stages"]) == {"claim", "encode", "write"} and run["limited_by"] in run["stages"]
+    assert production["today_live"]["tuning"]["writers"] == 1 and production["live"]["tuning"]["writers"] == 2
+    assert results["backfill"]["simulated_gpu_limited_by"] in {"claim", "encode", "write"}
     assert results["search"]["rows"] == 200 and results["search"]["index_used"] is True
     assert 0 < results["search"]["recall_at_10"] <= 1 and results["search"]["vectors"] == "words"
     assert "perturbed row vectors" in results["search"]["query_vectors"]
@@ -107,8 +125,13 @@ def test_the_table_names_each_suite_and_compare_and_plot_use_an_earlier_run(tmp_
                  "--plot", str(plot), stdout=out, stderr=StringIO())
 
     text = out.getvalue()
-    assert "Machine:" in text and "db-write: 384-dim vectors into a 50-row scratch copy" in text
+    assert "Machine:" in text and "db-write: 384-dim vectors into 50-row tables" in text
     assert "one UPDATE per row" in text and "backfill path:" in text
+    lines = text.splitlines()
+    production = next(i for i, line in enumerate(lines) if "live-shaped, legacy IVFFlat index" in line)
+    scratch = next(i for i, line in enumerate(lines) if "scratch copy (no vector index)" in line)
+    assert production < scratch  # production-shaped figures first
+    assert "raw binary COPY" in text and "of raw COPY" in text
     assert "Change against the earlier run:" in text and "db_write.backfill_path_rows_per_s" in text
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert scratch_schemas() == []

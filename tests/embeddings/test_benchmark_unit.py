@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from segments.benchmark import encoders, report, search
-from embeddings.management.commands.embedding_benchmark import positive_ints
+from segments.management.commands.embedding_benchmark import positive_ints
 
 
 def hits(*distances):

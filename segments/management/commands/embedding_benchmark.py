@@ -44,6 +44,9 @@ class Command(BaseCommand):
                                  f"{_listed(CUDA_BATCH_SIZES)} on CUDA).")
         parser.add_argument("--batch-size", type=int, dest="backfill_batch_size", metavar="N",
                             help="Rows per backfill engine batch in the backfill suite (default: the engine's, fewer for a small run).")
+        parser.add_argument("--simulated-gpu-rate", type=float, default=Options.simulated_gpu_rate, metavar="TEXTS_PER_S",
+                            help="Texts/s of the backfill suite's simulated GPU (default "
+                                 f"{Options.simulated_gpu_rate:,.0f}).")
         parser.add_argument("--model-shape", choices=list(SHAPES),
                             help="Benchmark a randomly initialised model of this shape instead of EMBEDDING_MODEL "
                                  "(real speed, meaningless vectors).")
@@ -76,7 +79,8 @@ class Command(BaseCommand):
         self.report(results, earlier, options)
 
     def validated(self, options):
-        for name, minimum in (("rows", 10), ("texts", 1), ("backfill_batch_size", 1), ("queries", 1)):
+        for name, minimum in (("rows", 10), ("texts", 1), ("backfill_batch_size", 1), ("queries", 1),
+                              ("simulated_gpu_rate", 1)):
             if options[name] is not None and options[name] < minimum:
                 raise CommandError(f"--{name.replace('backfill_', '').replace('_', '-')} must be at least {minimum}.")
         if max(options["ef_search"]) > MAX_EF_SEARCH:
@@ -85,7 +89,8 @@ class Command(BaseCommand):
         return Options(
             suites=tuple(name for name in SUITES if name in suites), rows=options["rows"], texts=options["texts"],
             batch_sizes=options["batch_sizes"], backfill_batch_size=options["backfill_batch_size"],
-            model_shape=options["model_shape"], ef_search=options["ef_search"], queries=options["queries"],
+            model_shape=options["model_shape"], simulated_gpu_rate=options["simulated_gpu_rate"],
+            ef_search=options["ef_search"], queries=options["queries"],
             search_vectors=options["search_vectors"], seed=options["seed"], using=options["database"],
         )
 

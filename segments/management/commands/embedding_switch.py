@@ -28,7 +28,7 @@ class Command(BaseCommand):
         parser.add_argument("--database", default=DEFAULT_DB_ALIAS)
         parser.add_argument("--confirm", action="store_true", help="contract, drop-legacy-index: yes, do it.")
         parser.add_argument("--force", action="store_true", help="index: build even while many rows are pending.")
-        parser.add_argument("--batch-size", type=int, default=None, help="contract: legacy vectors cleared per transaction.")
+        parser.add_argument("--batch-size", type=int, default=None, help="contract: the most legacy vectors cleared per transaction.")
         parser.add_argument("--json", action="store_true", dest="as_json", help="Print the result as JSON on stdout.")
 
     def handle(self, *args, step, database, confirm, force, batch_size, as_json, **options):

@@ -36,7 +36,8 @@ class EncodedBatch:
 
 
 def check_vectors(vectors, count, dims):
-    """(list of float32 vectors or None, list of reasons or None) for an encoder's output."""
+    """(float32 vectors, indexable by row, None for a refused one; a reason or None per row) for
+    an encoder's output. When every row is good the vectors are the (count, dims) array itself."""
     if len(vectors) != count:
         raise BackfillError(f"The encoder returned {len(vectors)} vectors for {count} texts: it is broken.")
     if not (isinstance(vectors, np.ndarray) and vectors.ndim == 2 and vectors.shape[1] == dims):
@@ -44,6 +45,8 @@ def check_vectors(vectors, count, dims):
     array = np.asarray(vectors, dtype=np.float32)
     finite = np.isfinite(array).all(axis=1)
     nonzero = np.abs(array).max(axis=1, initial=0) > 0
+    if finite.all() and nonzero.all():
+        return array, [None] * count
     reasons = [_reason(fin, nz) for fin, nz in zip(finite, nonzero)]
     return [row if reason is None else None for row, reason in zip(array, reasons)], reasons
 
@@ -87,7 +90,7 @@ def encode_texts(encoder, texts, dims, canary_checked=False):
         middle = len(texts) // 2
         left = encode_texts(encoder, texts[:middle], dims, True)
         right = encode_texts(encoder, texts[middle:], dims, True)
-        return left[0] + right[0], left[1] + right[1]
+        return list(left[0]) + list(right[0]), left[1] + right[1]
 
 
 def check_canary(encoder, batch_error):
@@ -125,6 +128,8 @@ def encode_batches(encoder, batches, dims):
 
 def _encoded(batch, vectors, reasons, dims):
     """The EncodedBatch of `batch` given its texts' checked vectors and reasons."""
+    if isinstance(vectors, np.ndarray):  # every vector good: no copy row by row
+        return EncodedBatch(batch.claim_id, list(batch.ids), list(batch.md5s), vectors.reshape(len(batch.ids), dims))
     good = [i for i, reason in enumerate(reasons) if reason is None]
     return EncodedBatch(
         claim_id=batch.claim_id,

@@ -57,9 +57,9 @@ def resolve_device(requested):
 
     if requested.startswith("cuda:"):
         index = int(requested.split(":", 1)[1])
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise ImproperlyConfigured(f"Device {requested} was asked for but torch sees "
-                                       f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA device(s).")
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= visible:
+            raise ImproperlyConfigured(f"Device {requested} was asked for but torch sees {visible} CUDA device(s).")
         return requested
     if requested == "auto":
         if torch.cuda.is_available():

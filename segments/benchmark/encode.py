@@ -20,7 +20,7 @@ import numpy as np
 from embeddings.pipeline import CUDA_BATCH_SIZES
 from segments.benchmark.measure import per_second, timed
 
-REPEATS = 2
+REPEATS = 3
 CPU_BATCH_SIZES = (16, 32, 64)
 BASELINE_BATCH_SIZE = 32  # SentenceTransformer.encode()'s default
 MIN_COSINE = 0.999  # the pipeline's vectors against plain encode()'s, text by text (fp32)

@@ -7,6 +7,9 @@ random weights, from transformers' BertModel and sentence-transformers' Transfor
 the real model's speed where the weights cannot be downloaded; its vectors are meaningless.
 The reranker gets the matching stand-in for bge-reranker-base (BERT-base compute: 12 layers,
 hidden 768).
+
+`SimulatedGpuEncoder` stands for a GPU in the backfill suite: a fixed rate, by sleeping, and
+only on the benchmark's scratch schemas.
 """
 import contextlib
 import logging
@@ -223,8 +226,9 @@ class SimulatedGpuEncoder:
             start = max(time.monotonic(), self._free_at)
             self._free_at = start + len(texts) / self.texts_per_second
             done_at = self._free_at
+        rows = [zlib.crc32(text.encode("utf-8", "surrogatepass")) % self.POOL for text in texts]
+        vectors = self._pool[rows]  # made while the device "works", as a GPU's host side would
         delay = done_at - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        rows = [zlib.crc32(text.encode("utf-8", "surrogatepass")) % self.POOL for text in texts]
-        return self._pool[rows]
+        return vectors

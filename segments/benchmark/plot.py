@@ -9,7 +9,10 @@ def _encode_panel(axes, figures):
     for dtype in sorted({run["dtype"] for run in figures["runs"]}):
         runs = [run for run in figures["runs"] if run["dtype"] == dtype]
         axes.plot([run["batch_size"] for run in runs], [run["texts_per_s"] for run in runs], marker="o",
-                  label=f"EmbeddingsService, {dtype}")
+                  label=f"EmbeddingsService (pipeline), {dtype}")
+        if all("st_encode_texts_per_s" in run for run in runs):
+            axes.plot([run["batch_size"] for run in runs], [run["st_encode_texts_per_s"] for run in runs], marker=".",
+                      linestyle=":", label=f"SentenceTransformer.encode(batch_size), {dtype}")
     axes.axhline(figures["baseline_texts_per_s"], color="grey", linestyle="--", label="plain encode(), fp32")
     batch_sizes = sorted({run["batch_size"] for run in figures["runs"]})
     axes.set_xscale("log", base=2)

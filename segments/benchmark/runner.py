@@ -109,6 +109,14 @@ def _run_description(options, started, seconds, dropped, service):
     return description
 
 
+def _share_of_raw_copy(results):
+    """When db-write and backfill both ran, each production backfill rate as a fraction of the raw COPY."""
+    if "db_write" in results and "backfill" in results:
+        raw = results["db_write"]["raw_copy_rows_per_s"]
+        results["backfill"]["share_of_raw_copy"] = {
+            key: figures["rows_per_s"] / raw for key, figures in results["backfill"]["production"].items()}
+
+
 def run(options, progress=lambda message: None):
     """Run `options.suites`; returns the results dict. The live tables are only read."""
     started, clock = datetime.now(timezone.utc), time.perf_counter()
@@ -125,5 +133,6 @@ def run(options, progress=lambda message: None):
         for name in options.suites:
             key, suite = SUITES[name]
             results[key] = suite(ctx)
+    _share_of_raw_copy(results)
     results["run"] = _run_description(options, started, time.perf_counter() - clock, schema.dropped_leftovers, service)
     return results

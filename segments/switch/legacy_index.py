@@ -133,7 +133,7 @@ def describe(found):
         lines.append(f"{index['name']} on {index['table']}.{index['column']}: {index['size_bytes'] / 2**20:,.0f} MB, "
                      f"{scans} since {since}.")
         lines.append(f"  {index['definition']}")
-    lines.append(f"An {OPCLASS} (L2) index never serves a cosine (<=>) ORDER BY; every row the backfill "
+    lines.append(f"An L2 index ({OPCLASS}) never serves a cosine (<=>) ORDER BY, and every row the backfill "
                  "writes inserts into it.")
     return lines
 
@@ -188,7 +188,8 @@ def drop(using="default", stdout=None):
     dropped = []
     for details in found["indexes"]:
         index = LegacyIndex(**{name: details[name] for name in LegacyIndex.__dataclass_fields__})
-        event = SwitchEvent.objects.using(using).create(step=DROPPED, details={**details, "stats_reset": found["stats_reset"]})
+        event = SwitchEvent.objects.using(using).create(
+            step=DROPPED, details={**details, "stats_reset": found["stats_reset"]})
         try:
             _concurrently(connection, f"DROP INDEX CONCURRENTLY IF EXISTS {index.qualified_name}",
                           f"Dropping {index.name}", "drop-legacy-index")
@@ -241,8 +242,9 @@ def rebuild(using="default", stdout=None):
         return None
     recorded = recorded_definition(using)
     if recorded is None:
-        raise LegacyIndexError(f"No dropped legacy index is recorded (no SwitchEvent {DROPPED!r}): there is no "
-                               "definition to build it from. `manage.py embedding_switch drop-legacy-index` records one.")
+        raise LegacyIndexError(
+            f"No dropped legacy index is recorded (no SwitchEvent {DROPPED!r}): there is no definition to build "
+            "it from. `manage.py embedding_switch drop-legacy-index` records one.")
     for index in existing:  # INVALID: an interrupted build
         _concurrently(connection, f"DROP INDEX CONCURRENTLY IF EXISTS {index.qualified_name}",
                       f"Dropping the invalid {index.name}", "rebuild-legacy-index")

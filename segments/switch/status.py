@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from django.db import connections, transaction
 from django.db.migrations.recorder import MigrationRecorder
 
-from segments.models import BackfillWorker, SwitchEvent
+from segments.models import BackfillClaim, BackfillWorker, SwitchEvent
 from segments.schema import TABLE, SchemaNotReady, blank_sql, embedding_schema, pending_sql
 from segments.switch import catalog, preflight, swap
 from segments.switch.backfill import sql as backfill_sql
@@ -109,7 +109,8 @@ def _collect(using, scan):
             "columns": {"vector": _column(schema.vector_column, schema.vector_dimensions),
                         "legacy": _column(schema.legacy_column, schema.legacy_dimensions)},
             "rows": rows,
-            "backfill": _backfill(cursor, rows, heartbeats=BackfillWorker._meta.db_table in tables),
+            "backfill": _backfill(cursor, rows, heartbeats=BackfillWorker._meta.db_table in tables,
+                                  claims=BackfillClaim._meta.db_table in tables),
             "index_build": _index_build(cursor),
             "indexes": {"hnsw": _hnsw_index(cursor, schema.vector_column),
                         "legacy": _legacy_index(cursor, schema.legacy_column)},
@@ -194,7 +195,7 @@ def _rows(cursor, schema, before, scan):
     return counts, extra
 
 
-def _backfill(cursor, rows, heartbeats=True):
+def _backfill(cursor, rows, heartbeats=True, claims=True):
     """The workers running now: heartbeats of live runs, and live claims of workers that have not
     written a batch yet; their rows/s and the ETA of the pending rows the quarantine does not hold."""
     workers = []
@@ -207,8 +208,9 @@ def _backfill(cursor, rows, heartbeats=True):
              "seconds_since_update": round(float(idle), 1), "claims": 0, "claimed_ids": None}
             for name, pid, device, done, started, updated, elapsed, idle in cursor.fetchall()
         ]
-    cursor.execute(LIVE_CLAIMS)
-    for name, claims, first_id, last_id in cursor.fetchall():
+    if claims:  # the table comes with the embeddings app's first migration
+        cursor.execute(LIVE_CLAIMS)
+    for name, claims, first_id, last_id in (cursor.fetchall() if claims else []):
         mine = [worker for worker in workers if worker["name"] == name]
         if not mine:
             mine = [{"name": name, "pid": None, "device": None, "rows_done": 0, "rows_per_s": None,

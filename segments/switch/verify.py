@@ -15,6 +15,8 @@ Check whose `ok` is True (passed), False (failed: the message says what to do) o
 - legacy_overlap (while the legacy column exists, not judged): how many of the legacy top-10
   are also in the new top-10, the sampled rows' legacy and new vectors as queries (the old
   model cannot be run here);
+- undo (after the swap, not judged): how many segments with text have no legacy vector, which
+  an undo of the swap would not serve (edited or added since the swap);
 - golden (with a golden file, not judged): hit@10 and MRR of real queries through the search.
 """
 import csv
@@ -100,9 +102,22 @@ def verify(*, sample=100, golden=None, encoder=None, ef_search=None, using="defa
                          else Check("recall", None, "Skipped: no valid index or no vectors to search."))
     if schema.legacy_column:
         report.checks.append(_legacy_overlap(rows, column, schema.legacy_column, ef_search, using))
+    if schema.phase == "swapped":
+        report.checks.append(_undo(using))
     if golden:
         report.checks.append(_golden(golden, encoder, using))
     return report
+
+
+def _undo(using):
+    from segments.switch.swap import legacy_vectors_lacking
+
+    with connections[using].cursor() as cursor:
+        lacking = legacy_vectors_lacking(cursor)
+    return Check("undo", None, (
+        f"An undo of the swap would serve no legacy vector for {lacking:,} segment(s) with text (edited or "
+        "added since the swap: their legacy vectors were cleared rather than left stale)."),
+        {"legacy_vectors_lacking": lacking})
 
 
 def _parse_vector(text):

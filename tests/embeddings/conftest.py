@@ -32,8 +32,16 @@ def segment_texts():
         return dict(cursor.fetchall())
 
 
-def stored_vectors(column="embedding"):
-    """{id: float32 vector, or None} of every segment."""
+def vector_column():
+    """The column holding the new model's vectors at the table's phase (embedding_384 before the swap)."""
+    from segments.schema import embedding_schema
+
+    return embedding_schema().vector_column
+
+
+def stored_vectors(column=None):
+    """{id: float32 vector, or None} of every segment (in the new model's column by default)."""
+    column = column or vector_column()
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT id, {column}::real[] FROM segments ORDER BY id")
         return {i: None if v is None else np.array(v, dtype=np.float32) for i, v in cursor.fetchall()}
@@ -78,15 +86,23 @@ def fake_backfill(*args, env=None, **popen):
 
 
 @pytest.fixture
+def expanded(segments_at):
+    """The table in the expanded phase, where production backfills (embedding_384 beside the legacy
+    column, its partial index and trigger); the final phase is restored afterwards."""
+    segments_at("expanded")
+
+
+@pytest.fixture
 def write_log(transactional_db):
-    """A table recording every write of a vector into segments.embedding: (segment id, session pid)."""
+    """A table recording every write of a new vector: (segment id, session pid)."""
+    column = vector_column()
     with connection.cursor() as cursor:
-        cursor.execute("""
+        cursor.execute(f"""
             CREATE TABLE test_write_log (segment_id int, pid int);
             CREATE FUNCTION test_log_write() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN INSERT INTO test_write_log VALUES (NEW.id, pg_backend_pid()); RETURN NEW; END $$;
-            CREATE TRIGGER test_log_write AFTER UPDATE OF embedding ON segments
-                FOR EACH ROW WHEN (NEW.embedding IS NOT NULL) EXECUTE FUNCTION test_log_write();
+            CREATE TRIGGER test_log_write AFTER UPDATE OF {column} ON segments
+                FOR EACH ROW WHEN (NEW.{column} IS NOT NULL) EXECUTE FUNCTION test_log_write();
             -- ALWAYS: it must fire on the backfill's writes too, which keep ordinary triggers quiet.
             ALTER TABLE segments ENABLE ALWAYS TRIGGER test_log_write;
         """)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 BLANKS = ["", " ", "\t\n\r  ", "\x0b\x0c"]
 
 
-def assert_every_vector_is_its_texts(column="embedding", encoder=None):
+def assert_every_vector_is_its_texts(column=None, encoder=None):
     """Every segment with text has exactly the vector of its current text; blank ones have none."""
     encoder = encoder or HashingEncoder()
     texts, vectors = segment_texts(), stored_vectors(column)

@@ -1,5 +1,7 @@
 """The engine's Tuning against the real PostgreSQL: several write sessions, several claims per
 encode call, asynchronous commits; the stages' times; and encoders that refuse a real table."""
+import json
+
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import CommandError
@@ -111,3 +113,14 @@ def test_writers_and_window_must_be_at_least_one():
     for bad in ({"writers": 0}, {"encode_window": 0}):
         with pytest.raises(ValueError, match="at least 1"):
             Tuning(**bad)
+
+
+def test_the_command_takes_the_number_of_write_sessions_and_reports_the_stages():
+    add_segments(sentences(50, seed=16))
+    out, _ = command("backfill_embeddings", "--writers", "3", "--batch-size", "10", "--json",
+                     encoder=RecordingEncoder())
+    report = json.loads(out)
+    assert report["rows_embedded"] == 50 and report["stages"]["write"]["threads"] == 3
+    assert report["limited_by"] in {"claim", "encode", "write"}
+    with pytest.raises(CommandError, match="--writers must be at least 1"):
+        command("backfill_embeddings", "--writers", "0", encoder=RecordingEncoder())

@@ -106,6 +106,7 @@ def test_every_suite_in_a_tiny_run_gives_its_figures_and_leaves_the_live_tables_
         assert set(run["stages"]) == {"claim", "encode", "write"} and run["limited_by"] in run["stages"]
     assert production["today_live"]["tuning"]["writers"] == 1 and production["live"]["tuning"]["writers"] == 2
     assert results["backfill"]["simulated_gpu_limited_by"] in {"claim", "encode", "write"}
+    assert set(results["backfill"]["share_of_raw_copy"]) == set(production)
     assert results["search"]["rows"] == 200 and results["search"]["index_used"] is True
     assert 0 < results["search"]["recall_at_10"] <= 1 and results["search"]["vectors"] == "words"
     assert "perturbed row vectors" in results["search"]["query_vectors"]

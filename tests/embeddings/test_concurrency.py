@@ -13,7 +13,7 @@ from tests.embeddings.conftest import add_segments, scalar, sentences
 from tests.embeddings.encoders import RecordingEncoder
 from tests.embeddings.test_backfill import assert_every_vector_is_its_texts
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.usefixtures("expanded")]
 
 
 class Application(threading.Thread):
@@ -56,7 +56,7 @@ def test_while_the_application_edits_inserts_and_deletes_no_vector_is_stale_or_m
 
     application.start()
     try:
-        report = run_backfill(RecordingEncoder(delay=0.01), batch_size=25, progress=progress)
+        report = run_backfill(RecordingEncoder(delay=0.2), batch_size=25, progress=progress)
     finally:
         application.stop.set()
         application.join()

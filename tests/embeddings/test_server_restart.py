@@ -95,7 +95,7 @@ def test_the_backfill_rides_out_a_server_restart(private_server):
     env = {**os.environ, "DATABASE_URL": private_server.url, "FAKE_ENCODER_DELAY": "0.01"}
     process = subprocess.Popen([sys.executable, str(FAKE_BACKFILL), "--batch-size", "20", "--json"], env=env,
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    embedded = "SELECT count(*) FROM segments WHERE embedding IS NOT NULL"
+    embedded = "SELECT count(*) FROM segments WHERE embedding_384 IS NOT NULL"  # the expanded phase, as in production
     while process.poll() is None and query(private_server, embedded)[0][0] == 0:
         time.sleep(0.02)
     private_server.stop()
@@ -106,7 +106,7 @@ def test_the_backfill_rides_out_a_server_restart(private_server):
     assert "retrying" in err  # it did meet the outage
     report = json.loads(out)
     assert (report["rows_embedded"], report["rows_remaining"]) == (3000, 0)
-    stored = query(private_server, "SELECT text, embedding::real[] FROM segments")
+    stored = query(private_server, "SELECT text, embedding_384::real[] FROM segments")
     expected = HashingEncoder().encode_documents([text for text, _ in stored])
     assert np.array_equal(np.array([vector for _, vector in stored], dtype=np.float32), expected)
     assert query(private_server, "SELECT count(*) FROM embeddings_backfill_claim")[0][0] == 0

@@ -9,7 +9,7 @@ from tests.conftest import manage
 from tests.embeddings.conftest import add_segments, fake_backfill, scalar, sentences
 from tests.embeddings.test_backfill import assert_every_vector_is_its_texts
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.usefixtures("expanded")]
 
 
 def writes_per_segment():
@@ -31,8 +31,8 @@ def test_workers_2_splits_the_work_between_two_processes(write_log):
 
 
 def test_two_commands_started_separately_share_the_work(write_log):
-    ids = add_segments(sentences(1500, seed=6))
-    slow = {"FAKE_ENCODER_DELAY": "0.03"}
+    ids = add_segments(sentences(3000, seed=6))
+    slow = {"FAKE_ENCODER_DELAY": "0.2"}  # per encode call (of up to 4 claims): the first runs ~7 s
     first = fake_backfill("--batch-size", "20", "--json", env=slow)
     while first.poll() is None and not scalar("SELECT count(*) FROM test_write_log"):
         time.sleep(0.02)  # the second starts once the first is well under way, as on another machine
@@ -43,6 +43,6 @@ def test_two_commands_started_separately_share_the_work(write_log):
         assert process.returncode == 0, err
         reports.append(json.loads(out))
     assert all(report["rows_embedded"] > 0 for report in reports)
-    assert sum(report["rows_embedded"] for report in reports) == 1500
+    assert sum(report["rows_embedded"] for report in reports) == 3000
     assert writes_per_segment() == {segment_id: 1 for segment_id in ids}
     assert_every_vector_is_its_texts()

@@ -287,3 +287,22 @@ def test_contract_gives_the_disk_back_online_while_the_application_writes(segmen
     written = set(writer.edited) | set(writer.inserted)
     assert {i: v for i, v in _stored_values(sql).items() if i not in written} == \
         {i: v for i, v in values.items() if i not in written}
+
+
+def test_verify_reports_what_an_undo_would_lack(segments_at, sql):
+    from embeddings.fakes import HashingEncoder
+    from segments.switch.verify import verify
+
+    segments_at("expanded")
+    ids = add_segments(sentences(12))
+    run_backfill(HashingEncoder())
+    steps.index()
+    steps.swap(encoder=HashingEncoder())
+    sql("UPDATE segments SET text = text || ' (corrected)' WHERE id = ANY(%s)", [ids[:3]])
+
+    report = verify(sample=5, encoder=HashingEncoder()).as_dict()
+
+    assert report["checks"]["undo"]["legacy_vectors_lacking"] == 12  # none had a legacy vector here
+    sql("UPDATE segments SET embedding_legacy = ('[' || array_to_string(array_fill(0.5::real, ARRAY[1536]), ',') "
+        "|| ']')::vector WHERE id <> ALL(%s)", [ids[:3]])
+    assert verify(sample=5, encoder=HashingEncoder()).as_dict()["checks"]["undo"]["legacy_vectors_lacking"] == 3

@@ -1,6 +1,7 @@
 """The embedding service: the configured model or a clear error, unit vectors, OOM handled."""
 import numpy as np
 import pytest
+import torch
 
 from embeddings.encoder import (
     BGE_QUERY_INSTRUCTION,
@@ -53,16 +54,27 @@ def test_a_model_of_the_wrong_width_is_refused_naming_both_numbers(minilm):
 
 
 class OutOfMemoryModel:
-    """Fails like CUDA does above a batch size; records the batches it was given."""
+    """Fails like CUDA does above a batch size; records the batches it was given. Has what the
+    encode pipeline uses of a SentenceTransformer."""
+
+    device = torch.device("cpu")
+    max_seq_length = 512
 
     def __init__(self, limit):
         self.limit, self.calls = limit, []
 
-    def encode(self, texts, batch_size, **kwargs):
-        self.calls.append(len(texts))
-        if min(batch_size, len(texts)) > self.limit:
+    def eval(self):
+        return self
+
+    def preprocess(self, texts):
+        return {"lengths": torch.tensor([float(len(t)) for t in texts])}
+
+    def __call__(self, features):
+        lengths = features["lengths"]
+        self.calls.append(len(lengths))
+        if len(lengths) > self.limit:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return np.array([[float(len(t)), 1.0] for t in texts], dtype=np.float32)
+        return {"sentence_embedding": torch.stack([lengths, torch.ones_like(lengths)], dim=1)}
 
 
 def test_cuda_out_of_memory_halves_the_batch_and_loses_no_text():

@@ -37,7 +37,8 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from segments.switch.backfill import (
-    DEFAULT_BATCH_SIZE, BackfillError, BackfillReport, backfill_plan, count_pending, run_backfill, target_schema,
+    DEFAULT_BATCH_SIZE, BackfillError, BackfillReport, Tuning, backfill_plan, count_pending, run_backfill,
+    target_schema,
 )
 from embeddings.devices import assign_devices, cuda_device_count, parse_devices
 from embeddings.encoder import get_service
@@ -58,6 +59,8 @@ class Command(BaseCommand):
         parser.add_argument("--workers", type=int, default=1,
                             help="Worker processes sharing the work (CPU threads are split between them; "
                                  "on several GPUs, one device each).")
+        parser.add_argument("--writers", type=int, default=Tuning.writers,
+                            help=f"Database sessions writing each worker's batches (default {Tuning.writers}).")
         parser.add_argument("--devices", type=_device_list, metavar="N,N,...",
                             help="CUDA devices the workers use, round robin (default: every visible one).")
         parser.add_argument("--dry-run", action="store_true",
@@ -85,7 +88,7 @@ class Command(BaseCommand):
         self._check_finished(report, options)
 
     def _validate(self, options):
-        for flag, minimum in (("batch_size", 1), ("limit", 0), ("workers", 1)):
+        for flag, minimum in (("batch_size", 1), ("limit", 0), ("workers", 1), ("writers", 1)):
             if options.get(flag) is not None and options[flag] < minimum:
                 raise CommandError(f"--{flag.replace('_', '-')} must be at least {minimum}.")
         if options["workers"] > 1 and options.get("encoder") is not None:
@@ -101,8 +104,8 @@ class Command(BaseCommand):
             return [None] * options["workers"]
         count = cuda_device_count(settings.EMBEDDING_DEVICE)
         if options.get("devices") and not count:
-            raise CommandError(f"--devices: no CUDA device is usable here (EMBEDDING_DEVICE={settings.EMBEDDING_DEVICE}, "
-                               "torch sees none for it): leave --devices out.")
+            raise CommandError(f"--devices: no CUDA device is usable here (EMBEDDING_DEVICE="
+                               f"{settings.EMBEDDING_DEVICE}, torch sees none for it): leave --devices out.")
         try:
             return assign_devices(options["workers"], count, options.get("devices"))
         except ValueError as exc:
@@ -138,7 +141,8 @@ class Command(BaseCommand):
             with self._progress_bar(options) as progress:
                 report = run_backfill(encoder, batch_size=options["batch_size"], limit=options["limit"],
                                       progress=progress, using=options["database"],
-                                      retry_quarantined=options["retry_quarantined"])
+                                      retry_quarantined=options["retry_quarantined"],
+                                      tuning=Tuning(writers=options["writers"]))
             return report, {"device": _device_of(encoder)}
         except ImproperlyConfigured as exc:  # DimensionMismatch, ModelUnavailable: nothing was read
             raise CommandError(str(exc)) from exc
@@ -205,7 +209,7 @@ class Command(BaseCommand):
         share = None if options["limit"] is None else -(-options["limit"] // options["workers"])
         command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "backfill_embeddings",
                    "--workers", "1", "--json", "--batch-size", str(options["batch_size"]),
-                   "--database", options["database"]]
+                   "--writers", str(options["writers"]), "--database", options["database"]]
         command += ["--limit", str(share)] if share is not None else []
         command += ["--devices", device.split(":")[1]] if device else []
         command += ["--retry-quarantined"] if options["retry_quarantined"] else []

@@ -34,7 +34,7 @@ class Command(BaseCommand):
         parser.add_argument("--suite", action="append", choices=list(SUITES), dest="suites",
                             help="Suite to run; repeat for several (default: all).")
         parser.add_argument("--rows", type=int, default=Options.rows,
-                            help=f"Rows in the scratch tables: db-write, the backfill's fake-encoder run, search "
+                            help=f"Rows in the scratch tables: db-write, the backfill suite's production runs, search "
                                  f"(default {Options.rows:,}).")
         parser.add_argument("--texts", type=int,
                             help="Texts run through the model: encode, the backfill's model run, rerank candidates "
@@ -44,7 +44,8 @@ class Command(BaseCommand):
                                  f"{_listed(CUDA_BATCH_SIZES)} on CUDA).")
         parser.add_argument("--batch-size", type=int, dest="backfill_batch_size", metavar="N",
                             help="Rows per backfill engine batch in the backfill suite (default: the engine's, fewer for a small run).")
-        parser.add_argument("--simulated-gpu-rate", type=float, default=Options.simulated_gpu_rate, metavar="TEXTS_PER_S",
+        parser.add_argument("--simulated-gpu-rate", type=float, default=Options.simulated_gpu_rate,
+                            metavar="TEXTS_PER_S",
                             help="Texts/s of the backfill suite's simulated GPU (default "
                                  f"{Options.simulated_gpu_rate:,.0f}).")
         parser.add_argument("--model-shape", choices=list(SHAPES),

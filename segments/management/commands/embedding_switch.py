@@ -9,6 +9,7 @@
 """
 import json
 import sys
+from io import StringIO
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS
@@ -36,7 +37,7 @@ class Command(BaseCommand):
             raise CommandError("--batch-size must be at least 1.")
         quiet = options["verbosity"] < 1 or as_json
         progress = None if (quiet or not sys.stderr.isatty()) else _progress_bar
-        migrate_out = None if quiet else self.stdout
+        migrate_out = StringIO() if quiet else self.stdout  # call_command would fall back to sys.stdout
         try:
             result = self._run(step, database, confirm, force, batch_size, migrate_out, progress, options)
         except SchemaNotReady as exc:
@@ -60,14 +61,15 @@ class Command(BaseCommand):
             return steps.swap(database, migrate_out, encoder=options.get("encoder") or get_service())
         if step == "undo":
             return steps.undo(database, migrate_out)
+        say = migrate_out.write
         if step == "contract":
             return steps.contract(database, migrate_out, confirmed=confirm, batch_size=batch_size,
-                                  progress_factory=progress, out=self.stdout.write)
+                                  progress_factory=progress, out=say)
         from segments.switch import legacy_index
 
         if step == "drop-legacy-index":
-            return legacy_index.drop_step(database, self.stdout.write, confirmed=confirm)
-        return legacy_index.rebuild_step(database, self.stdout.write)
+            return legacy_index.drop_step(database, say, confirmed=confirm)
+        return legacy_index.rebuild_step(database, say)
 
 
 def _progress_bar(total):

@@ -2,6 +2,10 @@
 
 A vector with NaN or Inf, of the wrong size, or all zeros, and a text whose encoding raises
 (the batch is split to find it), get a reason instead of a vector; the rest of the batch goes on.
+
+The engine encodes a window of claims in one call (`encode_claims`) and leaves the checking of
+each claim's vectors to the thread that writes it (`checked`): the encoder (a GPU) then goes on
+to the next window at once.
 """
 from dataclasses import dataclass, field
 
@@ -35,11 +39,23 @@ class EncodedBatch:
     failed: list = field(default_factory=list)  # (id, md5, reason)
 
 
+@dataclass
+class RawBatch:
+    """A ClaimedBatch's vectors as the encoder returned them, not yet checked."""
+
+    batch: ClaimedBatch
+    vectors: object
+
+
+def _check_count(vectors, count):
+    if len(vectors) != count:
+        raise BackfillError(f"The encoder returned {len(vectors)} vectors for {count} texts: it is broken.")
+
+
 def check_vectors(vectors, count, dims):
     """(float32 vectors, indexable by row, None for a refused one; a reason or None per row) for
     an encoder's output. When every row is good the vectors are the (count, dims) array itself."""
-    if len(vectors) != count:
-        raise BackfillError(f"The encoder returned {len(vectors)} vectors for {count} texts: it is broken.")
+    _check_count(vectors, count)
     if not (isinstance(vectors, np.ndarray) and vectors.ndim == 2 and vectors.shape[1] == dims):
         return _check_each(vectors, dims)
     array = np.asarray(vectors, dtype=np.float32)
@@ -83,14 +99,19 @@ def encode_texts(encoder, texts, dims, canary_checked=False):
     except BackfillError:
         raise
     except Exception as exc:
-        if len(texts) == 1:
-            return [None], [f"encoding failed: {type(exc).__name__}: {exc}"[:1000]]
-        if not canary_checked:
-            check_canary(encoder, exc)
-        middle = len(texts) // 2
-        left = encode_texts(encoder, texts[:middle], dims, True)
-        right = encode_texts(encoder, texts[middle:], dims, True)
-        return list(left[0]) + list(right[0]), left[1] + right[1]
+        return _after_failure(encoder, texts, dims, exc, canary_checked)
+
+
+def _after_failure(encoder, texts, dims, exc, canary_checked):
+    """encode_texts' result for `texts`, whose encoding together raised `exc`."""
+    if len(texts) == 1:
+        return [None], [f"encoding failed: {type(exc).__name__}: {exc}"[:1000]]
+    if not canary_checked:
+        check_canary(encoder, exc)
+    middle = len(texts) // 2
+    left = encode_texts(encoder, texts[:middle], dims, True)
+    right = encode_texts(encoder, texts[middle:], dims, True)
+    return list(left[0]) + list(right[0]), left[1] + right[1]
 
 
 def check_canary(encoder, batch_error):
@@ -118,6 +139,38 @@ def encode_batches(encoder, batches, dims):
     """
     texts = [text for batch in batches for text in batch.texts]
     vectors, reasons = encode_texts(encoder, texts, dims)
+    return _split(batches, vectors, reasons, dims)
+
+
+def encode_claims(encoder, batches, dims):
+    """One encode call over the texts of `batches`: a RawBatch per claim, to be `checked` by the
+    thread that writes it. When the call raises, the texts are encoded again in halves to find
+    the failing ones, and the claims come back as EncodedBatches."""
+    texts = [text for batch in batches for text in batch.texts]
+    try:
+        vectors = encoder.encode_documents(texts)
+    except Exception as exc:
+        checked_vectors, reasons = _after_failure(encoder, texts, dims, exc, False)
+        return _split(batches, checked_vectors, reasons, dims)
+    _check_count(vectors, len(texts))
+    raw, start = [], 0
+    for batch in batches:
+        end = start + len(batch.texts)
+        raw.append(RawBatch(batch, vectors[start:end]))
+        start = end
+    return raw
+
+
+def checked(item, dims):
+    """The EncodedBatch of a RawBatch (an EncodedBatch is returned as it is)."""
+    if isinstance(item, EncodedBatch):
+        return item
+    vectors, reasons = check_vectors(item.vectors, len(item.batch.texts), dims)
+    return _encoded(item.batch, vectors, reasons, dims)
+
+
+def _split(batches, vectors, reasons, dims):
+    """The EncodedBatch of each of `batches` from the checked vectors of all their texts."""
     encoded, start = [], 0
     for batch in batches:
         end = start + len(batch.texts)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from embeddings.writer import VectorWriter
 
 from . import sql
-from .encode import ClaimedBatch, encode_batches
+from .encode import ClaimedBatch, checked, encode_claims
 from .heartbeat import Heartbeat
 from .report import BackfillError, BackfillReport
 from .session import Session, worker_name
@@ -79,6 +79,7 @@ class Run:
         self.report = BackfillReport(column=column)
         self.heartbeat = Heartbeat(encoder)
         self.stop = threading.Event()
+        self.batch_done = threading.Event()  # set by a write thread after each batch, and on stopping
         self.failures = []
         self.lock = threading.Lock()
         self.open_claims = set()
@@ -134,6 +135,7 @@ class Run:
         except Exception as exc:
             self.failures.append(exc)
             self.stop.set()
+            self.batch_done.set()
 
     # The stages.
 
@@ -154,12 +156,15 @@ class Run:
             elif after != BEFORE_FIRST_ID:
                 after = BEFORE_FIRST_ID  # once more from the start: texts changed behind the cursor
             else:
+                self.batch_done.clear()
                 with clock.timing("busy"):
                     left = self.reader.run(self._count_open)
                 if left == 0:
                     break
+                # The last rows are in batches in flight: this worker's (look again as soon as one
+                # of them is written) or another worker's (look again after POLL_SECONDS).
                 with clock.timing("waiting_for_input"):
-                    self.stop.wait(POLL_SECONDS)  # the last rows are in batches in flight (any worker's)
+                    self.batch_done.wait(POLL_SECONDS)
         self._put(self.claimed_queue, _END)
 
     def _encode_stage(self):
@@ -170,7 +175,7 @@ class Run:
                 batches, ended = self._window()
             if batches:
                 with clock.timing("busy"):
-                    encoded = encode_batches(self.encoder, batches, self.dims)
+                    encoded = encode_claims(self.encoder, batches, self.dims)
                 with clock.timing("waiting_for_room"):
                     if not all(self._put(self.encoded_queue, batch) for batch in encoded):
                         return
@@ -201,6 +206,7 @@ class Run:
             if batch is _END:
                 return
             with clock.timing("busy"):
+                batch = checked(batch, self.dims)
                 written, quarantined = session.run(self._write, batch)
             with self.lock:
                 self.open_claims.discard(batch.claim_id)
@@ -210,6 +216,7 @@ class Run:
                 self.report.rows_quarantined += quarantined
                 self.done += len(batch.ids) + len(batch.failed)
                 self._report_progress()
+            self.batch_done.set()
 
     def _put(self, target, item):
         while not self.stop.is_set():

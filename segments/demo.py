@@ -117,6 +117,9 @@ class Demo:
         self.step("Phase 1: `manage.py migrate` adds embedding_384 (a plain migrate never goes further)")
         call_command("migrate", stdout=self.stream)
 
+        self.step("Before the backfill: `manage.py embedding_switch drop-legacy-index --confirm`")
+        call_command("embedding_switch", "drop-legacy-index", confirm=True, stdout=self.stream)
+
         self.step("Phase 2: `manage.py backfill_embeddings` fills the new column")
         started = time.perf_counter()
         call_command("backfill_embeddings", stdout=self.stream)

@@ -30,6 +30,7 @@ from segments.models import EmbeddingSwitch, QuarantinedSegment, Segment, Switch
 from segments.schema import BLANK_TEXT_PATTERN, TABLE, SchemaNotReady, embedding_schema
 from segments.search import SearchError, format_timestamp, search
 from segments.switch import status as switch_status
+from segments.switch.admin import ReadOnlyAdmin
 
 EMBEDDED, PENDING, BLANK, QUARANTINED = "embedded", "pending", "blank", "quarantined"
 NO_COLUMN = "no new column yet"
@@ -232,22 +233,13 @@ def switch_panel(status):
 
 
 @admin.register(EmbeddingSwitch)
-class EmbeddingSwitchAdmin(admin.ModelAdmin):
+class EmbeddingSwitchAdmin(ReadOnlyAdmin):
     """The "Embedding switch" page: where the switch stands (segments.switch.status), and its events.
 
     Read-only; for staff with the view permission of "embedding switch" (superusers have it).
     """
 
     events_shown = 20
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     def get_urls(self):
         info = self.opts.app_label, self.opts.model_name
@@ -275,4 +267,3 @@ class EmbeddingSwitchAdmin(admin.ModelAdmin):
         return events
 
 
-from segments.switch import admin as switch_admin  # noqa: E402,F401  (registers the quarantine and claims pages)

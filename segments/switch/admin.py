@@ -5,6 +5,19 @@ from django.contrib import admin, messages
 from segments.models import BackfillClaim, QuarantinedSegment
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """A page that shows what the switch's own code writes: nothing to add, change or delete."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(QuarantinedSegment)
 class QuarantinedSegmentAdmin(admin.ModelAdmin):
     list_display = ("segment_id", "attempts", "reason", "first_failed_at", "last_failed_at")
@@ -30,17 +43,8 @@ class QuarantinedSegmentAdmin(admin.ModelAdmin):
 
 
 @admin.register(BackfillClaim)
-class BackfillClaimAdmin(admin.ModelAdmin):
+class BackfillClaimAdmin(ReadOnlyAdmin):
     """Read-only: the id ranges backfill workers hold now (a dead worker's claim is taken over)."""
 
     list_display = ("first_id", "last_id", "worker_name", "worker_pid", "claimed_at")
     ordering = ("first_id",)
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

@@ -95,11 +95,8 @@ class AddIndexConcurrently(postgres_operations.AddIndexConcurrently):
     for older transactions instead of giving up (see the module's docstring)."""
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        # Session settings (the migration is not atomic), restored whatever happens.
-        with session_settings(schema_editor, maintenance_work_mem=settings.INDEX_MAINTENANCE_WORK_MEM,
-                              lock_timeout="0", statement_timeout="0"):
-            with cancelled_build(self.index.name), watching_build(schema_editor, f"Building index {self.index.name}"):
-                self._build(app_label, schema_editor, from_state, to_state)
+        with concurrent_build(schema_editor, self.index.name):
+            self._build(app_label, schema_editor, from_state, to_state)
 
     def _build(self, app_label, schema_editor, from_state, to_state):
         valid = index_validity(schema_editor, self.index.name)
@@ -110,6 +107,17 @@ class AddIndexConcurrently(postgres_operations.AddIndexConcurrently):
             # every write but never used by a query: drop it and build it again.
             schema_editor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {schema_editor.quote_name(self.index.name)}")
         super().database_forwards(app_label, schema_editor, from_state, to_state)
+
+
+@contextmanager
+def concurrent_build(schema_editor, name):
+    """What every CREATE INDEX CONCURRENTLY of the project runs under: maintenance_work_mem raised,
+    no lock_timeout or statement_timeout (session settings, given back afterwards), a cancelled
+    build turned into an error saying what to do, and a watcher saying what the build waits for."""
+    with session_settings(schema_editor, maintenance_work_mem=settings.INDEX_MAINTENANCE_WORK_MEM,
+                          lock_timeout="0", statement_timeout="0"):
+        with cancelled_build(name), watching_build(schema_editor, f"Building index {name}"):
+            yield
 
 
 @contextmanager

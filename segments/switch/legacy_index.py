@@ -17,8 +17,10 @@ drop-legacy-index --confirm` (and `rebuild-legacy-index` to undo it).
   when the statistics count.
 - `drop(using, stdout)`: records the index's exact definition (`pg_get_indexdef`) in a
   SwitchEvent("legacy-index-dropped"), then DROP INDEX CONCURRENTLY (reads and writes go on).
-- `rebuild(using, stdout)`: CREATE INDEX CONCURRENTLY from the recorded definition, with
-  `maintenance_work_mem` at settings.INDEX_MAINTENANCE_WORK_MEM; records a
+- `rebuild(using, stdout)`: CREATE INDEX CONCURRENTLY from the recorded definition, under what
+  the migrations' builds run under (segments.operations.concurrent_build: maintenance_work_mem
+  raised, and a build that waits for older transactions, saying for which, instead of giving up
+  after lock_timeout and throwing the index away); records a
   SwitchEvent("legacy-index-rebuilt"). Build it after the backfill, or the backfill pays for
   it again.
 """
@@ -33,12 +35,13 @@ from django.db import OperationalError, connections
 
 from segments.models import SwitchEvent
 from segments.schema import TABLE, embedding_schema
+from segments.operations import LOCK_NOT_AVAILABLE, concurrent_build
+from segments.switch.catalog import quote_ident
 
 METHOD = "ivfflat"
 OPCLASS = "vector_l2_ops"
 DROPPED = "legacy-index-dropped"
 REBUILT = "legacy-index-rebuilt"
-LOCK_NOT_AVAILABLE = "55P03"
 
 _FIND = """
     SELECT n.nspname, c.relname, t.relname, a.attname, pg_get_indexdef(i.indexrelid), i.indisvalid,
@@ -77,10 +80,6 @@ class LegacyIndex:
     @property
     def qualified_name(self):
         return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
-
-
-def quote_ident(name):
-    return '"' + name.replace('"', '""') + '"'
 
 
 def find(cursor, column, table=TABLE):
@@ -152,12 +151,10 @@ def _autocommit_connection(using):
     return connection
 
 
-def _concurrently(connection, statement, what, command, maintenance_work_mem=None):
-    """Run a CONCURRENTLY `statement` under lock_timeout (and maintenance_work_mem), restoring both."""
+def _concurrently(connection, statement, what, command):
+    """Run a DROP INDEX CONCURRENTLY `statement` under lock_timeout (nothing is lost by giving up)."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT set_config('lock_timeout', %s, false)", [settings.MIGRATION_LOCK_TIMEOUT])
-        if maintenance_work_mem:
-            cursor.execute("SELECT set_config('maintenance_work_mem', %s, false)", [maintenance_work_mem])
         try:
             cursor.execute(statement)
         except OperationalError as exc:
@@ -169,7 +166,7 @@ def _concurrently(connection, statement, what, command, maintenance_work_mem=Non
                 "once it has finished."
             ) from exc
         finally:
-            cursor.execute("RESET lock_timeout; RESET maintenance_work_mem")
+            cursor.execute("RESET lock_timeout")
 
 
 def drop(using="default", stdout=None):
@@ -251,8 +248,9 @@ def rebuild(using="default", stdout=None):
     definition = _for_column(recorded["definition"], recorded["column"], column)
     out(f"Building {recorded['name']} CONCURRENTLY (reads and writes go on): {definition}")
     started = time.perf_counter()
-    _concurrently(connection, _concurrent(definition), f"Building {recorded['name']}", "rebuild-legacy-index",
-                  maintenance_work_mem=settings.INDEX_MAINTENANCE_WORK_MEM)
+    # Like the migrations' builds: it waits for older transactions instead of throwing the build away.
+    with connection.schema_editor(atomic=False) as editor, concurrent_build(editor, recorded["name"]):
+        editor.execute(_concurrent(definition))
     seconds = time.perf_counter() - started
     with connection.cursor() as cursor:
         built = [index for index in find(cursor, column) if index.name == recorded["name"]][0]

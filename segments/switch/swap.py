@@ -210,9 +210,8 @@ def _views_on(schema_editor, column):
     return views
 
 
-def _locked_steps(schema_editor, *, forward, catch_up, columns, trigger_columns, index_pairs):
-    """The swap or its undo, under EXCLUSIVE then ACCESS EXCLUSIVE; fills the SwapRecord."""
-    record = _record.get() or SwapRecord()
+def _locked_steps(schema_editor, record, *, forward, catch_up, columns, trigger_columns, index_pairs):
+    """The swap or its undo, under EXCLUSIVE then ACCESS EXCLUSIVE; fills `record`."""
     views = _views_on(schema_editor, columns[0][0])
     schema_editor.execute("LOCK TABLE segments IN EXCLUSIVE MODE")
     writes_from = time.perf_counter()
@@ -256,9 +255,8 @@ def swap(apps, schema_editor):
     if len(legacy) > 1:  # more than one: keep each name recognisable
         legacy = {name: f"{name}_legacy"[:63] for name in legacy}
     record.legacy_indexes = {new: old for old, new in legacy.items()}
-    with _record_into(record):
-        _locked_steps(schema_editor, forward=True, catch_up=catch_up, columns=[(OLD, LEGACY), (NEW, LIVE)],
-                      trigger_columns=(LIVE, LEGACY), index_pairs=[*legacy.items(), HNSW, TODO])
+    _locked_steps(schema_editor, record, forward=True, catch_up=catch_up, columns=[(OLD, LEGACY), (NEW, LIVE)],
+                  trigger_columns=(LIVE, LEGACY), index_pairs=[*legacy.items(), HNSW, TODO])
     _log_event(schema_editor, "swap", record)
 
 
@@ -266,20 +264,10 @@ def unswap(apps, schema_editor):
     record = _record.get() or SwapRecord()
     before = _last_swap_indexes(schema_editor)
     legacy = _legacy_index_names(schema_editor, LEGACY, lambda name: before.get(name, name))
-    with _record_into(record):
-        _locked_steps(schema_editor, forward=False, catch_up=None, columns=[(LIVE, NEW), (LEGACY, OLD)],
-                      trigger_columns=(NEW,), index_pairs=[*legacy.items(), HNSW[::-1], TODO[::-1]])
+    _locked_steps(schema_editor, record, forward=False, catch_up=None, columns=[(LIVE, NEW), (LEGACY, OLD)],
+                  trigger_columns=(NEW,), index_pairs=[*legacy.items(), HNSW[::-1], TODO[::-1]])
     record.legacy_indexes = legacy
     _log_event(schema_editor, "undo", record)
-
-
-@contextmanager
-def _record_into(record):
-    token = _record.set(record)
-    try:
-        yield
-    finally:
-        _record.reset(token)
 
 
 def _last_swap_indexes(schema_editor):

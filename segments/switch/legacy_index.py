@@ -271,9 +271,10 @@ def drop_step(using="default", out=None, confirmed=False):
     if not confirmed:
         raise StepRefused("\n".join(describe(found)) + "\nNothing was dropped: run it again with --confirm to drop "
                           "it (CONCURRENTLY; rebuild-legacy-index builds it again from its recorded definition).")
-    dropped = drop(using, out)
-    names = ", ".join(index.name for index in dropped)
-    return StepResult("drop-legacy-index", True, f"Dropped {names}; its definition is recorded.",
+    dropped = drop(using)  # silent: the step's message says it once
+    names = ", ".join(f"{index.name} ({index.size_bytes / 2**20:,.0f} MB)" for index in dropped)
+    return StepResult("drop-legacy-index", True, f"Dropped {names}; its definition is recorded, and "
+                      "`manage.py embedding_switch rebuild-legacy-index` builds it again.",
                       {"dropped": [asdict(index) for index in dropped]})
 
 
@@ -284,4 +285,5 @@ def rebuild_step(using="default", out=None):
     built = rebuild(using, out)
     if built is None:
         return StepResult("rebuild-legacy-index", False, "The legacy index exists already: nothing to rebuild.")
-    return StepResult("rebuild-legacy-index", True, f"Built {built.name} again.", asdict(built))
+    return StepResult("rebuild-legacy-index", True,
+                      f"{built.name} is back; while it exists, every row the backfill writes pays for it.", asdict(built))

@@ -24,8 +24,10 @@ Steps 1-3 can be interrupted and run again: they resume with what is left. From 
 swap can no longer be undone: `embedding_switch contract` asks for an explicit confirmation
 first, and records that it started, so that an undo is refused. A transaction or query that
 stays open meanwhile (in the same database) keeps the row versions it can see from being freed:
-rows then move instead of being rewritten in place, and that space comes back only at a VACUUM
-after it ends.
+rows then move instead of being rewritten in place. So each VACUUM of step 3 first waits (up to
+WAIT_FOR_OLDER_TRANSACTIONS_SECONDS) for the transactions older than the contract's last write,
+naming them (segments/switch/horizon.py); one still open after that is reported in the result
+(`held_back_by`), and the space it holds comes back at a VACUUM after it ends.
 """
 import time
 
@@ -33,7 +35,7 @@ from django.core.management.base import CommandError
 from psycopg2 import errors
 
 from segments.schema import TABLE
-from segments.switch import catalog, out_of_line
+from segments.switch import catalog, horizon, out_of_line
 from segments.switch.swap import LEGACY, SwapRefused
 
 # Rows a clearing or moving transaction looks at; it writes at most this many, and an application
@@ -41,6 +43,8 @@ from segments.switch.swap import LEGACY, SwapRefused
 DEFAULT_BATCH_SIZE = 100
 LOCK_TIMEOUT = "5s"  # a batch waiting behind an application transaction gives up, then retries
 LOCK_ATTEMPTS = 5
+# How long each VACUUM waits for the transactions older than the contract's writes (horizon.py).
+WAIT_FOR_OLDER_TRANSACTIONS_SECONDS = 300
 FIRST_ID = -(2**31) - 1  # below every id (a literal PostgreSQL reads as bigint, so the id index serves)
 
 RELATION_SIZES = f"""
@@ -188,6 +192,16 @@ def count_legacy_vectors(cursor):
     return cursor.fetchone()[0]
 
 
+def vacuum_after_writes(connection, out, wait_seconds, held_back, analyze=False):
+    """vacuum() once the transactions that began before now have ended (or `wait_seconds` have
+    passed: what still holds the space is recorded in `held_back`, {who: description})."""
+    with connection.cursor() as cursor:
+        since = horizon.server_now(cursor)
+    for holder in horizon.wait(connection, since, out, wait_seconds):
+        held_back[holder.who] = holder.line
+    vacuum(connection, analyze)
+
+
 def vacuum(connection, analyze=False):
     """Plain VACUUM of segments (outside a transaction; no lock that blocks reads or writes, but
     for the moment it truncates empty trailing pages, and only if it gets that lock at once)."""
@@ -214,9 +228,12 @@ def _megabytes(sizes):
             f"TOAST {sizes['toast_bytes'] / 2**20:,.1f}, indexes {sizes['indexes_bytes'] / 2**20:,.1f})")
 
 
-def run(using="default", batch_size=DEFAULT_BATCH_SIZE, out=print, progress_factory=None):
+def run(using="default", batch_size=DEFAULT_BATCH_SIZE, out=print, progress_factory=None,
+        wait_seconds=None):
     """Steps 1-3 of the contract (the caller applies migration 0008 after); returns its figures."""
-    started = time.perf_counter()
+    if wait_seconds is None:
+        wait_seconds = WAIT_FOR_OLDER_TRANSACTIONS_SECONDS
+    started, held_back = time.perf_counter(), {}
     raw = raw_connection(using)
     try:
         with raw.cursor() as cursor:
@@ -232,16 +249,19 @@ def run(using="default", batch_size=DEFAULT_BATCH_SIZE, out=print, progress_fact
         finally:
             if bar is not None:
                 bar.close()
-        vacuum(raw)
+        vacuum_after_writes(raw, out, wait_seconds, held_back)
         with raw.cursor() as cursor:
             sizes["cleared"] = relation_sizes(cursor)
         out(f"cleared {cleared:,} legacy vectors; segments is {_megabytes(sizes['cleared'])}; "
             "moving the values stored out of line to the front of the TOAST table")
         moved = move_out_of_line_values(raw, batch_size, progress_factory)
-        vacuum(raw, analyze=True)
+        vacuum_after_writes(raw, out, wait_seconds, held_back, analyze=True)
         with raw.cursor() as cursor:
             sizes["moved"] = relation_sizes(cursor)
         out(f"rewrote the out-of-line values of {moved:,} segments; segments is {_megabytes(sizes['moved'])}")
+        if held_back:
+            out(f"NOT all the space came back: {'; '.join(held_back.values())} still saw the cleared rows after "
+                f"{wait_seconds} s. A VACUUM of segments after it ends (autovacuum runs one) frees them.")
     finally:
         raw.close()
     return {
@@ -251,6 +271,7 @@ def run(using="default", batch_size=DEFAULT_BATCH_SIZE, out=print, progress_fact
         "size_before_contract_bytes": sizes["start"]["total_bytes"],
         "size_after_vacuum_bytes": sizes["moved"]["total_bytes"],
         "sizes": sizes,
+        "held_back_by": list(held_back.values()),
         "seconds": round(time.perf_counter() - started, 1),
     }
 

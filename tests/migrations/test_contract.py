@@ -1,4 +1,5 @@
 """The contract stopped halfway and run again, and how it finds the values stored out of line."""
+import psycopg2
 import pytest
 from django.core.management import call_command
 from django.db import connection
@@ -106,3 +107,65 @@ def test_a_batch_blocked_by_an_application_transaction_stops_the_contract_with_t
     steps.contract(confirmed=True)
 
     assert embedding_schema().phase == "final"
+
+
+def _toast_bytes(sql):
+    (size,), = sql("SELECT pg_total_relation_size(reltoastrelid) FROM pg_class WHERE oid = 'segments'::regclass")
+    return size
+
+
+class SnapshotDuringClearing:
+    """A progress bar that, at the first cleared batch, starts a REPEATABLE READ transaction of
+    another session (a report over another table: no lock on segments) holding its snapshot for
+    `seconds`: the legacy vectors cleared after it stay visible to it, so VACUUM cannot free them
+    until it ends."""
+
+    def __init__(self, seconds):
+        from tests.migrations.test_concurrent_build import Holder
+
+        self.holder = Holder(seconds, "SELECT count(*) FROM django_migrations",
+                             isolation=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ)
+
+    def __call__(self, total):
+        return self
+
+    def update(self, count):
+        if not self.holder.is_alive() and not self.holder.ended.is_set():
+            self.holder.start()
+            assert self.holder.holding.wait(10)
+
+    def close(self):
+        pass
+
+
+def test_contract_waits_for_a_snapshot_older_than_its_clearing_names_it_and_then_gives_the_space_back(
+    swapped_demo, sql
+):
+    toast_before, said = _toast_bytes(sql), []
+    snapshot = SnapshotDuringClearing(seconds=3)
+
+    result = steps.contract(confirmed=True, batch_size=20, out=said.append, progress_factory=snapshot)
+
+    snapshot.holder.join()
+    assert any(line.startswith(f"waiting for pid {snapshot.holder.pid} (") for line in said), said
+    assert result.details["held_back_by"] == []
+    assert _toast_bytes(sql) < 0.5 * toast_before
+
+
+def test_contract_names_what_still_holds_the_space_after_its_wait(swapped_demo, sql, monkeypatch):
+    from segments.switch import contract
+
+    monkeypatch.setattr(contract, "WAIT_FOR_OLDER_TRANSACTIONS_SECONDS", 1)
+    toast_before, said = _toast_bytes(sql), []
+    snapshot = SnapshotDuringClearing(seconds=60)
+    try:
+        result = steps.contract(confirmed=True, batch_size=20, out=said.append, progress_factory=snapshot)
+        toast_during = _toast_bytes(sql)
+    finally:
+        snapshot.holder.release.set()
+        snapshot.holder.join()
+
+    assert embedding_schema().phase == "final"  # the column is dropped all the same
+    assert [line.split(" (")[0] for line in result.details["held_back_by"]] == [f"pid {snapshot.holder.pid}"]
+    assert any(line.startswith(f"NOT all the space came back: pid {snapshot.holder.pid}") for line in said), said
+    assert toast_during >= 0.8 * toast_before  # what the snapshot could see stayed on disk

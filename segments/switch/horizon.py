@@ -1,0 +1,77 @@
+"""The transactions that keep a VACUUM from freeing what the contract has just cleared.
+
+A VACUUM frees a row version only once no transaction can still see it: one that was open when
+the row was cleared (a snapshot taken before, a transaction id assigned before) keeps the dead
+legacy vectors on disk, and nothing reports it: the VACUUM succeeds and the table keeps its size.
+So before each of its VACUUMs the contract waits, for a bounded time, for the transactions of this
+database that started before its last write, naming each one as the concurrent index builds do
+(segments/operations.py); a prepared transaction or a replication slot holding an old xmin is
+named too. What still holds the space after the wait is returned, and the contract reports it.
+"""
+import time
+from datetime import timedelta
+from typing import NamedTuple
+
+QUERY_SHOWN = 120
+POLL_SECONDS = 0.5
+
+# Sessions of this database whose transaction began before %(since)s and holds a snapshot or a
+# transaction id; never this session, never an autovacuum worker (the VACUUM's lock request
+# cancels one working on segments; one analyzing another table holds its snapshot briefly).
+SESSIONS_SQL = """
+SELECT 'pid ' || pid, state, extract(epoch FROM now() - xact_start), application_name, left(query, %(shown)s)
+FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
+  AND xact_start < %(since)s AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
+  AND backend_type <> 'autovacuum worker'
+UNION ALL
+SELECT 'prepared transaction ' || quote_literal(gid), 'prepared', extract(epoch FROM now() - prepared),
+       owner::text, NULL
+FROM pg_prepared_xacts WHERE database = current_database() AND prepared < %(since)s
+UNION ALL
+SELECT 'replication slot ' || quote_literal(slot_name), CASE WHEN active THEN 'active' ELSE 'inactive' END,
+       NULL, slot_type, NULL
+FROM pg_replication_slots WHERE xmin IS NOT NULL AND (database IS NULL OR database = current_database())
+"""
+
+
+class Holder(NamedTuple):
+    who: str  # "pid 123", "prepared transaction 'x'", "replication slot 'y'"
+    line: str  # who, with its state, age, application and query
+
+
+def server_now(cursor):
+    cursor.execute("SELECT clock_timestamp()")
+    return cursor.fetchone()[0]
+
+
+def holders(cursor, since):
+    """A Holder for each transaction, prepared transaction or slot that can still see row versions
+    written before `since` (a server timestamp)."""
+    cursor.execute(SESSIONS_SQL, {"since": since, "shown": QUERY_SHOWN + 1})
+    return [describe(*row) for row in cursor.fetchall()]
+
+
+def describe(who, state, seconds, application, query):
+    query = " ".join((query or "").split())
+    query = query[:QUERY_SHOWN] + "..." if len(query) > QUERY_SHOWN else query
+    age = "" if seconds is None else f", open {timedelta(seconds=int(seconds))}"
+    shown = f"; its query: {query!r}" if query else ""
+    return Holder(who, f"{who} ({state or 'state unknown'}{age}, {application or 'no application_name'}){shown}")
+
+
+def wait(connection, since, out, seconds):
+    """Wait up to `seconds` until nothing listed by holders() is left, saying once what it waits
+    for; the holders left when the time is up (an empty list when none)."""
+    deadline, said = time.monotonic() + seconds, set()
+    while True:
+        with connection.cursor() as cursor:
+            left = holders(cursor, since)
+        for holder in left:
+            if holder.who not in said:
+                said.add(holder.who)
+                out(f"waiting for {holder.line} to end: until it does, VACUUM cannot free what the contract cleared "
+                    f"(waiting up to {int(seconds)} s in all)")
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(POLL_SECONDS)

@@ -277,7 +277,7 @@ def test_contract_gives_the_disk_back_online_while_the_application_writes(segmen
     print(f"\ncontract: {before / 2**20:.1f} MB before the switch; {stages}; {after / 2**20:.1f} MB after the "
           f"column is dropped ({after / before:.0%}); longest ACCESS EXCLUSIVE {locks.longest * 1000:.0f} ms "
           f"({locks.longest_query!r}); application writes {writer.writes}, slowest {writer.slowest * 1000:.0f} ms; "
-          f"{result.details['seconds']} s")
+          f"{result.details['seconds']} s; held back by {result.details['held_back_by'] or 'nothing'}")
     assert embedding_schema().phase == "final"
     assert writer.errors == [] and writer.writes > 10
     assert after <= 0.40 * before

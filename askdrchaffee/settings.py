@@ -3,6 +3,7 @@
 Every variable is listed in .env.example and in the README's configuration table. A malformed
 value stops start-up with an ImproperlyConfigured error that names the variable.
 """
+import re
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,44 @@ def _read(name, cast, default, *, choices=None, minimum=None):
     if minimum is not None and value < minimum:
         raise ImproperlyConfigured(f"{name}={raw!r} must be at least {minimum}.")
     return value
+
+
+_MEMORY_UNITS = {"b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40}
+
+
+def _memory_size(raw):
+    """Bytes of a PostgreSQL memory size ("512MB", "2GB"; no unit: kB, as PostgreSQL reads it),
+    1MB to 2TB (maintenance_work_mem's range)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", raw)
+    unit = (match[2] or "kB").lower() if match else None
+    if unit not in _MEMORY_UNITS:
+        raise ValueError(raw)
+    size = int(match[1]) * _MEMORY_UNITS[unit]
+    if not 2**20 <= size < 2**41:
+        raise ValueError(raw)
+    return size
+
+
+_memory_size.__name__ = "memory size from 1MB to 2TB (such as 512MB or 2GB)"
+
+
+def _workers(raw):
+    """A number of parallel workers, 0 to 1024 (PostgreSQL's range)."""
+    if not 0 <= int(raw) <= 1024:
+        raise ValueError(raw)
+    return int(raw)
+
+
+_workers.__name__ = "number of workers from 0 to 1024"
+
+
+def _or_auto(cast):
+    """`cast`, or None for "auto"."""
+    def read(raw):
+        return None if raw.strip().lower() == "auto" else cast(raw)
+
+    read.__name__ = f"{cast.__name__}, or auto"
+    return read
 
 
 SECRET_KEY = _read("SECRET_KEY", str, "insecure-local-development-key")
@@ -113,12 +152,19 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # lock_timeout for every migration statement that takes a lock the application would queue on.
 MIGRATION_LOCK_TIMEOUT = _read("MIGRATION_LOCK_TIMEOUT", str, "3s")
-# maintenance_work_mem for the index builds (an HNSW graph that fits builds several times faster).
-INDEX_MAINTENANCE_WORK_MEM = _read("INDEX_MAINTENANCE_WORK_MEM", str, "1GB")
+# The index builds' maintenance_work_mem and parallel workers; None ("auto"): sized to the HNSW
+# graph and the server's worker limits (segments/index_build.py), memory within the MAX.
+INDEX_MAINTENANCE_WORK_MEM = _read("INDEX_MAINTENANCE_WORK_MEM", _or_auto(_memory_size), None)
+INDEX_MAINTENANCE_WORK_MEM_MAX = _read("INDEX_MAINTENANCE_WORK_MEM_MAX", _memory_size, 8 * 2**30)
+INDEX_PARALLEL_WORKERS = _read("INDEX_PARALLEL_WORKERS", _or_auto(_workers), None)
 
 # --- Embeddings -----------------------------------------------------------------------------
 EMBEDDING_MODEL = _read("EMBEDDING_MODEL", str, "BAAI/bge-small-en-v1.5")
 EMBEDDING_DIMENSIONS = _read("EMBEDDING_DIMENSIONS", int, 384, minimum=1)
+# How the new column stores each vector: `vector` (float32) or `halfvec` (float16, pgvector 0.7+:
+# half the column and index, see README "Storage"). Read when phase 1 creates the column; after
+# that the column's own type decides (the pre-flight warns when they differ).
+EMBEDDING_STORAGE = _read("EMBEDDING_STORAGE", str, "vector", choices=("vector", "halfvec"))
 EMBEDDING_DEVICE = _read("EMBEDDING_DEVICE", str, "auto", choices=("auto", "cpu", "cuda", "mps"))
 # None: by device (16 texts per call on a CPU, 256 on CUDA; see embeddings/encoder.py).
 EMBEDDING_BATCH_SIZE = _read("EMBEDDING_BATCH_SIZE", int, None, minimum=1)

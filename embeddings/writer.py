@@ -10,6 +10,10 @@ The UPDATE writes a vector only where the segment still has the text it was comp
 belong to, whatever the application wrote in the meantime. By default it also writes only
 where the column is still NULL: a present vector is current (the staleness trigger clears it
 when the text changes), so it is never overwritten.
+
+The target column may be `vector` (float32) or `halfvec` (float16): the writer reads its type
+from the catalogue at the first batch and sends the values in that type's binary format, so the
+server converts nothing (a float16 payload is also half the size).
 """
 import io
 import struct
@@ -23,20 +27,23 @@ from django.db import DatabaseError
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 COPY_TRAILER = struct.pack("!h", -1)
 FIELD_COUNT = 3  # id, text_md5, v
+VALUE_TYPES = {"vector": ">f4", "halfvec": ">f2"}  # pgvector type: its binary value, big-endian
+HALF_MAX = float(np.finfo(np.float16).max)
 
 
-def row_dtype(dims):
-    """numpy dtype of one binary COPY row (id int4, text_md5 uuid, v vector(dims)), big-endian.
+def row_dtype(dims, type_name="vector"):
+    """numpy dtype of one binary COPY row (id int4, text_md5 uuid, v vector(dims) or
+    halfvec(dims)), big-endian.
 
-    Each field is its byte length (int32) followed by its value; pgvector's binary `vector`
-    is dim (int16), unused (int16, zero), then dim float32 values.
+    Each field is its byte length (int32) followed by its value; pgvector's binary `vector` and
+    `halfvec` are dim (int16), unused (int16, zero), then dim float32 (float16) values.
     """
     return np.dtype(
         [
             ("fields", ">i2"),
             ("id_size", ">i4"), ("id", ">i4"),
             ("md5_size", ">i4"), ("md5", "V16"),
-            ("v_size", ">i4"), ("v_dim", ">i2"), ("v_unused", ">i2"), ("v", ">f4", (dims,)),
+            ("v_size", ">i4"), ("v_dim", ">i2"), ("v_unused", ">i2"), ("v", VALUE_TYPES[type_name], (dims,)),
         ]
     )
 
@@ -50,10 +57,11 @@ def md5_bytes(value):
     return uuid.UUID(str(value)).bytes
 
 
-def copy_payload(ids, text_md5s, vectors):
-    """Binary COPY data for the columns (id int4, text_md5 uuid, v vector(dims)).
+def copy_payload(ids, text_md5s, vectors, type_name="vector"):
+    """Binary COPY data for the columns (id int4, text_md5 uuid, v vector(dims) or halfvec(dims)).
 
-    `vectors` is an (n, dims) array; its values are sent as float32, exactly.
+    `vectors` is an (n, dims) array; its values are sent as float32, exactly, or rounded to the
+    nearest float16 for a halfvec (ValueError for a value beyond float16's range).
     """
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
@@ -61,13 +69,15 @@ def copy_payload(ids, text_md5s, vectors):
     count, dims = vectors.shape
     if not (len(ids) == len(text_md5s) == count):
         raise ValueError(f"{len(ids)} ids, {len(text_md5s)} md5s and {count} vectors: they must match")
-    rows = np.empty(count, dtype=row_dtype(dims))
+    if type_name == "halfvec" and count and float(np.nanmax(np.abs(vectors))) > HALF_MAX:
+        raise ValueError(f"a value beyond ±{HALF_MAX:g} cannot be stored in a halfvec column")
+    rows = np.empty(count, dtype=row_dtype(dims, type_name))
     rows["fields"] = FIELD_COUNT
     rows["id_size"] = 4
     rows["id"] = np.asarray(ids, dtype=np.int64)
     rows["md5_size"] = 16
     rows["md5"] = np.frombuffer(b"".join(md5_bytes(m) for m in text_md5s), dtype="V16")
-    rows["v_size"] = 4 + 4 * dims
+    rows["v_size"] = 4 + rows.dtype["v"].base.itemsize * dims
     rows["v_dim"] = dims
     rows["v_unused"] = 0
     rows["v"] = vectors
@@ -88,8 +98,7 @@ class VectorWriter:
         self.dims = int(dims)
         self.table = table
         self.overwrite = overwrite
-        # Per session; holds exactly the batch being written (see _stage_and_update).
-        self.staging_table = f"pg_temp.embedding_staging_{self.dims}"
+        self.type_name = None  # the column's type, read at the first batch
 
     def write(self, ids, text_md5s, vectors):
         """Stage the batch and apply it with one UPDATE; returns the number of rows updated.
@@ -99,8 +108,10 @@ class VectorWriter:
         """
         if len(ids) == 0:
             return 0
-        payload = copy_payload(ids, text_md5s, vectors)
         with self.connection.cursor() as cursor:
+            if self.type_name is None:
+                self.type_name = self._column_type(cursor)
+            payload = copy_payload(ids, text_md5s, vectors, self.type_name)
             own_transaction = self._autocommit()
             if own_transaction:
                 cursor.execute("BEGIN")
@@ -127,10 +138,28 @@ class VectorWriter:
         except (psycopg2.Error, DatabaseError):
             pass  # the connection is gone: the server rolled the transaction back itself
 
+    def _column_type(self, cursor):
+        """`vector` or `halfvec`: the type of the target column (ValueError for any other)."""
+        cursor.execute(
+            "SELECT t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+            "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND NOT a.attisdropped",
+            [self.table, self.column],
+        )
+        row = cursor.fetchone()
+        if row is None or row[0] not in VALUE_TYPES:
+            found = "no such column" if row is None else f"a {row[0]} column"
+            raise ValueError(f"{self.table}.{self.column} must be a vector or halfvec column ({found}).")
+        return row[0]
+
+    @property
+    def staging_table(self):
+        """Per session; holds exactly the batch being written (see _stage_and_update)."""
+        return f"pg_temp.embedding_staging_{self.type_name}_{self.dims}"
+
     def _stage_and_update(self, cursor, payload, rows):
         cursor.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {self.staging_table} "
-            f"(id int4, text_md5 uuid, v vector({self.dims})) ON COMMIT DELETE ROWS"
+            f"(id int4, text_md5 uuid, v {self.type_name}({self.dims})) ON COMMIT DELETE ROWS"
         )
         # Emptied at every commit; this clears an earlier batch of the same open transaction
         # (and costs nothing on a table emptied by the last commit).

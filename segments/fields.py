@@ -1,7 +1,8 @@
-"""Column types of the legacy `segments` table that Django's own fields do not produce."""
+"""Column types of `segments` that Django's own fields do not produce."""
 from datetime import timezone
 
 from django.db import models
+from pgvector.django import VectorField
 
 
 class SerialField(models.AutoField):
@@ -37,3 +38,14 @@ class CurrentTimestamp(models.Func):
 
     template = "CURRENT_TIMESTAMP"
     output_field = models.DateTimeField()
+
+
+class EmbeddingField(VectorField):
+    """The new model's vectors: `vector(n)` or `halfvec(n)` as settings.EMBEDDING_STORAGE says
+    when the column is created (segments/storage.py). Both read back as numpy float32 arrays and
+    take the same values (a halfvec column rounds them to float16)."""
+
+    def db_type(self, connection):
+        from segments.storage import configured
+
+        return configured().sql_type(self.dimensions) if self.dimensions else configured().type_name

@@ -2,9 +2,9 @@ import uuid
 
 from django.db import models
 from django.db.models import Q
-from pgvector.django import HnswIndex, VectorField
+from pgvector.django import HnswIndex
 
-from segments.fields import CurrentTimestamp, SerialField, TimestampField
+from segments.fields import CurrentTimestamp, EmbeddingField, SerialField, TimestampField
 from segments.schema import BLANK_TEXT_PATTERN
 
 # The width of `segments.embedding` once the switch is done (BAAI/bge-small-en-v1.5).
@@ -33,7 +33,7 @@ class Segment(models.Model):
     end_sec = models.FloatField()
     text = models.TextField()
     speaker_label = models.CharField(max_length=50, null=True, blank=True)
-    embedding = VectorField(dimensions=EMBEDDING_DIMENSIONS, null=True, blank=True, editable=False)
+    embedding = EmbeddingField(dimensions=EMBEDDING_DIMENSIONS, null=True, blank=True, editable=False)
     created_at = TimestampField(db_default=CurrentTimestamp(), editable=False)
     video_type = models.CharField(max_length=20, null=True, blank=True)
 

@@ -5,10 +5,11 @@
   the application's queries behind it.
 - `AddIndexConcurrently`: Django's, made safe to re-run: a VALID index of the same name is
   kept, an INVALID one (left by an interrupted build) is dropped and built again. The build runs
-  with `maintenance_work_mem` raised to settings.INDEX_MAINTENANCE_WORK_MEM and without
-  lock_timeout or statement_timeout: its SHARE UPDATE EXCLUSIVE lock blocks no query of the
-  application, and it waits, however long, for the transactions older than it (a pg_dump, a
-  long report) rather than throw the built index away. While it waits, `watching_build` says
+  with the maintenance_work_mem and parallel workers segments.index_build chooses (for an HNSW
+  index, sized to its graph; the build says what it chose and why), and without lock_timeout or
+  statement_timeout: its SHARE UPDATE EXCLUSIVE lock blocks no query of the application, and
+  it waits, however long, for the transactions older than it (a pg_dump, a long report) rather
+  than throw the built index away. While it waits, `watching_build` says
   for which session.
 - `IrreversibleStep`: operations that must never be undone (dropping the legacy column).
 - `CreateVectorExtension`: pgvector's extension, with an error naming the fix when it is missing.
@@ -24,7 +25,9 @@ from django.contrib.postgres import operations as postgres_operations
 from django.core.management.base import CommandError
 from django.db import connections, migrations
 from django.db.utils import DatabaseError, OperationalError, ProgrammingError
-from pgvector.django import VectorExtension
+from pgvector.django import HnswIndex, VectorExtension
+
+from segments import index_build
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +98,18 @@ class AddIndexConcurrently(postgres_operations.AddIndexConcurrently):
     for older transactions instead of giving up (see the module's docstring)."""
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        with concurrent_build(schema_editor, self.index.name):
+        with concurrent_build(schema_editor, self.index.name, self._plan(app_label, schema_editor, to_state)):
             self._build(app_label, schema_editor, from_state, to_state)
+
+    def _plan(self, app_label, schema_editor, to_state):
+        """The build's memory and workers; sized to the graph for an HNSW index on a column."""
+        if schema_editor.collect_sql or not isinstance(self.index, HnswIndex) or not self.index.fields:
+            return None  # sqlmigrate: the column may not exist yet, there is nothing to count
+        model = to_state.apps.get_model(app_label, self.model_name_lower)
+        column = model._meta.get_field(self.index.fields[0].lstrip("-")).column
+        opclass = self.index.opclasses[0] if self.index.opclasses else None
+        with schema_editor.connection.cursor() as cursor:
+            return index_build.plan(cursor, model._meta.db_table, column, self.index.m, opclass=opclass)
 
     def _build(self, app_label, schema_editor, from_state, to_state):
         valid = index_validity(schema_editor, self.index.name)
@@ -106,16 +119,43 @@ class AddIndexConcurrently(postgres_operations.AddIndexConcurrently):
             # An interrupted CONCURRENTLY build leaves an INVALID index that is maintained on
             # every write but never used by a query: drop it and build it again.
             schema_editor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {schema_editor.quote_name(self.index.name)}")
-        super().database_forwards(app_label, schema_editor, from_state, to_state)
+        self._ensure_not_in_transaction(schema_editor)
+        model = to_state.apps.get_model(app_label, self.model_name)
+        if self.allow_migrate_model(schema_editor.connection.alias, model):
+            schema_editor.add_index(model, for_column_type(self.index, model, schema_editor), concurrently=True)
+
+
+def for_column_type(index, model, schema_editor):
+    """`index`, with its cosine operator class matching the column's type as it is in the database
+    (vector_cosine_ops on a vector column, halfvec_cosine_ops on a halfvec one: segments/storage.py)."""
+    from segments.schema import vector_column_types
+    from segments.storage import COSINE_OPCLASSES, configured, storage_named
+
+    if not any(opclass in COSINE_OPCLASSES for opclass in index.opclasses):
+        return index
+    column = model._meta.get_field(index.fields[0]).column
+    found = vector_column_types(schema_editor.connection.alias).get(column)
+    # sqlmigrate before phase 1: the column does not exist yet; it will have the configured type
+    wanted = storage_named(found[0]).cosine_opclass if found else configured().cosine_opclass
+    matching = index.clone()
+    matching.opclasses = [wanted if opclass in COSINE_OPCLASSES else opclass for opclass in index.opclasses]
+    return matching
 
 
 @contextmanager
-def concurrent_build(schema_editor, name):
-    """What every CREATE INDEX CONCURRENTLY of the project runs under: maintenance_work_mem raised,
-    no lock_timeout or statement_timeout (session settings, given back afterwards), a cancelled
-    build turned into an error saying what to do, and a watcher saying what the build waits for."""
-    with session_settings(schema_editor, maintenance_work_mem=settings.INDEX_MAINTENANCE_WORK_MEM,
-                          lock_timeout="0", statement_timeout="0"):
+def concurrent_build(schema_editor, name, plan=None):
+    """What every CREATE INDEX CONCURRENTLY of the project runs under: the maintenance_work_mem and
+    parallel workers of `plan` (segments.index_build; by default those of an index that is not
+    HNSW), said with the reasons; no lock_timeout or statement_timeout (session settings, given
+    back afterwards); a cancelled build turned into an error saying what to do; and a watcher
+    saying what the build waits for."""
+    if plan is None:
+        with schema_editor.connection.cursor() as cursor:
+            plan = index_build.plan(cursor)
+    _say(logging.INFO, plan.describe(f"index {name}"))
+    if plan.warning:
+        _say(logging.WARNING, f"{name}: {plan.warning}")
+    with session_settings(schema_editor, **plan.session_settings(), lock_timeout="0", statement_timeout="0"):
         with cancelled_build(name), watching_build(schema_editor, f"Building index {name}"):
             yield
 
@@ -154,6 +194,14 @@ def cancelled_build(name):
             f"Building index {name} was cancelled (pg_cancel_backend). Any INVALID index it left "
             "behind is dropped and built again by the next run: run the same command again."
         ) from exc
+
+
+def _say(level, message):
+    """Log `message`, and write it to the stream `reporting_to` gives, if any."""
+    logger.log(level, message)
+    stream = _output.get()
+    if stream is not None:
+        stream.write(message + "\n")
 
 
 @contextmanager

@@ -36,6 +36,14 @@ class EmbeddingSchema:
     vector_dimensions: int | None
     legacy_column: str | None  # the old model's vectors, while they exist
     legacy_dimensions: int | None
+    vector_storage: str | None = None  # the new column's SQL type: vector or halfvec
+
+    @property
+    def storage(self):
+        """The new column's Storage (segments/storage.py), or None before phase 1."""
+        from segments.storage import storage_named
+
+        return storage_named(self.vector_storage) if self.vector_storage else None
 
     @property
     def is_live(self):
@@ -47,36 +55,44 @@ class SchemaNotReady(Exception):
     pass
 
 
-def vector_columns(using="default"):
-    """{column name: dimensions} of the vector columns of `segments`."""
+def vector_column_types(using="default"):
+    """{column name: (SQL type, dimensions)} of the `vector` and `halfvec` columns of `segments`."""
     with connections[using].cursor() as cursor:
         cursor.execute(
             """
-            SELECT a.attname, a.atttypmod FROM pg_attribute a
+            SELECT a.attname, t.typname, a.atttypmod FROM pg_attribute a
             JOIN pg_type t ON t.oid = a.atttypid
             WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
-              AND t.typname = 'vector'
+              AND t.typname IN ('vector', 'halfvec')
             """,
             [TABLE],
         )
-        return {name: (typmod if typmod > 0 else None) for name, typmod in cursor.fetchall()}
+        return {name: (type_name, typmod if typmod > 0 else None) for name, type_name, typmod in cursor.fetchall()}
+
+
+def vector_columns(using="default"):
+    """{column name: dimensions} of the vector (and halfvec) columns of `segments`."""
+    return {name: dims for name, (_, dims) in vector_column_types(using).items()}
 
 
 def embedding_schema(using="default"):
     """The phase of the table, as an EmbeddingSchema; SchemaNotReady if there is no table."""
-    columns = vector_columns(using)
+    types = vector_column_types(using)
+    columns = {name: dims for name, (_, dims) in types.items()}
     if "embedding" not in columns:
         raise SchemaNotReady(
             f"The {TABLE} table or its embedding column does not exist: run `manage.py migrate`."
         )
     if "embedding_384" in columns:
-        return EmbeddingSchema("expanded", "embedding_384", columns["embedding_384"], "embedding", columns["embedding"])
+        return EmbeddingSchema("expanded", "embedding_384", columns["embedding_384"], "embedding", columns["embedding"],
+                               types["embedding_384"][0])
     if "embedding_legacy" in columns:
-        return EmbeddingSchema("swapped", "embedding", columns["embedding"], "embedding_legacy", columns["embedding_legacy"])
+        return EmbeddingSchema("swapped", "embedding", columns["embedding"], "embedding_legacy",
+                               columns["embedding_legacy"], types["embedding"][0])
     from segments.models import EMBEDDING_DIMENSIONS
 
     if columns["embedding"] == EMBEDDING_DIMENSIONS:
-        return EmbeddingSchema("final", "embedding", columns["embedding"], None, None)
+        return EmbeddingSchema("final", "embedding", columns["embedding"], None, None, types["embedding"][0])
     return EmbeddingSchema("legacy", None, None, "embedding", columns["embedding"])
 
 

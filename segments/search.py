@@ -30,6 +30,8 @@ from django.db import connections, transaction
 from django.db.models.expressions import RawSQL
 from pgvector.django import CosineDistance, VectorField
 
+from segments.storage import COSINE_OPCLASSES
+
 from embeddings.encoder import DimensionMismatch, ModelUnavailable, get_service
 from segments.models import Segment
 from segments.schema import TABLE, require_vector_column, vector_columns
@@ -113,7 +115,8 @@ def has_iterative_scan(using="default"):
 
 
 def cosine_index(column, using="default"):
-    """(name, is_valid) of the HNSW vector_cosine_ops index on segments.`column`, or None."""
+    """(name, is_valid) of the HNSW cosine index (vector_cosine_ops or halfvec_cosine_ops, as the
+    column's type) on segments.`column`, or None."""
     with connections[using].cursor() as cursor:
         cursor.execute(
             """
@@ -123,10 +126,10 @@ def cosine_index(column, using="default"):
             JOIN pg_opclass oc ON oc.oid = i.indclass[0]
             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
             WHERE i.indrelid = to_regclass(%s) AND am.amname = 'hnsw'
-              AND oc.opcname = 'vector_cosine_ops' AND a.attname = %s
+              AND oc.opcname = ANY(%s) AND a.attname = %s
             ORDER BY i.indisvalid DESC LIMIT 1
             """,
-            [TABLE, column],
+            [TABLE, list(COSINE_OPCLASSES), column],
         )
         row = cursor.fetchone()
     return None if row is None else (row[0], row[1])

@@ -1,12 +1,15 @@
 """Phase 1 (expand): the nullable 384-dim column, and the trigger that keeps it current.
 
+The column is `vector(384)` or `halfvec(384)` as settings.EMBEDDING_STORAGE says when this runs
+(segments/storage.py); the pre-flight refuses halfvec on a pgvector older than 0.7.
+
 Both are instant whatever the table size (a nullable column without a default is a catalogue
 change), and both run under lock_timeout. The application's existing INSERTs and UPDATEs keep
 working unchanged.
 """
-import pgvector.django
 from django.db import migrations
 
+import segments.fields
 from segments import triggers
 from segments.operations import LockTimeoutMigration
 
@@ -19,7 +22,7 @@ class Migration(LockTimeoutMigration):
         migrations.AddField(
             model_name="segment",
             name="embedding_384",
-            field=pgvector.django.VectorField(blank=True, dimensions=384, editable=False, null=True),
+            field=segments.fields.EmbeddingField(blank=True, dimensions=384, editable=False, null=True),
         ),
         migrations.RunSQL(triggers.create_sql("embedding_384"), reverse_sql=triggers.DROP_SQL),
     ]

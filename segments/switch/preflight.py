@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from django.db import connections
 
 from segments.schema import TABLE, SchemaNotReady, embedding_schema
+from segments import storage
+from segments.storage import COSINE_OPCLASSES, HALFVEC_SINCE
 from segments.switch import live_table, user_triggers
 
 ERROR, WARNING, INFO = "error", "warning", "info"
@@ -31,11 +33,11 @@ CODES = (
     "postgres_version", "pgvector_missing", "pgvector_version", "column_missing", "column_type",
     "primary_key", "embedding_type", "id_range", "legacy_columns", "extra_columns", "index_names",
     "index_missing", "vector_index", "view", "view_blocked", "rule", "trigger", "trigger_privilege",
-    "not_adopted", "alembic",
+    "not_adopted", "alembic", "storage",
 )
 
 MIN_POSTGRES = 130000
-HNSW_SINCE, HALFVEC_SINCE, ITERATIVE_SCAN_SINCE = (0, 5, 0), (0, 7, 0), (0, 8, 0)
+HNSW_SINCE, ITERATIVE_SCAN_SINCE = (0, 5, 0), (0, 8, 0)
 NEW_COLUMNS = ("embedding_384", "embedding_legacy")  # the switch's own, at one phase or another
 RENAMED = {"speaker_confidence": "speaker_conf"}  # by the original project's revision 008
 INT4_MAX = 2**31 - 1  # the switch's bookkeeping (claims, quarantine) stores segment ids as integer
@@ -87,8 +89,10 @@ def inspect(using="default"):
         if not live_table.table_exists(cursor):
             return Report()
         table = _Table(cursor, connection)
+        versions = live_table.versions(cursor)
         findings = [
-            *version_findings(*live_table.versions(cursor)),
+            *version_findings(*versions),
+            *storage_findings(versions[2], _schema(using)),
             *table.column_findings(),
             *table.index_findings(live_table.stats_reset(cursor)),
             *dependent_findings(live_table.dependents(cursor), live_table.rules(cursor), table.phase),
@@ -283,19 +287,44 @@ class _Table:
         return found
 
 
-def _phase(using):
-    """The switch's phase (segments/schema.py); None while `embedding` is no vector column."""
+def storage_findings(vector_version, schema):
+    """Whether the server can hold the storage settings.EMBEDDING_STORAGE asks for, and whether the
+    new column, once it exists, has that type."""
+    wanted, installed = storage.configured(), _version(vector_version)
+    if schema is None or schema.vector_storage is None:  # phase 1 has not created the column yet
+        if wanted.type_name == "halfvec" and installed is not None and installed < HALFVEC_SINCE:
+            return [Finding(ERROR, "storage", f"EMBEDDING_STORAGE=halfvec, but pgvector {vector_version} has no "
+                            "halfvec type (0.7.0 or later): phase 1 cannot create the new column.",
+                            "install a newer pgvector on the server, then, in this database: ALTER EXTENSION "
+                            "vector UPDATE; or set EMBEDDING_STORAGE=vector")]
+        return []
+    if schema.vector_storage != wanted.type_name:
+        return [Finding(WARNING, "storage", f"segments.{schema.vector_column} is {schema.vector_storage}"
+                        f"({schema.vector_dimensions}) while EMBEDDING_STORAGE={wanted.type_name}: the setting "
+                        "applies when phase 1 creates the column; everything else follows the column's own type.",
+                        f"set EMBEDDING_STORAGE={schema.vector_storage} so that the configuration says what the "
+                        "table holds")]
+    return []
+
+
+def _schema(using):
     try:
-        return embedding_schema(using).phase
+        return embedding_schema(using)
     except SchemaNotReady:
         return None
+
+
+def _phase(using):
+    """The switch's phase (segments/schema.py); None while `embedding` is no vector column."""
+    schema = _schema(using)
+    return None if schema is None else schema.phase
 
 
 def _legacy_vector_index(index, stats_reset):
     opclass = index.opclasses[0] if index.opclasses else "?"
     what = f"{index.name} ({index.method} {opclass} on {index.columns[0]}{'' if index.valid else ', INVALID'})"
     since = f"since {stats_reset:%Y-%m-%d %H:%M}" if stats_reset else "since the statistics began"
-    if opclass == "vector_cosine_ops":
+    if opclass in COSINE_OPCLASSES:
         return Finding(INFO, "vector_index", f"The legacy vector index {what} serves cosine queries on the legacy "
                        f"column (idx_scan = {index.scans} {since}).",
                        "nothing to do: the swap keeps it with the legacy column and the contract drops it")

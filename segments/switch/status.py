@@ -8,6 +8,9 @@ switch" page and the end of `migrate`.
     backfill         the workers running now (their claims and heartbeats), rows/s, ETA
     index_build      a CREATE INDEX on segments in progress (pg_stat_progress_create_index), or None
     indexes          the HNSW cosine index on the new column and the legacy vector index, with validity
+    index_plan       what an HNSW build on the new column would run with: maintenance_work_mem and
+                     parallel workers, each with why, and the graph's estimated size
+                     (segments.index_build.BuildPlan.as_dict; None without a scan)
     swap             whether the swap would be accepted now, and if not why (segments.switch.swap.refusal)
     size             the table's total size now, before the switch, after the contract
     undo_lacks       (swapped) segments with text and no legacy vector: what an undo would not find
@@ -30,8 +33,10 @@ from contextlib import contextmanager
 from django.db import connections, transaction
 from django.db.migrations.recorder import MigrationRecorder
 
-from segments.models import BackfillClaim, BackfillWorker, SwitchEvent
+from segments import index_build
+from segments.models import HNSW_M, BackfillClaim, BackfillWorker, SwitchEvent
 from segments.schema import TABLE, SchemaNotReady, blank_sql, embedding_schema, pending_sql
+from segments.storage import COSINE_OPCLASSES
 from segments.switch import catalog, preflight, swap
 from segments.switch.backfill import sql as backfill_sql
 
@@ -106,8 +111,8 @@ def _collect(using, scan):
         rows, extra = _rows(cursor, schema, before, scan)
         status = {
             "phase": schema.phase,
-            "columns": {"vector": _column(schema.vector_column, schema.vector_dimensions),
-                        "legacy": _column(schema.legacy_column, schema.legacy_dimensions)},
+            "columns": {"vector": _column(schema.vector_column, schema.vector_dimensions, schema.vector_storage),
+                        "legacy": _column(schema.legacy_column, schema.legacy_dimensions, "vector")},
             "rows": rows,
             "backfill": _backfill(cursor, rows, heartbeats=BackfillWorker._meta.db_table in tables,
                                   claims=BackfillClaim._meta.db_table in tables),
@@ -115,6 +120,7 @@ def _collect(using, scan):
             "indexes": {"hnsw": _hnsw_index(cursor, schema.vector_column),
                         "legacy": _legacy_index(cursor, schema.legacy_column)},
             "size": _size(cursor, schema.phase, before, contract),
+            "index_plan": _index_plan(cursor, schema, rows),
             **extra,
         }
     reason = swap.refusal(using=using)
@@ -143,7 +149,7 @@ def _without_table(using, problem):
     status = {"phase": None, "problem": problem, "columns": {"vector": None, "legacy": None},
               "rows": dict.fromkeys(("total", "with_text", "embedded", "pending", "quarantined", "blank")),
               "backfill": {"running": False, "workers": [], "rows_per_s": None, "eta_seconds": None},
-              "index_build": None, "indexes": {"hnsw": None, "legacy": None},
+              "index_build": None, "indexes": {"hnsw": None, "legacy": None}, "index_plan": None,
               "swap": {"done": False, "accepted": False, "refusal": problem},
               "size": {"now_bytes": None, "before_bytes": None, "after_contract_bytes": None},
               "undo_lacks": None, "legacy_writes": None, "preflight": {"findings": [], "blocking": 0},
@@ -154,8 +160,8 @@ def _without_table(using, problem):
     return status
 
 
-def _column(name, dimensions):
-    return None if name is None else {"name": name, "dimensions": dimensions}
+def _column(name, dimensions, type_name):
+    return None if name is None else {"name": name, "dimensions": dimensions, "type": type_name}
 
 
 def _event(using, tables, step, first=False):
@@ -250,7 +256,8 @@ def _vector_indexes(cursor, column, method=None, opclass=None):
 
 def _hnsw_index(cursor, column):
     """The HNSW vector_cosine_ops index the search uses (as segments.search.cosine_index finds it)."""
-    found = _vector_indexes(cursor, column, "hnsw", "vector_cosine_ops") if column else []
+    found = [index for index in _vector_indexes(cursor, column, "hnsw") if index.opclass in COSINE_OPCLASSES] \
+        if column else []
     return {"name": found[0].name, "valid": found[0].valid} if found else None
 
 
@@ -260,6 +267,15 @@ def _legacy_index(cursor, column):
         return None
     index = found[0]
     return {"name": index.name, "method": index.method, "opclass": index.opclass, "valid": index.valid}
+
+
+def _index_plan(cursor, schema, rows):
+    """The HNSW build's plan for the rows the column holds once backfilled (before the swap: every
+    segment with text), or None without a vector column or a scan."""
+    if schema.vector_column is None or rows["embedded"] is None:
+        return None
+    vectors = max(rows["embedded"], rows["with_text"]) if schema.phase == "expanded" else rows["embedded"]
+    return index_build.plan(cursor, TABLE, schema.vector_column, HNSW_M, rows=vectors).as_dict()
 
 
 def _size(cursor, phase, before, contract):
@@ -401,6 +417,9 @@ def warnings(status):
     if hnsw is not None and not hnsw["valid"] and not building:
         found.append(f"The HNSW index {hnsw['name']} is INVALID (an interrupted build): "
                      f"`{COMMANDS['index']}` builds it again.")
+    plan = status.get("index_plan") or {}
+    if status["phase"] == "expanded" and not (hnsw or {}).get("valid") and plan.get("warning"):
+        found.append(f"Before `{COMMANDS['index']}`: {plan['warning']}")
     if legacy is not None and not legacy["valid"] and not building:
         found.append(f"The legacy vector index {legacy['name']} is INVALID: the legacy search scans the table.")
     for worker in status["backfill"]["workers"]:

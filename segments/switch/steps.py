@@ -13,8 +13,9 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connections
 
-from segments.models import SwitchEvent
-from segments.schema import embedding_schema
+from segments import index_build
+from segments.models import HNSW_M, SwitchEvent
+from segments.schema import TABLE, embedding_schema
 from segments.switch import gate, swap as swapping
 from segments.switch.backfill import count_pending
 
@@ -88,11 +89,22 @@ def index(using="default", stdout=None, force=False):
             "times slower than building over a filled column. Run `manage.py backfill_embeddings` "
             "first, or pass --force to build now anyway."
         )
+    plan = build_plan(using)  # the build says it again, with the warning, before it starts
     started = time.perf_counter()
     _migrate("index", using, stdout)
     seconds = time.perf_counter() - started
     SwitchEvent.objects.using(using).create(step="index", details={"seconds": round(seconds, 1), "pending": pending})
-    return StepResult("index", True, f"HNSW index built in {seconds:.1f} s.", {"seconds": seconds})
+    return StepResult("index", True, (
+        f"HNSW index built in {seconds:.1f} s (maintenance_work_mem {index_build.human(plan.maintenance_work_mem)}, "
+        f"up to {plan.parallel_workers} parallel worker(s))."),
+        {"seconds": seconds, "build_plan": plan.as_dict()})
+
+
+def build_plan(using="default"):
+    """The memory and workers the HNSW index build on the new column gets (segments.index_build)."""
+    column = embedding_schema(using).vector_column
+    with connections[using].cursor() as cursor:
+        return index_build.plan(cursor, TABLE, column, HNSW_M)
 
 
 def swap(using="default", stdout=None, encoder=None, backfill=None, rounds=SWAP_ROUNDS,

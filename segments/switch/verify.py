@@ -11,7 +11,11 @@ Check whose `ok` is True (passed), False (failed: the message says what to do) o
 - index: the HNSW vector_cosine_ops index on the column exists and is valid (pg_index.indisvalid);
 - index_used: EXPLAIN shows the search query served by that index;
 - recall: recall@10 of the HNSW search against exact search (the same query with index scans
-  off), the sampled rows' own vectors as queries, at the configured ef_search; >= MIN_RECALL;
+  off), the sampled rows' own vectors as queries, at the configured ef_search, within a time
+  budget (RECALL_SECONDS; each query under statement_timeout RECALL_QUERY_SECONDS; timed-out
+  queries are reported). Judged by its 95% confidence interval (segments/switch/recall.py):
+  passes when the lower bound is >= MIN_RECALL, fails when the mean is below it (or nothing
+  could be measured), and is reported, not judged, in between;
 - legacy_overlap (while the legacy column exists, not judged): how many of the legacy top-10
   are also in the new top-10, the sampled rows' legacy and new vectors as queries (the old
   model cannot be run here);
@@ -32,6 +36,7 @@ from django.db import connections
 from segments.models import HNSW_EF_CONSTRUCTION, HNSW_M
 from segments.schema import SchemaNotReady, blank_sql, embedding_schema, pending_sql
 from segments.search import cosine_index, explain_nearest, nearest, search
+from segments.switch import recall
 
 RECALL_K = 10
 MIN_RECALL = 0.95
@@ -39,6 +44,8 @@ STALE_MIN_COSINE = 0.99
 NORM_TOLERANCE = 1e-3
 LEGACY_OVERLAP_QUERIES = 20  # exact searches over the 1536-dim column are slow: a few suffice
 SMALL_TABLE_ROWS = 10_000  # below this, the planner may rightly prefer a sequential scan
+RECALL_SECONDS = 60.0  # the recall check's time budget: exact searches scan the whole table
+RECALL_QUERY_SECONDS = 10.0  # statement_timeout of each recall query
 
 
 class GoldenFileError(ValueError):
@@ -72,10 +79,12 @@ class Report:
                 "checks": {c.name: {"ok": c.ok, "message": c.message, **c.figures} for c in self.checks}}
 
 
-def verify(*, sample=100, golden=None, encoder=None, ef_search=None, using="default"):
+def verify(*, sample=100, golden=None, encoder=None, ef_search=None, recall_seconds=RECALL_SECONDS,
+           recall_query_seconds=RECALL_QUERY_SECONDS, using="default"):
     """Run every check on the table's new vector column; returns a Report.
 
-    `golden` is a list of (query, [expected segment ids]) as read_golden() gives it.
+    `golden` is a list of (query, [expected segment ids]) as read_golden() gives it. The recall
+    check stops after `recall_seconds`, each of its queries after `recall_query_seconds`.
     """
     try:
         schema = embedding_schema(using)
@@ -93,12 +102,12 @@ def verify(*, sample=100, golden=None, encoder=None, ef_search=None, using="defa
         vector_checks, embedded = _vector_checks(cursor, column, schema.vector_dimensions)
     report.checks.extend(vector_checks)
     report.checks.append(_stale(rows, column, schema.vector_dimensions, encoder))
-    index_check = _index(column, schema.phase, using)
+    index_check = _index(column, schema.phase, schema.storage, using)
     report.checks.append(index_check)
     usable = index_check.ok and bool(rows)
     report.checks.append(_index_used(rows, column, index_check, embedded, ef_search, using) if usable
                          else Check("index_used", None, "Skipped: no valid index or no vectors to search."))
-    report.checks.append(_recall(rows, column, ef_search, using) if usable
+    report.checks.append(_recall(rows, column, ef_search, recall_seconds, recall_query_seconds, using) if usable
                          else Check("recall", None, "Skipped: no valid index or no vectors to search."))
     if schema.legacy_column:
         report.checks.append(_legacy_overlap(rows, column, schema.legacy_column, ef_search, using))
@@ -154,9 +163,9 @@ def _vector_checks(cursor, column, dimensions):
     """The dimensions, unit_norms and finite checks over the whole column, and the vector count."""
     cursor.execute(f"""
         SELECT count(*), count(*) FILTER (WHERE vector_dims({column}) <> %s),
-               count(*) FILTER (WHERE vector_norm({column}) = 'NaN'),
-               count(*) FILTER (WHERE abs(vector_norm({column}) - 1) > %s),
-               min(vector_norm({column})), max(vector_norm({column}))
+               count(*) FILTER (WHERE vector_norm({column}::vector) = 'NaN'),
+               count(*) FILTER (WHERE abs(vector_norm({column}::vector) - 1) > %s),
+               min(vector_norm({column}::vector)), max(vector_norm({column}::vector))
         FROM segments WHERE {column} IS NOT NULL""", [dimensions, NORM_TOLERANCE])
     count, wrong_dims, nans, off_norm, min_norm, max_norm = cursor.fetchone()
     fix = "Re-embed those rows: set the column to NULL for them and run `manage.py backfill_embeddings`."
@@ -203,20 +212,21 @@ def _service():
     return get_service()
 
 
-def _index(column, phase, using):
+def _index(column, phase, storage, using):
     index = cosine_index(column, using)
+    opclass = storage.cosine_opclass
     if index is None:
         fix = ("Build it with `manage.py embedding_switch index`." if phase == "expanded" else
                f"Create it: CREATE INDEX CONCURRENTLY segments_embedding_hnsw ON segments USING hnsw "
-               f"({column} vector_cosine_ops) WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION});")
-        return Check("index", False, f"segments.{column} has no HNSW vector_cosine_ops index. {fix}", {"index": None})
+               f"({column} {opclass}) WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION});")
+        return Check("index", False, f"segments.{column} has no HNSW {opclass} index. {fix}", {"index": None})
     name, valid = index
     if not valid:
         again = " (or `manage.py embedding_switch index`, which does it)" if phase == "expanded" else ""
         return Check("index", False, (
             f"The HNSW index {name} is INVALID (left by an interrupted build): queries ignore it. Rebuild it with "
             f"`REINDEX INDEX CONCURRENTLY {name};` in `manage.py dbshell`{again}."), {"index": name, "valid": False})
-    return Check("index", True, f"{name} (hnsw, vector_cosine_ops) is valid.", {"index": name, "valid": True})
+    return Check("index", True, f"{name} (hnsw, {opclass}) is valid.", {"index": name, "valid": True})
 
 
 def _index_used(rows, column, index_check, embedded, ef_search, using):
@@ -238,23 +248,50 @@ def _index_used(rows, column, index_check, embedded, ef_search, using):
             "check random_page_cost and that hnsw.ef_search is not set far above HNSW_EF_SEARCH."), figures)
     return Check("index_used", False, (
         f"EXPLAIN: {name} cannot serve the search query (its operator does not match the query's "
-        "cosine distance). Rebuild it with vector_cosine_ops."), figures)
+        "cosine distance). Rebuild it with the column type's cosine operator class (vector_cosine_ops or "
+        "halfvec_cosine_ops)."), figures)
 
 
-def _recall(rows, column, ef_search, using):
-    recalls = []
-    for _, _, vector, _ in rows:
-        exact = nearest(vector, k=RECALL_K, column=column, exact=True, using=using)
-        approximate = nearest(vector, k=RECALL_K, column=column, ef_search=ef_search, using=using)
-        if exact:
-            worst = exact[-1].distance + 1e-6  # rows tied with the exact k-th count as found
-            recalls.append(min(sum(row.distance <= worst for row in approximate), len(exact)) / len(exact))
-    recall = float(np.mean(recalls))
-    figures = {"recall_at_10": recall, "queries": len(recalls), "ef_search": ef_search}
-    message = f"recall@{RECALL_K} = {recall:.3f} over {len(recalls)} queries at ef_search {ef_search}"
-    if recall < MIN_RECALL:
-        return Check("recall", False, f"{message} (< {MIN_RECALL}): raise HNSW_EF_SEARCH and verify again.", figures)
-    return Check("recall", True, f"{message} (>= {MIN_RECALL}).", figures)
+def _recall(rows, column, ef_search, seconds, query_seconds, using):
+    """recall@10 of the HNSW search, bounded in time, judged by its 95% interval (segments.switch.recall)."""
+    sample = recall.measure(rows, column=column, k=RECALL_K, ef_search=ef_search, seconds=seconds,
+                            query_seconds=query_seconds, using=using)
+    mean, (low, high) = sample.mean, sample.interval
+    verdict = recall.verdict(mean, low, MIN_RECALL)
+    figures = {"recall_at_10": mean, "ci95_low": low if mean is not None else None,
+               "ci95_high": high if mean is not None else None, "ci_method": recall.METHOD, "verdict": verdict,
+               "min_recall": MIN_RECALL, "queries": len(sample.recalls), "sampled": sample.sampled,
+               "timed_out": len(sample.timed_out), "timed_out_ids": sample.timed_out[:20],
+               "budget_seconds": seconds, "budget_spent": sample.budget_spent, "query_timeout_seconds": query_seconds,
+               "seconds": round(sample.seconds, 2), "ef_search": ef_search}
+    notes = _recall_notes(sample)
+    if mean is None:
+        return Check("recall", False, (
+            f"No recall measured: {notes or 'no sampled query could be run'}. Run it at a quieter moment, or allow "
+            "more time with --recall-query-seconds and --recall-seconds."), figures)
+    message = (f"recall@{RECALL_K} = {mean:.3f}, 95% interval {low:.3f}..{high:.3f}, over {len(sample.recalls)} "
+               f"queries at ef_search {ef_search}" + (f" ({notes})" if notes else ""))
+    if verdict == "fail":
+        return Check("recall", False, f"{message}: below {MIN_RECALL}. Raise HNSW_EF_SEARCH and verify again.",
+                     figures)
+    if verdict == "inconclusive":
+        return Check("recall", None, (
+            f"{message}: {MIN_RECALL} or more on average, not proven with 95% confidence. Verify with more queries "
+            "(--sample, --recall-seconds) to be sure."), figures)
+    return Check("recall", True, f"{message}: >= {MIN_RECALL} with 95% confidence.", figures)
+
+
+def _recall_notes(sample):
+    """What limited the recall sample: the budget, timed-out queries."""
+    notes = []
+    if sample.budget_spent:
+        tried = len(sample.recalls) + len(sample.timed_out)
+        notes.append(f"the {sample.seconds_budget:g} s budget was spent after {tried} of {sample.sampled} sampled queries")
+    if sample.timed_out:
+        ids = ", ".join(map(str, sample.timed_out[:20])) + (", ..." if len(sample.timed_out) > 20 else "")
+        notes.append(f"{len(sample.timed_out)} timed out after {min(sample.query_seconds, sample.seconds_budget):g} s "
+                     f"or less and are not counted (segment ids {ids})")
+    return "; ".join(notes)
 
 
 def _legacy_overlap(rows, column, legacy_column, ef_search, using):

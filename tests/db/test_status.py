@@ -67,8 +67,8 @@ def test_in_the_expanded_phase_the_counts_of_known_rows(segments_at):
     found = status.collect()
 
     assert found["phase"] == "expanded"
-    assert found["columns"] == {"vector": {"name": "embedding_384", "dimensions": 384},
-                                "legacy": {"name": "embedding", "dimensions": 1536}}
+    assert found["columns"] == {"vector": {"name": "embedding_384", "dimensions": 384, "type": "vector"},
+                                "legacy": {"name": "embedding", "dimensions": 1536, "type": "vector"}}
     assert found["rows"] == KNOWN_ROWS
     assert found["undo_lacks"] is None and found["legacy_writes"] == 0
     assert steps(found) == {"expand": "done", "backfill": "current", "index": "todo", "swap": "todo",
@@ -85,8 +85,8 @@ def test_in_the_swapped_phase_the_counts_and_what_an_undo_would_lack(segments_at
     found = status.collect()
 
     assert found["phase"] == "swapped"
-    assert found["columns"] == {"vector": {"name": "embedding", "dimensions": 384},
-                                "legacy": {"name": "embedding_legacy", "dimensions": 1536}}
+    assert found["columns"] == {"vector": {"name": "embedding", "dimensions": 384, "type": "vector"},
+                                "legacy": {"name": "embedding_legacy", "dimensions": 1536, "type": "vector"}}
     assert found["rows"] == KNOWN_ROWS
     assert found["undo_lacks"] == 3  # five segments with text, two legacy vectors; the blank one needs none
     assert any(w.startswith("3 segment(s) with text have no legacy vector") for w in found["warnings"])
@@ -270,11 +270,12 @@ def test_embedding_status_json_prints_the_whole_status(segments_at):
 
     found = json.loads(command("embedding_status", "--json")[0])
 
-    assert set(found) == {"phase", "columns", "rows", "backfill", "index_build", "indexes", "swap", "size",
-                          "undo_lacks", "legacy_writes", "preflight", "adopted", "steps", "warnings", "next"}
+    assert set(found) == {"phase", "columns", "rows", "backfill", "index_build", "indexes", "index_plan", "swap",
+                          "size", "undo_lacks", "legacy_writes", "preflight", "adopted", "steps", "warnings", "next"}
     assert found["phase"] == "expanded" and found["rows"] == KNOWN_ROWS
     assert found["swap"] == {"done": False, "accepted": False, "refusal": swap.refusal()}
     assert found["indexes"]["hnsw"] is None and found["index_build"] is None
+    assert found["index_plan"]["estimate"]["rows"] == KNOWN_ROWS["with_text"] and found["index_plan"]["fits"] is True
     assert found["size"]["before_bytes"] == SwitchEvent.objects.get(step="before").details["total_bytes"]
     report = preflight.inspect()
     assert [f["code"] for f in found["preflight"]["findings"]] == [f.code for f in report.findings]

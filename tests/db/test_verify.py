@@ -1,8 +1,10 @@
 """`manage.py verify_embeddings`: passes on a complete table, fails loudly on each kind of damage."""
 import json
+from contextlib import contextmanager
 from io import StringIO
 
 import numpy as np
+import psycopg2
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -10,6 +12,7 @@ from django.db import connection
 
 from segments.models import QuarantinedSegment
 from segments.models import Segment
+from segments.switch import verify as verify_module
 from tests.conftest import MINILM_PATH, manage
 
 TEXTS = [f"Segment {i} about {topic}." for i, topic in enumerate(
@@ -69,17 +72,35 @@ def test_a_complete_table_passes_every_check(complete, minilm):
     assert checks["coverage"]["segments_with_text"] == len(TEXTS) and checks["coverage"]["blank"] == 1
     assert checks["stale"]["sampled"] == len(TEXTS) and checks["stale"]["min_cosine"] > 0.999
     assert checks["recall"]["recall_at_10"] == 1.0 and checks["recall"]["queries"] == len(TEXTS)
+    # 40 queries at recall 1.0: the pooled neighbours' Wilson bound, 400 / (400 + 1.96²).
+    assert (checks["recall"]["ci95_low"], checks["recall"]["ci95_high"]) == (pytest.approx(0.9905, abs=1e-4), 1.0)
+    assert checks["recall"]["verdict"] == "pass" and checks["recall"]["budget_spent"] is False
+    assert checks["recall"]["timed_out"] == 0 and checks["recall"]["sampled"] == len(TEXTS)
     assert checks["index"]["index"] == "segments_embedding_hnsw"
 
 
 def test_the_text_report_names_each_check_and_the_recall_figure(complete, minilm):
     out = StringIO()
-    call_command("verify_embeddings", "--sample", "5", stdout=out, encoder=minilm)
+    call_command("verify_embeddings", stdout=out, encoder=minilm)
 
     text = out.getvalue()
     assert "Embeddings in segments.embedding (phase final)" in text
-    assert "recall@10 = 1.000 over 5 queries at ef_search 100 (>= 0.95)" in text
+    assert ("recall@10 = 1.000, 95% interval 0.990..1.000, over 40 queries at ef_search 100: >= 0.95 with 95% "
+            "confidence.") in text
     assert text.rstrip().endswith("All checks passed.")
+    with connection.cursor() as cursor:  # each recall query's statement_timeout was put back
+        cursor.execute("SHOW statement_timeout")
+        assert cursor.fetchone()[0] == "0"
+
+
+def test_too_few_recall_queries_are_reported_as_not_proven_without_failing(complete, minilm):
+    report, error = run(minilm, sample=5)
+
+    recall = report["checks"]["recall"]
+    assert error is None and recall["ok"] is None and recall["verdict"] == "inconclusive"
+    assert recall["ci95_low"] == pytest.approx(50 / (50 + 1.96**2), abs=1e-3) and recall["ci95_high"] == 1.0
+    assert "0.95 or more on average, not proven with 95% confidence" in recall["message"]
+    assert "--sample, --recall-seconds" in recall["message"]
 
 
 def test_a_missing_vector_fails_coverage(complete, minilm):
@@ -254,3 +275,59 @@ def test_verbosity_zero_prints_nothing_when_every_check_passes(complete, minilm)
     call_command("verify_embeddings", "--sample", "5", verbosity=0, stdout=out, encoder=minilm)
 
     assert out.getvalue() == ""
+
+
+# --- The recall check's time limits: every query waits on a lock another session holds ---------
+
+@contextmanager
+def table_locked():
+    """Another session holds ACCESS EXCLUSIVE on segments: every search waits until its timeout."""
+    other = psycopg2.connect(**connection.get_connection_params())
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("LOCK TABLE segments IN ACCESS EXCLUSIVE MODE")  # in psycopg2's open transaction
+        yield
+    finally:
+        other.rollback()
+        other.close()
+
+
+def sampled_rows(count):
+    with connection.cursor() as cursor:
+        return verify_module._sample(cursor, "embedding", None, count)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_recall_queries_that_time_out_are_reported_not_dropped(minilm):
+    write_segments(minilm, TEXTS[:10])
+    rows = sampled_rows(3)
+
+    with table_locked():
+        check = verify_module._recall(rows, "embedding", 100, seconds=60, query_seconds=0.2, using="default")
+
+    assert check.ok is False and check.figures["queries"] == 0
+    assert check.figures["timed_out"] == 3 and sorted(check.figures["timed_out_ids"]) == sorted(r[0] for r in rows)
+    assert check.message.startswith("No recall measured: 3 timed out after 0.2 s or less and are not counted "
+                                    "(segment ids ")
+    assert "--recall-query-seconds" in check.message
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_recall_budget_stops_the_sampling(minilm):
+    write_segments(minilm, TEXTS)
+    rows = sampled_rows(40)
+
+    with table_locked():  # each query takes its whole timeout: 0.2 s, then what is left of 0.5 s
+        check = verify_module._recall(rows, "embedding", 100, seconds=0.5, query_seconds=0.2, using="default")
+
+    figures = check.figures
+    assert figures["budget_spent"] is True and figures["sampled"] == 40
+    assert 1 <= figures["timed_out"] < 40 and figures["queries"] == 0
+    assert f"the 0.5 s budget was spent after {figures['timed_out']} of 40 sampled queries" in check.message
+
+
+def test_the_recall_options_must_be_positive(complete, minilm):
+    with pytest.raises(CommandError, match="--recall-seconds must be more than 0"):
+        call_command("verify_embeddings", "--recall-seconds", "0", encoder=minilm)
+    with pytest.raises(CommandError, match="--recall-query-seconds must be more than 0"):
+        call_command("verify_embeddings", "--recall-query-seconds", "-1", encoder=minilm)

@@ -48,7 +48,7 @@ class Command(BaseCommand):
         columns = status["columns"]
         for label, column in (("new column", columns["vector"]), ("legacy column", columns["legacy"])):
             if column:
-                yield f"  {label:<14}{column['name']} vector({column['dimensions']})"
+                yield f"  {label:<14}{column['name']} {column.get('type', 'vector')}({column['dimensions']})"
         yield "  steps         " + "  ".join(f"{MARKS[s['state']]} {s['step']}" for s in status["steps"])
 
     def _rows(self, status):
@@ -93,6 +93,19 @@ class Command(BaseCommand):
             state = self.style.SUCCESS("valid") if index["valid"] else self.style.ERROR("INVALID")
             kind = f" ({index['method']} {index['opclass']})" if "method" in index else ""
             yield f"{label}: {index['name']}{kind} {state}"
+        yield from self._index_plan(status["index_plan"])
+
+    def _index_plan(self, plan):
+        """What an HNSW build on the new column runs with (segments.index_build), and why."""
+        if plan is None:
+            return
+        graph = plan["estimate"]
+        yield (f"HNSW build: graph of {graph['rows']:,} × {graph['value_type']} ≈ {human_bytes(graph['bytes'])}; "
+               f"maintenance_work_mem {human_bytes(plan['maintenance_work_mem'])}, "
+               f"up to {plan['parallel_workers']} parallel worker(s)"
+               + (self.style.SUCCESS(" (fits)") if plan["fits"] else self.style.ERROR(" (does NOT fit)")))
+        yield f"  memory: {plan['maintenance_work_mem_why']}"
+        yield f"  workers: {plan['parallel_workers_why']}"
 
     def _swap(self, status):
         swap = status["swap"]

@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass
 
 from django.conf import settings
 
+from segments.storage import STORAGES
+
 MB = 2**20
 POINTER, ALIGNMENT = 8, 8  # pgvector's relative/absolute pointers; MAXALIGN on 64-bit servers
 ELEMENT_BYTES = 128  # sizeof(HnswElementData)
@@ -55,8 +57,6 @@ CANDIDATE_BYTES = 16  # sizeof(HnswCandidate)
 NEIGHBOR_ARRAY_HEADER = 8  # offsetof(HnswNeighborArray, items)
 CHUNK_HEADER = 8  # a Generation memory context's header per allocation (serial builds, PostgreSQL 15+)
 PARALLEL_KEPT = 3 * MB + MB  # of a parallel build's shared segment: 3 MB for other uses, 1 MB not reported
-VALUE_HEADER = 8  # varlena header + int16 dimensions + int16 unused
-VALUE_WIDTH = {"vector": 4, "halfvec": 2}  # bytes per dimension
 
 HEADROOM = 0.25  # more memory than the estimate: rows inserted during the build, PostgreSQL < 15's larger headers
 OTHER_INDEX_MEMORY = 2**30  # for an index that is not HNSW (the value every build used before sizing)
@@ -84,7 +84,7 @@ def value_bytes(value_type):
     match = _TYPE.fullmatch(value_type or "")
     if match is None:
         raise ValueError(f"{value_type!r} is not a vector(d) or halfvec(d) type: no HNSW graph estimate for it.")
-    return VALUE_HEADER + VALUE_WIDTH[match[1]] * int(match[2])
+    return STORAGES[match[1]].value_bytes(int(match[2]))
 
 
 def element_bytes(value_size, m, parallel=False):

@@ -140,16 +140,13 @@ class VectorWriter:
 
     def _column_type(self, cursor):
         """`vector` or `halfvec`: the type of the target column (ValueError for any other)."""
-        cursor.execute(
-            "SELECT t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
-            "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND NOT a.attisdropped",
-            [self.table, self.column],
-        )
-        row = cursor.fetchone()
-        if row is None or row[0] not in VALUE_TYPES:
-            found = "no such column" if row is None else f"a {row[0]} column"
-            raise ValueError(f"{self.table}.{self.column} must be a vector or halfvec column ({found}).")
-        return row[0]
+        # The column as the UPDATE will name it (quoted or not, through the search_path).
+        cursor.execute(f"SELECT {self.column} FROM {self.table} LIMIT 0")
+        cursor.execute("SELECT typname FROM pg_type WHERE oid = %s", [cursor.description[0][1]])
+        (type_name,) = cursor.fetchone()
+        if type_name not in VALUE_TYPES:
+            raise ValueError(f"{self.table}.{self.column} must be a vector or halfvec column, not {type_name}.")
+        return type_name
 
     @property
     def staging_table(self):

@@ -30,15 +30,17 @@ def _search_panel(axes, figures):
         axes.text(0.5, 0.5, "search suite not run", ha="center", va="center", transform=axes.transAxes)
         axes.set_axis_off()
         return
-    sweep = figures["sweep"]
-    axes.plot([entry["p50_ms"] for entry in sweep], [entry["recall_at_10"] for entry in sweep], marker="o",
-              label="p50")
-    axes.plot([entry["p95_ms"] for entry in sweep], [entry["recall_at_10"] for entry in sweep], marker=".",
-              linestyle=":", label="p95")
-    for entry in sweep:
-        axes.annotate(f"ef {entry['ef_search']}", (entry["p50_ms"], entry["recall_at_10"]), fontsize=7,
-                      textcoords="offset points", xytext=(4, -8))
-    axes.axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
+    for name, type_figures in (figures.get("types") or {"vector": figures}).items():
+        sweep = type_figures["sweep"]
+        line, = axes.plot([entry["p50_ms"] for entry in sweep], [entry["recall_at_10"] for entry in sweep],
+                          marker="o", label=f"{name} p50")
+        axes.plot([entry["p95_ms"] for entry in sweep], [entry["recall_at_10"] for entry in sweep], marker=".",
+                  linestyle=":", color=line.get_color(), label=f"{name} p95")
+        for entry in sweep:
+            axes.annotate(f"ef {entry['ef_search']}", (entry["p50_ms"], entry["recall_at_10"]), fontsize=7,
+                          textcoords="offset points", xytext=(4, -8))
+    for target in (0.95, 0.98):  # the recall targets at 100,000 and at a million rows
+        axes.axhline(target, color="grey", linestyle="--", linewidth=0.8)
     axes.set_xlabel("query latency, SQL only (ms)")
     axes.set_ylabel("recall@10 against exact search")
     axes.set_title(f"search: {figures['rows']:,} rows, HNSW ({figures['vectors']} vectors)", fontsize=10)

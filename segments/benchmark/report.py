@@ -145,25 +145,122 @@ def render_backfill(figures):
     ]
 
 
-def render_search(figures):
-    rows = [[entry["ef_search"], f"{entry['p50_ms']:.2f}", f"{entry['p95_ms']:.2f}", f"{entry['recall_at_10']:.3f}"]
-            for entry in figures["sweep"]]
-    reached = "smallest ef_search reaching recall 0.95" if figures["recall_target_reached"] else (
-        "recall 0.95 NOT reached in the sweep; best recall")
-    return [
-        f"search: {figures['rows']:,} rows, {figures['index']}, built in {figures['index_build_s']:.1f} s "
-        f"({figures['index_mb']:.0f} MB); index used: {'yes' if figures['index_used'] else 'NO'}",
-        f"  vectors: {figures['vectors_source']}",
-        f"  {figures['queries']} queries: {figures['query_vectors']}; exact search p50 {figures['exact_p50_ms']:.1f} ms",
-        *_table(["ef_search", "p50 ms", "p95 ms", "recall@10"], rows),
-        f"  {reached}: ef_search {figures['ef_search']}, p50 {figures['p50_ms']:.2f} ms, "
-        f"p95 {figures['p95_ms']:.2f} ms, recall@10 {figures['recall_at_10']:.3f}",
-        f"  with query encoding ({figures['with_encoding_queries']} queries): p50 "
-        f"{figures['with_encoding_p50_ms']:.1f} ms, p95 {figures['with_encoding_p95_ms']:.1f} ms with "
-        f"{figures['with_encoding_torch_threads']} torch threads; p50 {figures['with_encoding_one_thread_p50_ms']:.1f} ms, "
-        f"p95 {figures['with_encoding_one_thread_p95_ms']:.1f} ms with 1",
-        *_targets(figures),
+def _per_type(types, cell):
+    return [cell(figures) for figures in types.values()]
+
+
+def _build_cell(figures):
+    build = figures["index_build"]
+    fitted = "graph fitted" if build["graph_fitted_in_memory"] else "graph did NOT fit"
+    return f"{build['maintenance_work_mem_human']} ({fitted}), {build['parallel_workers']} workers"
+
+
+def _search_overview(figures, types):
+    legacy = figures["legacy_column_bytes"]
+    rows = [
+        ["load (binary COPY)", *_per_type(types, lambda t: f"{t['load_s']:.1f} s, {_n(t['load_rows_per_s'])} rows/s")],
+        ["HNSW build", *_per_type(types, lambda t: f"{t['index_build_s']:.1f} s")],
+        ["build settings", *_per_type(types, _build_cell)],
+        ["index size", *_per_type(types, lambda t: f"{t['index_mb']:,.0f} MB")],
+        ["vector bytes per row", *_per_type(types, lambda t: f"{t['column_bytes_per_row']:,.0f} "
+                                            f"({t['share_of_legacy_column']:.1%} of legacy)")],
+        ["table bytes per row", *_per_type(types, lambda t: f"{t['table_bytes_per_row']:,.0f}")],
+        ["exact search p50 (SQL)", *_per_type(types, lambda t: f"{t['exact_p50_ms']:.1f} ms")],
+        ["HNSW index used", *_per_type(types, lambda t: "yes" if t["index_used"] else "NO")],
     ]
+    return [*_table(["", *_per_type(types, lambda t: t["type"])], rows),
+            f"  legacy: a 1536-dim vector takes {legacy:,} bytes; shared_buffers {figures['shared_buffers_mb']:,.0f} MB "
+            "(an index larger than it is read through the OS cache)"]
+
+
+def _sweep_table(types):
+    header, rows = ["ef_search"], []
+    for name, figures in types.items():
+        header += [f"{name} p50", "p95", "recall@10"] + (["vs float32"] if name != "vector" else [])
+    for i, entry in enumerate(next(iter(types.values()))["sweep"]):
+        row = [entry["ef_search"]]
+        for name, figures in types.items():
+            point = figures["sweep"][i]
+            row += [f"{point['p50_ms']:.2f}", f"{point['p95_ms']:.2f}", f"{point['recall_at_10']:.3f}"]
+            if name != "vector":
+                row.append(f"{point['recall_at_10_vs_float32']:.3f}")
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _operating_points(types):
+    lines = []
+    for name, figures in types.items():
+        for key in (key for key in figures if key.startswith("at_recall_")):
+            point, target = figures[key], key.removeprefix("at_recall_")
+            found = "smallest ef_search reaching" if point["reached"] else "NOT reached; best"
+            lines.append(f"  {name}, recall {target} {found}: ef_search {point['ef_search']}, p50 {point['p50_ms']:.2f} ms, "
+                         f"p95 {point['p95_ms']:.2f} ms, recall@10 {point['recall_at_10']:.3f}")
+    return lines
+
+
+def _filtered_table(types):
+    first = next(iter(types.values()))["filtered"]
+    header, rows = ["filter", "iterative scan"], []
+    for name in types:
+        header += [f"{name} p50", "p95", "recall@10", "rows min/mean"]
+    for i, entry in enumerate(first["filters"]):
+        for mode in first["modes"]:
+            row = [f"{entry['filter']} ({entry['rows_matching']:,})", mode]
+            for figures in types.values():
+                result = figures["filtered"]["filters"][i]["modes"].get(mode)
+                row += ["-"] * 4 if result is None else [
+                    f"{result['p50_ms']:.2f}", f"{result['p95_ms']:.2f}", f"{result['recall_at_10']:.3f}",
+                    f"{result['rows_min']}/{result['rows_mean']:.1f}"]
+            rows.append(row)
+    efs = ", ".join(f"{name} {figures['filtered']['ef_search']}" for name, figures in types.items())
+    used = "yes" if all(figures["filtered"]["index_used"] for figures in types.values()) else "NO"
+    return [f"  filtered searches (WHERE video_id = X, no btree on it), ef_search: {efs}; hnsw.max_scan_tuples "
+            f"{first['max_scan_tuples']:,}; {first['k']} rows asked; HNSW index used: {used}",
+            *_table(header, rows, left=(0, 1))]
+
+
+def _derived_check(check):
+    sets = check["sets"]
+    rows = [[entry["ef_search"], *[f"{figures['sweep'][i]['recall_at_10']:.3f}" for figures in sets.values()]]
+            for i, entry in enumerate(sets["real"]["sweep"])]
+    differences = ", ".join(f"{name} {value:.3f}" for name, value in check["largest_recall_difference"].items())
+    distances = ", ".join(f"{name} {figures['mean_distance_at_10']:.3f}" for name, figures in sets.items())
+    return [
+        f"  derived vectors checked against {check['real_vectors']:,} real ones ({check['queries']} real queries), "
+        "recall@10:",
+        *_table(["ef_search", *sets], rows, indent="    "),
+        f"    largest recall difference from the real vectors: {differences}",
+        f"    mean cosine distance from a query to its 10th neighbour: {distances}",
+    ]
+
+
+def render_search(figures):
+    types = figures["types"]
+    first = next(iter(types.values()))
+    lines = [
+        f"search: {figures['rows']:,} rows, {first['index']} on each type",
+        f"  vectors: {figures['vectors_source']}",
+        f"  {figures['queries']} queries: {figures['query_vectors']}",
+        *_search_overview(figures, types),
+        *_sweep_table(types),
+        *_operating_points(types),
+        *_filtered_table(types),
+        f"  filter column: {figures['filter_assignment']}",
+    ]
+    for name, t in types.items():
+        lines.append(f"  {name} with query encoding ({t['with_encoding_queries']} queries): p50 "
+                     f"{t['with_encoding_p50_ms']:.1f} ms, p95 {t['with_encoding_p95_ms']:.1f} ms with "
+                     f"{t['with_encoding_torch_threads']} torch threads; p50 {t['with_encoding_one_thread_p50_ms']:.1f} ms, "
+                     f"p95 {t['with_encoding_one_thread_p95_ms']:.1f} ms with 1")
+    for name, t in types.items():
+        build = t["index_build"]
+        lines.append(f"  {name} build: maintenance_work_mem {build['maintenance_work_mem_human']} "
+                     f"({build['maintenance_work_mem_why']}); workers {build['parallel_workers']} "
+                     f"({build['parallel_workers_why']})")
+    if "derived_check" in figures:
+        lines += _derived_check(figures["derived_check"])
+    return lines + _targets(figures)
 
 
 def render_rerank(figures):
@@ -215,7 +312,7 @@ def better(name, old, new):
     if new == old or name.endswith(("ef_search", "batch_size", "rows", "texts", "queries", "dimensions",
                                     "table_rows", "top_k", "pairs", "rerankings", "max_seq_length",
                                     "mean_tokens_per_text", "with_encoding_queries", "simulated_gpu_texts_per_s",
-                                    "production_rounds", "rounds")):
+                                    "production_rounds", "rounds", "legacy_column_bytes", "shared_buffers_mb")):
         return ""
     higher = any(word in name for word in HIGHER_IS_BETTER)
     return "better" if (new > old) == higher else "worse"

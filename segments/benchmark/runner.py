@@ -10,7 +10,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from segments.benchmark import backfill, db_write, encode, encoders, interrupts, machine, rerank, scratch, search
+from segments.benchmark import (
+    backfill, db_write, encode, encoders, filtered, interrupts, machine, rerank, scratch, search,
+)
 from segments.benchmark import source as sources
 
 # Suite name (for --suite) -> (JSON key, the suite's run function).
@@ -42,6 +44,13 @@ class Options:
     ef_search: tuple = search.DEFAULT_EF_SEARCH
     queries: int = 200
     search_vectors: str = "auto"
+    search_types: tuple = search.SEARCH_TYPES  # the pgvector types the search suite compares
+    derive_base: int = 8_000  # real vectors the derived search vectors come from
+    check_derived: bool = False  # compare derived vectors' recall curve with real ones'
+    vector_cache: str | None = None  # where embedded base texts are cached; None: derived.default_cache()
+    index_memory: int | None = None  # maintenance_work_mem of the search suite's HNSW builds, bytes; None: planned
+    index_workers: int | None = None  # max_parallel_maintenance_workers of those builds; None: planned
+    max_scan_tuples: int = filtered.DEFAULT_MAX_SCAN_TUPLES  # hnsw.max_scan_tuples of the iterative scans
     seed: int = 0
     using: str = "default"
 

@@ -1,304 +1,217 @@
-"""The search suite: HNSW latency and recall@10 against exact search, for a sweep of ef_search.
+"""The search suite: `vector` and `halfvec` side by side: load, HNSW build, size, latency and recall@10.
 
-A scratch table of `--rows` vectors gets an HNSW index with the live index's parameters
-(segments.models.HNSW_M, HNSW_EF_CONSTRUCTION, cosine distance). The vectors are, by
-`--search-vectors`:
+For each type of `--search-types` (vector(d) and halfvec(d) by default) a scratch table of
+`--rows` rows (search_sets.py says where they come from) is loaded by binary COPY and given an
+HNSW index with the live index's parameters (segments.models.HNSW_M, HNSW_EF_CONSTRUCTION, the
+type's cosine operator class), built with the memory and parallel workers reported
+(search_tables.py). Then, on the same queries (search_queries.py times and scores them):
 
-- `live`: the live table's own vectors (its first `--rows` that have one): the real thing;
-- `words`: each text's words hashed to unit vectors (HashingEncoder) and summed: texts that share
-  words are near each other, as similar texts are under a real model;
-- `hashing`: HashingEncoder over whole texts: unrelated random vectors, the hardest case for HNSW;
-- `model`: the benchmarked model over the texts (slow on a CPU: for small `--rows`);
-- `auto` (default): `live` when the live table holds enough vectors, else `words`.
+- the sweep of `--ef-search`: p50/p95 latency and recall@10 against the exact answer, computed in
+  numpy (truth.py) from the very values the column holds (float16-rounded for halfvec; for it,
+  the recall against the float32 answer too, each row it returned scored in float32);
+- filtered searches (filtered.py): a video holding 10% and one holding 1% of the rows, with
+  pgvector 0.8's iterative index scans off, relaxed_order and strict_order, at the ef_search
+  that reached recall FULL_RECALL_TARGET: latency, recall against the exact filtered answer,
+  rows returned;
+- the bytes a vector takes in the table (mean pg_column_size), against a legacy 1536-dim vector.
 
-Queries are perturbed row vectors (a random row's vector plus Gaussian noise of norm
-QUERY_NOISE, renormalised), so each query has true near neighbours as a real query does.
-Recall counts a returned row as found when its distance is within the exact 10th distance
-(ties among identical vectors do not count as misses). Latency is the SQL alone (vector given);
-the figures "with encoding" add embedding the query text with the model, with torch's
-configured thread count and with one thread (on a busy machine, one query's many small
-operations can wait for a second thread far longer than they compute).
+With `--check-derived`, derived vectors are checked against real ones (derived_check.py).
+The top-level figures (`p50_ms`, `recall_at_10`, `sweep`, ...) are the `vector` table's, as
+before; `types` holds every type's.
 """
-import contextlib
-import io
-import re
-import struct
-import time
-
 import numpy as np
-from django.conf import settings
-from django.db import connections, transaction
+from django.db import connections
 
+from segments.benchmark import derived_check, filtered, search_tables, truth
 from segments.benchmark.measure import percentile_ms
-from segments.benchmark.scratch import quote
+from segments.benchmark.search_queries import (
+    K, RECALL_TARGET, TRUTH_SLACK, chosen, index_used, literal, recall, rescored, run_queries, sweep,
+    torch_thread_count, with_encoding,
+)
+from segments.benchmark.search_sets import search_set
+from segments.demo_data import LEGACY_DIMENSIONS
 from segments.models import HNSW_EF_CONSTRUCTION, HNSW_M
+from segments.search import has_iterative_scan
+from segments.storage import STORAGES
 
-K = 10
 DEFAULT_EF_SEARCH = (10, 20, 40, 80, 100, 200, 400, 800)
-QUERY_NOISE = 0.5
-RECALL_TARGET = 0.95
+SEARCH_TYPES = ("vector", "halfvec")
 LATENCY_TARGET_MS = 10
 TARGET_ROWS = 100_000
+# At a million rows: p50 under 5 ms at recall@10 >= 0.98; a halfvec at most 13% of a legacy vector.
+FULL_RECALL_TARGET = 0.98
+FULL_LATENCY_TARGET_MS = 5
+FULL_TARGET_ROWS = 1_000_000
+LEGACY_SHARE_TARGET = 0.13
+LEGACY_COLUMN_BYTES = STORAGES["vector"].value_bytes(LEGACY_DIMENSIONS)  # 6,152
 ENCODED_QUERIES = 50
-VECTOR_SOURCES = ("auto", "live", "words", "hashing", "model")
-WORD = re.compile(r"\w+")
-COPY_CHUNK = 20_000
-# On a small table the planner prefers a sequential scan; the sweep measures the index.
-INDEX_ONLY = "SET LOCAL enable_seqscan = off"
+EXACT_TIMED_QUERIES = 10  # exact searches timed in SQL (the recall's exact answers come from numpy)
 
 
-def copy_payload(ids, vectors):
-    """Binary COPY data for the columns (id int4, embedding vector(dims))."""
-    count, dims = vectors.shape
-    rows = np.empty(count, dtype=np.dtype([
-        ("fields", ">i2"), ("id_size", ">i4"), ("id", ">i4"),
-        ("v_size", ">i4"), ("v_dim", ">i2"), ("v_unused", ">i2"), ("v", ">f4", (dims,)),
-    ]))
-    rows["fields"], rows["id_size"], rows["id"] = 2, 4, ids
-    rows["v_size"], rows["v_dim"], rows["v_unused"], rows["v"] = 4 + 4 * dims, dims, 0, vectors
-    return io.BytesIO(b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0) + rows.tobytes() + struct.pack(">h", -1))
+def _operating_point(entries, target):
+    best, reached = chosen(entries, target)
+    return {"ef_search": best["ef_search"], "p50_ms": best["p50_ms"], "p95_ms": best["p95_ms"],
+            "recall_at_10": best["recall_at_10"], "reached": reached}
 
 
-def word_vectors(texts, dims):
-    """Sum of the HashingEncoder vectors of each text's lower-cased words, renormalised."""
-    from embeddings.fakes import HashingEncoder
-
-    words = [WORD.findall(text.lower()) or [text] for text in texts]
-    vocabulary = sorted({word for text_words in words for word in text_words})
-    index = {word: i for i, word in enumerate(vocabulary)}
-    table = HashingEncoder(dims).encode_documents(vocabulary)
-    flat = np.fromiter((index[word] for text_words in words for word in text_words), dtype=np.int64)
-    starts = np.cumsum([0] + [len(text_words) for text_words in words[:-1]])
-    vectors = np.add.reduceat(table[flat], starts, axis=0)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-
-
-def live_vector_count(cursor, column):
-    cursor.execute(f"SELECT count({quote(column)}) FROM public.segments")
-    return cursor.fetchone()[0]
-
-
-def choose_source(ctx, cursor):
-    wanted = ctx.options.search_vectors
-    if wanted != "auto":
-        return wanted
-    if ctx.column.in_live_table and live_vector_count(cursor, ctx.column.name) >= ctx.options.rows:
-        return "live"
-    return "words"
-
-
-def fill_table(ctx, cursor, table, kind):
-    """Put `--rows` vectors of kind `kind` into `table`; returns (table holding their texts, description)."""
-    rows, dims = ctx.options.rows, ctx.column.dimensions
-    if kind == "live":
-        column = quote(ctx.column.name)
-        cursor.execute(f"INSERT INTO {table} (id, embedding) SELECT id, {column} FROM public.segments "
-                       f"WHERE {column} IS NOT NULL ORDER BY id LIMIT %s", [rows])
-        return "public.segments", f"the live table's own vectors ({cursor.rowcount:,} rows)"
-    source = ctx.source()
-    cursor.execute(f"SELECT id, text FROM {source.table} ORDER BY id LIMIT %s", [rows])
-    fetched = cursor.fetchall()
-    ids, texts = np.array([row[0] for row in fetched]), [row[1] for row in fetched]
-    if kind == "words":
-        vectors, description = word_vectors(texts, dims), "hashed words of each text, summed (HashingEncoder)"
-    elif kind == "hashing":
-        from embeddings.fakes import HashingEncoder
-
-        vectors = HashingEncoder(dims).encode_documents(texts)
-        description = "HashingEncoder over whole texts (unrelated random vectors: HNSW's hardest case)"
-    else:
-        vectors, description = ctx.service.encode_documents(texts), f"the model: {ctx.model_label}"
-    for start in range(0, len(ids), COPY_CHUNK):
-        cursor.cursor.copy_expert(f"COPY {table} (id, embedding) FROM STDIN WITH (FORMAT binary)",
-                                  copy_payload(ids[start:start + COPY_CHUNK], vectors[start:start + COPY_CHUNK]))
-    return source.table, f"{description}, over {source.description}"
+def filtered_figures(ctx, cursor, table, type_name, data, videos, rows_stored, queries_stored, ef):
+    """Each filter of filtered.FILTERS under each iterative-scan mode, at `ef`."""
+    modes = filtered.MODES if has_iterative_scan(ctx.options.using) else ("off",)
+    literals = [literal(query) for query in queries_stored]
+    figures = []
+    for name, video, share in filtered.FILTERS:
+        matching = int(np.sum(videos == video))
+        entry = {"filter": name, "video_id": video, "share": share, "rows_matching": matching,
+                 "rows_expected": min(K, matching), "modes": {}}
+        figures.append(entry)
+        if not matching:
+            continue
+        exact = truth.filtered_top_k(rows_stored, data.ids, videos, video, queries_stored, K)
+        for mode in modes:
+            ctx.progress(f"search: {type_name}, filter on a {share:.0%} video, iterative scan {mode}")
+            statements = filtered.settings_sql(ef, mode, ctx.options.max_scan_tuples)
+            durations, found = filtered.run(cursor, table, type_name, literals, video, statements, K)
+            counts = [len(rows) for rows in found]
+            entry["modes"][mode] = {
+                "p50_ms": percentile_ms(durations, 50), "p95_ms": percentile_ms(durations, 95),
+                "recall_at_10": recall(found, exact, TRUTH_SLACK), "rows_min": min(counts),
+                "rows_mean": float(np.mean(counts)),
+                "share_with_all_rows": float(np.mean([count >= entry["rows_expected"] for count in counts]))}
+    return {"k": K, "ef_search": ef, "max_scan_tuples": ctx.options.max_scan_tuples, "modes": list(modes),
+            "index_used": filtered.index_used(cursor, table, type_name, literals[0], filtered.FILTERS[0][1], K),
+            "filters": figures}
 
 
-def build_index(cursor, table):
-    """Build the HNSW index as migration 0004 does; returns the seconds it took."""
-    cursor.execute("SET maintenance_work_mem = %s", [settings.INDEX_MAINTENANCE_WORK_MEM])
-    started = time.perf_counter()
-    try:
-        cursor.execute(f"CREATE INDEX ON {table} USING hnsw (embedding vector_cosine_ops) "
-                       f"WITH (m = {int(HNSW_M)}, ef_construction = {int(HNSW_EF_CONSTRUCTION)})")
-    finally:
-        cursor.execute("RESET maintenance_work_mem")
-    seconds = time.perf_counter() - started
-    cursor.execute(f"ANALYZE {table}")
-    return seconds
+def _against_float32(data, float32_exact):
+    """extra figures of a sweep: recall against the float32 answer, each row scored in float32."""
+    def figures(found):
+        scored = rescored(found, data.ids, data.vectors, data.queries)
+        return {"recall_at_10_vs_float32": recall(scored, float32_exact, TRUTH_SLACK)}
+    return figures
 
 
-def make_queries(cursor, table, text_table, count, seed):
-    """(query vectors, texts of their rows): perturbed copies of `count` random rows' vectors."""
-    rng = np.random.default_rng(seed)
-    cursor.execute(f"SELECT id FROM {table} ORDER BY id")
-    ids = np.array([row[0] for row in cursor.fetchall()])
-    chosen_ids = [int(i) for i in rng.choice(ids, size=min(count, len(ids)), replace=False)]
-    cursor.execute(f"SELECT s.id, s.embedding::text, t.text FROM {table} s JOIN {text_table} t USING (id) "
-                   "WHERE s.id = ANY(%s)", [chosen_ids])
-    by_id = {row[0]: row[1:] for row in cursor.fetchall()}
-    vectors = np.array([by_id[i][0][1:-1].split(",") for i in chosen_ids], dtype=np.float32)
-    noise = rng.standard_normal(vectors.shape).astype(np.float32)
-    noise *= QUERY_NOISE / np.linalg.norm(noise, axis=1, keepdims=True)
-    queries = vectors + noise
-    return queries / np.linalg.norm(queries, axis=1, keepdims=True), [by_id[i][1] for i in chosen_ids]
-
-
-def literal(vector):
-    return "[" + ",".join(f"{value:.9g}" for value in vector.tolist()) + "]"
-
-
-def _top_k_sql(table):
-    return f"SELECT id, embedding <=> %s::vector FROM {table} ORDER BY embedding <=> %s::vector LIMIT {K}"
-
-
-def run_queries(cursor, table, literals, settings_sql):
-    """(per-query seconds, per-query [(id, distance)]) with `settings_sql` SET LOCAL first."""
-    sql, durations, results = _top_k_sql(table), [], []
-    with transaction.atomic(using=cursor.db.alias):
-        for statement in settings_sql:
-            cursor.execute(statement)
-        for query in literals:
-            started = time.perf_counter()
-            cursor.execute(sql, [query, query])
-            rows = cursor.fetchall()
-            durations.append(time.perf_counter() - started)
-            results.append(rows)
-    return durations, results
-
-
-def recall(found, exact):
-    """Mean share of each query's exact top K found; a row at the Kth exact distance counts."""
-    shares = []
-    for rows, truth in zip(found, exact):
-        threshold = truth[-1][1] + 1e-6
-        shares.append(min(K, sum(1 for _, distance in rows if distance <= threshold)) / len(truth))
-    return float(np.mean(shares))
-
-
-def index_used(cursor, table, query):
-    """True when the sweep's plan is an HNSW index scan (the distance matches the opclass)."""
-    with transaction.atomic(using=cursor.db.alias):
-        cursor.execute(INDEX_ONLY)
-        cursor.execute(f"EXPLAIN {_top_k_sql(table)}", [query, query])
-        return any("Index Scan" in line for (line,) in cursor.fetchall())
-
-
-def sweep(ctx, cursor, table, literals, exact):
-    results = []
-    for ef in ctx.options.ef_search:
-        ctx.progress(f"search: ef_search {ef}")
-        durations, found = run_queries(cursor, table, literals, [INDEX_ONLY, f"SET LOCAL hnsw.ef_search = {int(ef)}"])
-        results.append({"ef_search": ef, "p50_ms": percentile_ms(durations, 50), "p95_ms": percentile_ms(durations, 95),
-                        "recall_at_10": recall(found, exact)})
-    return results
-
-
-def chosen(results):
-    """The smallest ef_search reaching the recall target, else the one with the best recall."""
-    reaching = [entry for entry in results if entry["recall_at_10"] >= RECALL_TARGET]
-    if reaching:
-        return min(reaching, key=lambda entry: entry["ef_search"]), True
-    return max(results, key=lambda entry: (entry["recall_at_10"], -entry["ef_search"])), False
-
-
-@contextlib.contextmanager
-def torch_threads(count):
-    """Run the block with torch using `count` threads (None: as configured)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count or previous)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def with_encoding(ctx, cursor, table, texts, ef, threads=None):
-    """Per-query seconds of embedding the query text with the model plus the SQL, at `ef`."""
-    with torch_threads(threads):
-        return _with_encoding(ctx, cursor, table, texts, ef)
-
-
-def _with_encoding(ctx, cursor, table, texts, ef):
-    sql, durations = _top_k_sql(table), []
-    ctx.service.encode_queries(texts[:1])  # warm-up
-    with transaction.atomic(using=cursor.db.alias):
-        cursor.execute(INDEX_ONLY)
-        cursor.execute(f"SET LOCAL hnsw.ef_search = {int(ef)}")
-        for text in texts:
-            started = time.perf_counter()
-            query = literal(ctx.service.encode_query(text))
-            cursor.execute(sql, [query, query])
-            cursor.fetchall()
-            durations.append(time.perf_counter() - started)
-    return durations
-
-
-def run(ctx):
-    """Build the scratch index, sweep ef_search; returns the suite's figures."""
-    table = ctx.scratch.table("search")
-    with connections[ctx.options.using].cursor() as cursor:
-        kind = choose_source(ctx, cursor)
-        ctx.progress(f"search: filling {ctx.options.rows:,} rows ({kind} vectors)")
-        cursor.execute(f"CREATE TABLE {table} (id int4 PRIMARY KEY, embedding vector({int(ctx.column.dimensions)}))")
-        text_table, description = fill_table(ctx, cursor, table, kind)
-        ctx.progress("search: building the HNSW index")
-        build_seconds = build_index(cursor, table)
-        queries, texts = make_queries(cursor, table, text_table, ctx.options.queries, ctx.options.seed)
-        literals = [literal(query) for query in queries]
-        ctx.progress(f"search: exact top {K} of {len(literals)} queries")
-        exact_durations, exact = run_queries(cursor, table, literals, ["SET LOCAL enable_indexscan = off"])
-        results = sweep(ctx, cursor, table, literals, exact)
-        best, reached = chosen(results)
-        ctx.progress("search: with query encoding")
-        encoded = with_encoding(ctx, cursor, table, texts[:ENCODED_QUERIES], best["ef_search"])
-        encoded_one_thread = with_encoding(ctx, cursor, table, texts[:ENCODED_QUERIES], best["ef_search"], threads=1)
-        uses_index = index_used(cursor, table, literals[0])
-        rows, index_bytes = table_sizes(cursor, table)
-        cursor.execute(f"DROP TABLE {table}")
+def measure_type(ctx, cursor, type_name, data, videos, float32_exact):
+    """Every figure of one type's table: load, build, sizes, the sweep, filtered searches, encoding."""
+    table, rows = ctx.scratch.table(f"search_{type_name}"), len(data.ids)
+    storage = STORAGES[type_name]
+    search_tables.create(cursor, table, type_name, data.vectors.shape[1])
+    ctx.progress(f"search: loading {rows:,} rows into {storage.sql_type(data.vectors.shape[1])} (binary COPY)")
+    load_s = search_tables.load(cursor, table, type_name, data.ids, videos, data.vectors)
+    build = search_tables.build_settings(cursor, table, rows, type_name, ctx.options.index_memory,
+                                         ctx.options.index_workers)
+    ctx.progress(f"search: building the {type_name} HNSW index (maintenance_work_mem "
+                 f"{build.as_dict()['maintenance_work_mem_human']}, {build.parallel_workers} parallel workers)")
+    build_s, fitted = search_tables.build_index(cursor, table, type_name, build)
+    sizes = search_tables.sizes(cursor, table)
+    rows_stored = search_tables.stored(data.vectors, type_name)
+    queries_stored = search_tables.stored(data.queries, type_name)
+    exact = float32_exact if type_name == "vector" else truth.top_k(rows_stored, data.ids, queries_stored, K)
+    literals = [literal(query) for query in queries_stored]
+    entries = sweep(ctx, cursor, table, type_name, literals, exact,
+                    None if type_name == "vector" else _against_float32(data, float32_exact))
+    exact_durations, _ = run_queries(cursor, table, literals[:EXACT_TIMED_QUERIES],
+                                     ["SET LOCAL enable_indexscan = off"], type_name)
+    at_target, at_full_target = _operating_point(entries, RECALL_TARGET), _operating_point(entries, FULL_RECALL_TARGET)
+    filters = filtered_figures(ctx, cursor, table, type_name, data, videos, rows_stored, queries_stored,
+                               at_full_target["ef_search"])
+    ctx.progress(f"search: {type_name}, with query encoding")
+    texts = data.query_texts[:ENCODED_QUERIES]
+    encoded = with_encoding(ctx, cursor, table, texts, at_target["ef_search"], type_name=type_name)
+    encoded_one = with_encoding(ctx, cursor, table, texts, at_target["ef_search"], threads=1, type_name=type_name)
+    uses_index = index_used(cursor, table, literals[0], type_name)
+    cursor.execute(f"DROP TABLE {table}")
     return {
-        "rows": rows,
-        "vectors": kind,
-        "vectors_source": description,
-        "queries": len(literals),
-        "query_vectors": f"perturbed row vectors: a random row's vector plus Gaussian noise of norm {QUERY_NOISE}, "
-                         "renormalised",
-        "index": f"hnsw (m={HNSW_M}, ef_construction={HNSW_EF_CONSTRUCTION}, vector_cosine_ops)",
-        "index_build_s": build_seconds,
-        "index_mb": index_bytes / 2**20,
+        "type": storage.sql_type(data.vectors.shape[1]),
+        "index": f"hnsw (m={HNSW_M}, ef_construction={HNSW_EF_CONSTRUCTION}, {storage.cosine_opclass})",
+        "rows": sizes["rows"],
+        "load_s": load_s,
+        "load_rows_per_s": rows / load_s if load_s > 0 else None,
+        "index_build_s": build_s,
+        "index_build": {**build.as_dict(), "graph_fitted_in_memory": fitted},
+        "index_mb": sizes["index_bytes"] / 2**20,
         "index_used": uses_index,
+        "column_bytes_per_row": sizes["column_bytes_per_row"],
+        "share_of_legacy_column": sizes["column_bytes_per_row"] / LEGACY_COLUMN_BYTES,
+        "table_bytes_per_row": sizes["table_bytes"] / max(1, sizes["rows"]),
         "exact_p50_ms": percentile_ms(exact_durations, 50),
-        "ef_search": best["ef_search"],
-        "p50_ms": best["p50_ms"],
-        "p95_ms": best["p95_ms"],
-        "recall_at_10": best["recall_at_10"],
-        "recall_target_reached": reached,
+        "exact_queries_timed": len(exact_durations),
+        "sweep": entries,
+        f"at_recall_{RECALL_TARGET}": at_target,
+        f"at_recall_{FULL_RECALL_TARGET}": at_full_target,
+        "filtered": filters,
         "with_encoding_p50_ms": percentile_ms(encoded, 50),
         "with_encoding_p95_ms": percentile_ms(encoded, 95),
         "with_encoding_queries": len(encoded),
         "with_encoding_torch_threads": torch_thread_count(),
-        "with_encoding_one_thread_p50_ms": percentile_ms(encoded_one_thread, 50),
-        "with_encoding_one_thread_p95_ms": percentile_ms(encoded_one_thread, 95),
-        "sweep": results,
-        "targets": {
-            f"p50_under_{LATENCY_TARGET_MS}_ms_at_recall_{RECALL_TARGET}": reached and best["p50_ms"] < LATENCY_TARGET_MS,
-            f"measured_on_at_least_{TARGET_ROWS}_rows": rows >= TARGET_ROWS,
-        },
+        "with_encoding_one_thread_p50_ms": percentile_ms(encoded_one, 50),
+        "with_encoding_one_thread_p95_ms": percentile_ms(encoded_one, 95),
     }
 
 
-def torch_thread_count():
-    import torch
+def _returns_k_rows(figures):
+    """Whether the iterative relaxed_order scan returned every row expected, for every filter."""
+    filters = [entry for entry in figures["filtered"]["filters"] if entry["rows_matching"]]
+    return bool(filters) and all("relaxed_order" in entry["modes"] and
+                                 entry["modes"]["relaxed_order"]["rows_min"] == entry["rows_expected"]
+                                 for entry in filters)
 
-    return torch.get_num_threads()
+
+def targets(types, rows):
+    """Each target: the former one (vector, 100k rows) and those at a million rows, per type."""
+    main = types.get("vector") or next(iter(types.values()))
+    at_target = main[f"at_recall_{RECALL_TARGET}"]
+    met = {
+        f"p50_under_{LATENCY_TARGET_MS}_ms_at_recall_{RECALL_TARGET}":
+            at_target["reached"] and at_target["p50_ms"] < LATENCY_TARGET_MS,
+        f"measured_on_at_least_{TARGET_ROWS}_rows": rows >= TARGET_ROWS,
+        f"measured_on_at_least_{FULL_TARGET_ROWS}_rows": rows >= FULL_TARGET_ROWS,
+    }
+    for name, figures in types.items():
+        point = figures[f"at_recall_{FULL_RECALL_TARGET}"]
+        met[f"{name}_p50_under_{FULL_LATENCY_TARGET_MS}_ms_at_recall_{FULL_RECALL_TARGET}"] = (
+            point["reached"] and point["p50_ms"] < FULL_LATENCY_TARGET_MS)
+        met[f"{name}_filtered_searches_return_{K}_rows"] = _returns_k_rows(figures)
+    if "halfvec" in types:
+        met[f"halfvec_column_at_most_{LEGACY_SHARE_TARGET:.0%}_of_legacy"] = (
+            types["halfvec"]["share_of_legacy_column"] <= LEGACY_SHARE_TARGET)
+    return met
 
 
-def table_sizes(cursor, table):
-    """(rows, bytes of the HNSW index) of the scratch search table."""
-    cursor.execute(f"SELECT count(*) FROM {table}")
-    rows = cursor.fetchone()[0]
-    cursor.execute("SELECT coalesce(sum(pg_relation_size(indexrelid)), 0)::bigint FROM pg_index "
-                   "WHERE indrelid = %s::regclass AND NOT indisprimary", [table])
-    return rows, cursor.fetchone()[0]
+def run(ctx):
+    """Measure each type of --search-types on the same rows and queries; returns the suite's figures."""
+    with connections[ctx.options.using].cursor() as cursor:
+        data = search_set(ctx, cursor)
+        videos = filtered.assign_videos(len(data.ids), ctx.options.seed)
+        ctx.progress(f"search: exact top {K} of {len(data.queries)} queries (numpy)")
+        float32_exact = truth.top_k(data.vectors, data.ids, data.queries, K)
+        types = {name: measure_type(ctx, cursor, name, data, videos, float32_exact) for name in ctx.options.search_types}
+        check = None
+        if ctx.options.check_derived:
+            check = derived_check.run(ctx, cursor, data.real, data.queries)
+        buffers = search_tables.shared_buffers(cursor)
+    main = types.get("vector") or next(iter(types.values()))
+    at_target = main[f"at_recall_{RECALL_TARGET}"]
+    results = {
+        "rows": main["rows"],
+        "vectors": data.kind,
+        "vectors_source": data.description,
+        "vectors_details": data.details,
+        "queries": len(data.queries),
+        "query_vectors": data.query_description,
+        **{key: main[key] for key in ("index", "index_build_s", "index_mb", "index_used", "exact_p50_ms")},
+        "ef_search": at_target["ef_search"],
+        "p50_ms": at_target["p50_ms"],
+        "p95_ms": at_target["p95_ms"],
+        "recall_at_10": at_target["recall_at_10"],
+        "recall_target_reached": at_target["reached"],
+        **{key: value for key, value in main.items() if key.startswith("with_encoding")},
+        "sweep": main["sweep"],
+        "types": types,
+        "legacy_column_bytes": LEGACY_COLUMN_BYTES,
+        "filter_assignment": filtered.ASSIGNMENT,
+        "shared_buffers_mb": buffers / 2**20,
+        "targets": targets(types, main["rows"]),
+    }
+    if check is not None:
+        results["derived_check"] = check
+    return results

@@ -5,8 +5,8 @@ import argparse
 import numpy as np
 import pytest
 
-from segments.benchmark import encoders, report, search
-from segments.management.commands.embedding_benchmark import positive_ints
+from segments.benchmark import derived, encoders, filtered, report, search, search_queries, search_sets, truth
+from segments.management.commands.embedding_benchmark import memory_size, positive_ints, type_names
 
 
 def hits(*distances):
@@ -43,7 +43,7 @@ def test_without_an_ef_search_reaching_the_target_the_best_recall_is_reported_as
 
 
 def test_word_vectors_put_texts_sharing_words_closer_than_unrelated_ones():
-    vectors = search.word_vectors(
+    vectors = search_sets.word_vectors(
         ["insulin resistance and ketosis", "ketosis and insulin resistance again", "sleep quality of athletes"], 384
     )
     assert vectors.shape == (3, 384) and vectors.dtype == np.float32
@@ -56,7 +56,7 @@ def test_perturbed_queries_stay_near_their_row():
     row = rng.standard_normal(384).astype(np.float32)
     row /= np.linalg.norm(row)
     noise = rng.standard_normal(384).astype(np.float32)
-    query = row + search.QUERY_NOISE * noise / np.linalg.norm(noise)
+    query = row + search_sets.QUERY_NOISE * noise / np.linalg.norm(noise)
     query /= np.linalg.norm(query)
     assert 0.85 < float(row @ query) < 0.95  # near, not identical: cos = 1 / sqrt(1 + noise^2)
 
@@ -103,3 +103,78 @@ def test_the_bge_small_shape_has_bge_small_en_v1_5s_configuration_and_says_its_v
     assert vectors.shape == (2, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     service = encoders.ShapedService("bge-small", device="cpu", dimensions=384)
     assert "meaningless" in encoders.model_label(service)
+
+
+def test_memory_sizes_and_search_types_are_parsed_and_bad_ones_refused():
+    assert memory_size("3GB") == 3 * 2**30 and memory_size("512 mb") == 512 * 2**20
+    assert type_names("halfvec, vector,halfvec") == ("halfvec", "vector")
+    for parse, bad in ((memory_size, "512"), (memory_size, "512kB"), (memory_size, "lots"),
+                       (type_names, "vector,bitvec"), (type_names, "")):
+        with pytest.raises(ValueError):
+            parse(bad)
+
+
+def test_the_exact_answer_is_the_k_nearest_by_cosine_distance_over_blocks():
+    rng = np.random.default_rng(4)
+    rows, queries = rng.standard_normal((1000, 16)), rng.standard_normal((5, 16))
+    ids = np.arange(100, 1100)
+    found = truth.top_k(rows, ids, queries, 10, block=64)  # many blocks, one partial
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    for query, answer in zip(queries, found):
+        distance = 1 - unit @ (query / np.linalg.norm(query))
+        expected = np.argsort(distance)[:10]
+        assert [row_id for row_id, _ in answer] == list(ids[expected])
+        assert [d for _, d in answer] == pytest.approx(distance[expected], abs=1e-5)
+
+
+def test_the_exact_filtered_answer_only_holds_rows_of_the_video():
+    rng = np.random.default_rng(5)
+    rows, videos = rng.standard_normal((500, 8)), filtered.assign_videos(500, seed=1)
+    found = truth.filtered_top_k(rows, np.arange(500), videos, 1, rng.standard_normal((3, 8)), 10)
+    assert all(len(answer) == 10 and all(videos[row_id] == 1 for row_id, _ in answer) for answer in found)
+
+
+def test_filter_videos_hold_about_ten_and_one_percent_of_the_rows():
+    videos = filtered.assign_videos(200_000, seed=0)
+    assert np.mean(videos == 1) == pytest.approx(0.10, abs=0.005)
+    assert np.mean(videos == 2) == pytest.approx(0.01, abs=0.001)
+
+
+class CountingEncoder:
+    def __init__(self):
+        self.calls = 0
+
+    def encode_documents(self, texts):
+        self.calls += 1
+        return np.random.default_rng(len(texts)).standard_normal((len(texts), 8), dtype=np.float32)
+
+
+def test_embedded_base_texts_are_cached_by_model_and_texts(tmp_path):
+    encoder = CountingEncoder()
+    first, cached = derived.embedded(encoder, ["a", "b", "c"], "documents", tmp_path, "model-a")
+    again, cached_again = derived.embedded(encoder, ["a", "b", "c"], "documents", tmp_path, "model-a")
+    derived.embedded(encoder, ["a", "b", "c"], "documents", tmp_path, "model-b")
+    derived.embedded(encoder, ["a", "b", "d"], "documents", tmp_path, "model-a")
+    assert (cached, cached_again, encoder.calls) == (False, True, 3)
+    assert np.array_equal(first, again) and np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-6)
+
+
+def test_derived_vectors_are_unit_vectors_repeatable_by_seed_with_every_origin_used_equally():
+    base = derived.normalise(np.random.default_rng(6).standard_normal((50, 32), dtype=np.float32))
+    rows = derived.derive(base, 500, seed=3)
+    assert rows.shape == (500, 32) and rows.dtype == np.float32
+    assert np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(rows, derived.derive(base, 500, seed=3))
+    assert not np.array_equal(rows, derived.derive(base, 500, seed=4))
+    assert np.bincount(derived.origins(500, 50, seed=3)).tolist() == [10] * 50
+    with pytest.raises(ValueError, match="at least 2 base vectors"):
+        derived.derive(base[:1], 10)
+
+
+def test_rows_found_in_one_type_are_rescored_in_float32_against_the_float32_answer():
+    ids = np.array([3, 7, 9])
+    vectors = np.array([[1, 0], [0.6, 0.8], [0, 1]], dtype=np.float32)
+    found = [[(9, 0.5), (3, 0.5)]]  # distances as a rounded column gave them
+    [rescored] = search_queries.rescored(found, ids, vectors, np.array([[2, 0]], dtype=np.float32))
+    assert [row_id for row_id, _ in rescored] == [9, 3]
+    assert [distance for _, distance in rescored] == pytest.approx([1.0, 0.0])

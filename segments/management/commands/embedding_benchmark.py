@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -9,7 +10,8 @@ from segments.benchmark.encoders import SHAPES, BenchmarkModelUnavailable
 from segments.benchmark.interrupts import Terminated
 from segments.benchmark.encode import CPU_BATCH_SIZES, CUDA_BATCH_SIZES
 from segments.benchmark.runner import DEFAULT_TEXTS, DEFAULT_TEXTS_CPU, SUITES, Options, run
-from segments.benchmark.search import VECTOR_SOURCES
+from segments.benchmark.search import SEARCH_TYPES
+from segments.benchmark.search_sets import VECTOR_SOURCES, SearchVectorsUnavailable
 from segments.schema import SchemaNotReady
 
 MAX_EF_SEARCH = 1000  # pgvector's limit for hnsw.ef_search
@@ -21,6 +23,25 @@ def positive_ints(raw):
     if not values or min(values) < 1:
         raise ValueError(raw)
     return values
+
+
+MEMORY_UNITS = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40}
+
+
+def memory_size(raw):
+    """'2GB' -> bytes (kB, MB, GB or TB, at least 1MB: maintenance_work_mem's least)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(kB|MB|GB|TB)\s*", raw, flags=re.IGNORECASE)
+    if match is None or int(match[1]) * MEMORY_UNITS[match[2].lower()] < 2**20:
+        raise ValueError(raw)
+    return int(match[1]) * MEMORY_UNITS[match[2].lower()]
+
+
+def type_names(raw):
+    """'vector,halfvec' -> ('vector', 'halfvec'), each a pgvector type the search suite knows."""
+    names = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    if not names or set(names) - set(SEARCH_TYPES):
+        raise ValueError(raw)
+    return names
 
 
 def _listed(values):
@@ -56,8 +77,28 @@ class Command(BaseCommand):
         parser.add_argument("--queries", type=int, default=Options.queries,
                             help=f"Queries per ef_search value (default {Options.queries}).")
         parser.add_argument("--search-vectors", choices=VECTOR_SOURCES, default="auto",
-                            help="Vectors of the search table: the live table's, hashed words, hashed texts "
-                                 "(random), or the model's (default auto: live if there are enough, else words).")
+                            help="Vectors of the search table: the live table's, derived from real ones (the model "
+                                 "over --derive-base texts), hashed words, hashed texts (random), or the model's "
+                                 "(default auto: live if there are enough, else words).")
+        parser.add_argument("--search-types", type=type_names, metavar="TYPE,TYPE", default=Options.search_types,
+                            help=f"pgvector types the search suite compares (default {_listed(SEARCH_TYPES)}).")
+        parser.add_argument("--derive-base", type=int, default=Options.derive_base, metavar="N",
+                            help=f"Real vectors the derived search vectors come from (default {Options.derive_base:,}; "
+                                 "embedded once, then cached).")
+        parser.add_argument("--check-derived", action="store_true",
+                            help="With --search-vectors derived: compare the recall curves of derived and real "
+                                 "vectors at --derive-base rows.")
+        parser.add_argument("--vector-cache", type=Path, metavar="DIR",
+                            help="Folder caching the embedded base texts (default .benchmark-cache/).")
+        parser.add_argument("--index-memory", type=memory_size, metavar="SIZE",
+                            help="maintenance_work_mem of the search suite's HNSW builds, such as 3GB (default: as "
+                                 "the live build would plan it for the table's size).")
+        parser.add_argument("--index-workers", type=int, metavar="N",
+                            help="max_parallel_maintenance_workers of those builds (default: as the live build "
+                                 "would plan it).")
+        parser.add_argument("--max-scan-tuples", type=int, default=Options.max_scan_tuples, metavar="N",
+                            help=f"hnsw.max_scan_tuples of the filtered searches' iterative scans (default "
+                                 f"{Options.max_scan_tuples:,}, pgvector's).")
         parser.add_argument("--seed", type=int, default=0, help="Seed of every random choice (default 0).")
         parser.add_argument("--database", default="default", help="Database alias (default 'default').")
         parser.add_argument("--json", action="store_true", help="Print one JSON object instead of the table.")
@@ -84,15 +125,27 @@ class Command(BaseCommand):
                               ("simulated_gpu_rate", 1)):
             if options[name] is not None and options[name] < minimum:
                 raise CommandError(f"--{name.replace('backfill_', '').replace('_', '-')} must be at least {minimum}.")
+        for name, minimum in (("derive_base", 2), ("index_workers", 0), ("max_scan_tuples", 1)):
+            if options[name] is not None and options[name] < minimum:
+                raise CommandError(f"--{name.replace('_', '-')} must be at least {minimum}.")
         if max(options["ef_search"]) > MAX_EF_SEARCH:
             raise CommandError(f"--ef-search values must be at most {MAX_EF_SEARCH} (pgvector's limit).")
+        if options["check_derived"] and options["search_vectors"] != "derived":
+            raise CommandError("--check-derived compares derived vectors with real ones: add --search-vectors derived.")
+        if options["search_vectors"] == "derived" and options["model_shape"]:
+            raise CommandError("--search-vectors derived needs the model's real vectors, and --model-shape gives "
+                               "meaningless ones: drop --model-shape (set EMBEDDING_MODEL to a model that loads here).")
         suites = options["suites"] or list(SUITES)
         return Options(
             suites=tuple(name for name in SUITES if name in suites), rows=options["rows"], texts=options["texts"],
             batch_sizes=options["batch_sizes"], backfill_batch_size=options["backfill_batch_size"],
             model_shape=options["model_shape"], simulated_gpu_rate=options["simulated_gpu_rate"],
             ef_search=options["ef_search"], queries=options["queries"],
-            search_vectors=options["search_vectors"], seed=options["seed"], using=options["database"],
+            search_vectors=options["search_vectors"], search_types=options["search_types"],
+            derive_base=options["derive_base"], check_derived=options["check_derived"],
+            vector_cache=str(options["vector_cache"]) if options["vector_cache"] else None,
+            index_memory=options["index_memory"], index_workers=options["index_workers"],
+            max_scan_tuples=options["max_scan_tuples"], seed=options["seed"], using=options["database"],
         )
 
     @staticmethod
@@ -117,7 +170,7 @@ class Command(BaseCommand):
     def run(benchmark, progress):
         try:
             return run(benchmark, progress)
-        except (BenchmarkModelUnavailable, SchemaNotReady) as exc:
+        except (BenchmarkModelUnavailable, SchemaNotReady, SearchVectorsUnavailable) as exc:
             raise CommandError(str(exc)) from None
         except ImproperlyConfigured as exc:
             raise CommandError(f"{exc} Fix the setting, or pass --model-shape bge-small.") from None

@@ -219,6 +219,8 @@ class _Table:
 
         if column is not None and column.type_name == "vector":
             return []
+        if column is not None and column.type_name == "halfvec" and self.phase in ("swapped", "final"):
+            return []  # the new column, stored as halfvec (segments/storage.py)
         if column is None:
             return [Finding(ERROR, "column_missing", f"{TABLE}.embedding is missing: the project needs the legacy "
                             "vector column to start from (it becomes the new 384-dim column at the swap).",

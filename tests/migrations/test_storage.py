@@ -85,6 +85,7 @@ def test_the_whole_switch_with_each_storage(storage, segments_at):
     assert swap.details["embedded_under_lock"] == 1
     assert column_type("embedding") == f"{storage}(384)"
     assert f"USING hnsw (embedding {opclass})" in index_definition("segments_embedding_hnsw")
+    assert preflight.inspect().blocking == []  # what `migrate` and `check --database default` run
     results = search("fasting and ketones", k=5, encoder=encoder)
     assert len(results.hits) == 5 and results.column == "embedding"
 
@@ -94,6 +95,7 @@ def test_the_whole_switch_with_each_storage(storage, segments_at):
     steps.contract(confirmed=True)
 
     assert embedding_schema().phase == "final" and column_type("embedding") == f"{storage}(384)"
+    assert preflight.inspect().blocking == []
     assert median_value_bytes("embedding") == STORAGES[storage].value_bytes(384)
     final, expected = stored_vectors("embedding"), expected_values(encoder, storage)
     assert late[0] in expected and all(np.array_equal(final[i], expected[i]) for i in expected)

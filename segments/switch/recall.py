@@ -36,30 +36,18 @@ from django.db import OperationalError, connections, transaction
 
 from segments.search import nearest
 
-Z95 = 1.959964  # the standard normal's 97.5th percentile
-# Student's t, 97.5th percentile, for 1..30 degrees of freedom; beyond, a Cornish-Fisher expansion.
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 QUERY_CANCELED = "57014"
 METHOD = "union of Student's t over per-query recalls and Wilson over pooled neighbours"
 
 
-def t975(df):
-    """Student's t distribution's 97.5th percentile for `df` >= 1 degrees of freedom."""
-    if df <= len(T975):
-        return T975[df - 1]
-    z = Z95
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
 def wilson(found, asked):
     """The 95% Wilson score interval of a proportion `found` / `asked`."""
+    from scipy.stats import binomtest
+
     if asked == 0:
         return 0.0, 1.0
-    p, z2 = found / asked, Z95**2
-    centre = (p + z2 / (2 * asked)) / (1 + z2 / asked)
-    half = Z95 / (1 + z2 / asked) * math.sqrt(p * (1 - p) / asked + z2 / (4 * asked**2))
-    return centre - half, centre + half
+    ci = binomtest(found, asked).proportion_ci(confidence_level=0.95, method="wilson")
+    return ci.low, ci.high
 
 
 def interval(recalls, found, asked):
@@ -70,7 +58,9 @@ def interval(recalls, found, asked):
         return 0.0, 1.0
     mean = sum(recalls) / n
     sd = math.sqrt(sum((r - mean) ** 2 for r in recalls) / (n - 1))
-    half = t975(n - 1) * sd / math.sqrt(n)
+    from scipy.stats import t
+
+    half = t.ppf(0.975, n - 1) * sd / math.sqrt(n)
     low, high = wilson(found, asked)
     return max(0.0, min(mean - half, low)), min(1.0, max(mean + half, high))
 

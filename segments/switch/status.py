@@ -255,7 +255,7 @@ def _vector_indexes(cursor, column, method=None, opclass=None):
 
 
 def _hnsw_index(cursor, column):
-    """The HNSW vector_cosine_ops index the search uses (as segments.search.cosine_index finds it)."""
+    """The HNSW cosine index the search uses (as segments.search.cosine_index finds it)."""
     found = [index for index in _vector_indexes(cursor, column, "hnsw") if index.opclass in COSINE_OPCLASSES] \
         if column else []
     return {"name": found[0].name, "valid": found[0].valid} if found else None

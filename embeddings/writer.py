@@ -26,26 +26,30 @@ from django.db import DatabaseError
 # Binary COPY: signature, flags (int32), header extension length (int32) ... rows ... -1 (int16).
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 COPY_TRAILER = struct.pack("!h", -1)
-FIELD_COUNT = 3  # id, text_md5, v
 VALUE_TYPES = {"vector": ">f4", "halfvec": ">f2"}  # pgvector type: its binary value, big-endian
 HALF_MAX = float(np.finfo(np.float16).max)
 
 
-def row_dtype(dims, type_name="vector"):
-    """numpy dtype of one binary COPY row (id int4, text_md5 uuid, v vector(dims) or
-    halfvec(dims)), big-endian.
+def copy_rows(fields, vectors, type_name="vector"):
+    """Binary COPY data for rows of fixed-size `fields` [(numpy dtype, values)] followed by one
+    vector(dims) or halfvec(dims) column holding `vectors`, an (n, dims) array.
 
-    Each field is its byte length (int32) followed by its value; pgvector's binary `vector` and
-    `halfvec` are dim (int16), unused (int16, zero), then dim float32 (float16) values.
+    Each field is its byte length (int32) followed by its value, big-endian; pgvector's binary
+    `vector` and `halfvec` are dim (int16), unused (int16, zero), then dim float32 (float16) values.
     """
-    return np.dtype(
-        [
-            ("fields", ">i2"),
-            ("id_size", ">i4"), ("id", ">i4"),
-            ("md5_size", ">i4"), ("md5", "V16"),
-            ("v_size", ">i4"), ("v_dim", ">i2"), ("v_unused", ">i2"), ("v", VALUE_TYPES[type_name], (dims,)),
-        ]
-    )
+    count, dims = vectors.shape
+    layout = [("fields", ">i2")]
+    for number, (dtype, _) in enumerate(fields):
+        layout += [(f"size{number}", ">i4"), (f"field{number}", dtype)]
+    layout += [("v_size", ">i4"), ("v_dim", ">i2"), ("v_unused", ">i2"), ("v", VALUE_TYPES[type_name], (dims,))]
+    rows = np.empty(count, dtype=np.dtype(layout))
+    rows["fields"] = len(fields) + 1
+    for number, (dtype, values) in enumerate(fields):
+        rows[f"size{number}"] = np.dtype(dtype).itemsize
+        rows[f"field{number}"] = values
+    rows["v_size"] = 4 + rows.dtype["v"].base.itemsize * dims
+    rows["v_dim"], rows["v_unused"], rows["v"] = dims, 0, vectors
+    return COPY_HEADER + rows.tobytes() + COPY_TRAILER
 
 
 def md5_bytes(value):
@@ -66,22 +70,13 @@ def copy_payload(ids, text_md5s, vectors, type_name="vector"):
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
         raise ValueError(f"vectors must be a 2-D array (rows, dims), not shape {vectors.shape}")
-    count, dims = vectors.shape
+    count = vectors.shape[0]
     if not (len(ids) == len(text_md5s) == count):
         raise ValueError(f"{len(ids)} ids, {len(text_md5s)} md5s and {count} vectors: they must match")
     if type_name == "halfvec" and count and float(np.nanmax(np.abs(vectors))) > HALF_MAX:
         raise ValueError(f"a value beyond ±{HALF_MAX:g} cannot be stored in a halfvec column")
-    rows = np.empty(count, dtype=row_dtype(dims, type_name))
-    rows["fields"] = FIELD_COUNT
-    rows["id_size"] = 4
-    rows["id"] = np.asarray(ids, dtype=np.int64)
-    rows["md5_size"] = 16
-    rows["md5"] = np.frombuffer(b"".join(md5_bytes(m) for m in text_md5s), dtype="V16")
-    rows["v_size"] = 4 + rows.dtype["v"].base.itemsize * dims
-    rows["v_dim"] = dims
-    rows["v_unused"] = 0
-    rows["v"] = vectors
-    return COPY_HEADER + rows.tobytes() + COPY_TRAILER
+    md5s = np.frombuffer(b"".join(md5_bytes(m) for m in text_md5s), dtype="V16")
+    return copy_rows([(">i4", np.asarray(ids, dtype=np.int64)), ("V16", md5s)], vectors, type_name)
 
 
 class VectorWriter:

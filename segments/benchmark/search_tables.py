@@ -14,13 +14,12 @@ the parallel workers the server allows). Whether the graph fitted is read from p
 ("hnsw graph no longer fits into maintenance_work_mem").
 """
 import io
-import struct
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from embeddings.writer import VALUE_TYPES
+from embeddings.writer import VALUE_TYPES, copy_rows
 from segments import index_build
 from segments.models import HNSW_EF_CONSTRUCTION, HNSW_M
 from segments.storage import STORAGES
@@ -43,15 +42,7 @@ def create(cursor, table, type_name, dimensions):
 
 def copy_payload(ids, videos, vectors, type_name="vector"):
     """Binary COPY data for the columns (id int4, video_id int4, embedding vector(d) or halfvec(d))."""
-    count, dims = vectors.shape
-    rows = np.empty(count, dtype=np.dtype([
-        ("fields", ">i2"), ("id_size", ">i4"), ("id", ">i4"), ("video_size", ">i4"), ("video", ">i4"),
-        ("v_size", ">i4"), ("v_dim", ">i2"), ("v_unused", ">i2"), ("v", VALUE_TYPES[type_name], (dims,)),
-    ]))
-    rows["fields"], rows["id_size"], rows["id"], rows["video_size"], rows["video"] = 3, 4, ids, 4, videos
-    rows["v_size"] = 4 + np.dtype(VALUE_TYPES[type_name]).itemsize * dims
-    rows["v_dim"], rows["v_unused"], rows["v"] = dims, 0, vectors
-    return io.BytesIO(b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0) + rows.tobytes() + struct.pack(">h", -1))
+    return io.BytesIO(copy_rows([(">i4", ids), (">i4", videos)], vectors, type_name))
 
 
 def load(cursor, table, type_name, ids, videos, vectors):

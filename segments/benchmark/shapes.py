@@ -20,7 +20,7 @@ import io
 import numpy as np
 from django.db import DatabaseError
 
-from embeddings.writer import COPY_HEADER, COPY_TRAILER
+from embeddings.writer import copy_rows
 from segments import demo_data
 from segments.benchmark.scratch import quote
 from segments.schema import embedding_schema, pending_sql, vector_columns
@@ -47,15 +47,8 @@ def legacy_column(using="default"):
 
 
 def _id_vector_payload(ids, vectors):
-    """Binary COPY data for (id int4, v vector(dims)); see embeddings/writer.py for the format."""
-    dims = vectors.shape[1]
-    rows = np.empty(len(ids), dtype=np.dtype([
-        ("fields", ">i2"), ("id_size", ">i4"), ("id", ">i4"),
-        ("v_size", ">i4"), ("v_dim", ">i2"), ("v_unused", ">i2"), ("v", ">f4", (dims,)),
-    ]))
-    rows["fields"], rows["id_size"], rows["id"] = 2, 4, np.asarray(ids, dtype=np.int64)
-    rows["v_size"], rows["v_dim"], rows["v_unused"], rows["v"] = 4 + 4 * dims, dims, 0, vectors
-    return COPY_HEADER + rows.tobytes() + COPY_TRAILER
+    """Binary COPY data for (id int4, v vector(dims))."""
+    return copy_rows([(">i4", np.asarray(ids, dtype=np.int64))], np.asarray(vectors, dtype=np.float32))
 
 
 def fill_legacy_source(cursor, scratch, source, seed=0, using="default"):

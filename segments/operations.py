@@ -273,8 +273,7 @@ class BuildWatcher(threading.Thread):
                     self._report(*blocker[2:])
 
     def _report(self, pid, state, seconds, query, phase, lockers_done, lockers_total):
-        query = " ".join((query or "").split())
-        query = query[:QUERY_SHOWN] + "..." if len(query) > QUERY_SHOWN else query
+        query = shown_query(query)
         age = "unknown" if seconds is None else str(timedelta(seconds=int(seconds)))
         if lockers_total:
             phase = f"{phase}: {lockers_done} of {lockers_total} transactions done"
@@ -287,6 +286,12 @@ class BuildWatcher(threading.Thread):
         logger.warning(message)
         if self.stream is not None:
             self.stream.write(message + "\n")
+
+
+def shown_query(query):
+    """A session's query as reported: whitespace collapsed, cut at QUERY_SHOWN characters."""
+    query = " ".join((query or "").split())
+    return query[:QUERY_SHOWN] + "..." if len(query) > QUERY_SHOWN else query
 
 
 # The sessions backend %(pid)s waits for: those pg_blocking_pids() names (the lock waits) and the

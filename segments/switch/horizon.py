@@ -12,7 +12,8 @@ import time
 from datetime import timedelta
 from typing import NamedTuple
 
-QUERY_SHOWN = 120
+from segments.operations import QUERY_SHOWN, shown_query
+
 POLL_SECONDS = 0.5
 
 # Sessions of this database whose transaction began before %(since)s and holds a snapshot or a
@@ -53,8 +54,7 @@ def holders(cursor, since):
 
 
 def describe(who, state, seconds, application, query):
-    query = " ".join((query or "").split())
-    query = query[:QUERY_SHOWN] + "..." if len(query) > QUERY_SHOWN else query
+    query = shown_query(query)
     age = "" if seconds is None else f", open {timedelta(seconds=int(seconds))}"
     shown = f"; its query: {query!r}" if query else ""
     return Holder(who, f"{who} ({state or 'state unknown'}{age}, {application or 'no application_name'}){shown}")

@@ -92,7 +92,7 @@ def inspect(using="default"):
         versions = live_table.versions(cursor)
         findings = [
             *version_findings(*versions),
-            *storage_findings(versions[2], _schema(using)),
+            *storage_findings(versions[2], table.schema),
             *table.column_findings(),
             *table.index_findings(live_table.stats_reset(cursor)),
             *dependent_findings(live_table.dependents(cursor), live_table.rules(cursor), table.phase),
@@ -146,7 +146,8 @@ class _Table:
         self.cursor, self.connection, self.model = cursor, connection, Segment
         self.columns = {column.name: column for column in live_table.columns(cursor)}
         self.indexes = live_table.indexes(cursor)
-        self.phase = _phase(connection.alias)
+        self.schema = _schema(connection.alias)
+        self.phase = None if self.schema is None else self.schema.phase
 
     # Columns.
 
@@ -314,12 +315,6 @@ def _schema(using):
         return embedding_schema(using)
     except SchemaNotReady:
         return None
-
-
-def _phase(using):
-    """The switch's phase (segments/schema.py); None while `embedding` is no vector column."""
-    schema = _schema(using)
-    return None if schema is None else schema.phase
 
 
 def _legacy_vector_index(index, stats_reset):

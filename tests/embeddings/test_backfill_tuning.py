@@ -1,15 +1,13 @@
 """The engine's Tuning against the real PostgreSQL: several write sessions, several claims per
-encode call, asynchronous commits; the stages' times; and encoders that refuse a real table."""
+encode call, asynchronous commits; the stages' times."""
 import json
 
 import pytest
-from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import CommandError
 from django.db import connection
 
-from segments.benchmark.encoders import SimulatedGpuEncoder
 from segments.switch.backfill import UNTUNED, Tuning, run_backfill
-from tests.embeddings.conftest import add_segments, command, scalar, sentences, stored_vectors
+from tests.embeddings.conftest import add_segments, command, scalar, sentences
 from tests.embeddings.encoders import RecordingEncoder
 from tests.embeddings.test_backfill import assert_every_vector_is_its_texts
 
@@ -98,15 +96,6 @@ def test_batches_commit_without_waiting_for_the_wal_flush_and_the_former_setting
         cursor.execute("TRUNCATE test_commit_log")
     run_backfill(RecordingEncoder(), batch_size=10, tuning=UNTUNED)
     assert commit_log() == ["on"]
-
-
-def test_the_simulated_gpu_refuses_a_real_table_before_reading_a_row():
-    add_segments(sentences(5, seed=15))
-    with pytest.raises(ImproperlyConfigured, match="only on the benchmark's scratch schemas"):
-        run_backfill(SimulatedGpuEncoder())
-    with pytest.raises(CommandError, match="only on the benchmark's scratch schemas"):
-        command("backfill_embeddings", encoder=SimulatedGpuEncoder())
-    assert all(vector is None for vector in stored_vectors().values())
 
 
 def test_writers_and_window_must_be_at_least_one():

@@ -46,7 +46,7 @@ import numpy as np
 from django.conf import settings
 from django.db import connections
 
-from segments.models import BLANK_TEXT_PATTERN
+from segments.schema import BLANK_TEXT_PATTERN
 
 logger = logging.getLogger(__name__)
 

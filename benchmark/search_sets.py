@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from segments.benchmark import derived
-from segments.benchmark.scratch import quote
+from benchmark import derived
+from benchmark.scratch import quote
 
 QUERY_NOISE = 0.5
 VECTOR_SOURCES = ("auto", "live", "derived", "words", "hashing", "model")

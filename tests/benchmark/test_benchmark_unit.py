@@ -5,8 +5,8 @@ import argparse
 import numpy as np
 import pytest
 
-from segments.benchmark import derived, encoders, filtered, report, search, search_queries, search_sets, truth
-from segments.management.commands.embedding_benchmark import memory_size, positive_ints, type_names
+from benchmark import derived, encoders, filtered, report, search, search_queries, search_sets, truth
+from benchmark.management.commands.embedding_benchmark import memory_size, positive_ints, type_names
 
 
 def hits(*distances):

@@ -8,8 +8,8 @@ import time
 
 from django.conf import settings
 
-from segments.benchmark.encoders import MEANINGLESS, RERANKER_SHAPES, quiet_transformers, reranker_loader
-from segments.benchmark.measure import per_second
+from benchmark.encoders import MEANINGLESS, RERANKER_SHAPES, quiet_transformers, reranker_loader
+from benchmark.measure import per_second
 from embeddings.encoder import ModelUnavailable
 
 QUERY_WORDS = 8

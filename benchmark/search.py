@@ -2,7 +2,7 @@
 
 For each type of `--search-types` (vector(d) and halfvec(d) by default) a scratch table of
 `--rows` rows (search_sets.py says where they come from) is loaded by binary COPY and given an
-HNSW index with the live index's parameters (segments.models.HNSW_M, HNSW_EF_CONSTRUCTION, the
+HNSW index with the live index's parameters (segments.schema.HNSW_M, HNSW_EF_CONSTRUCTION, the
 type's cosine operator class), built with the memory and parallel workers reported
 (search_tables.py). Then, on the same queries (search_queries.py times and scores them):
 
@@ -22,15 +22,14 @@ before; `types` holds every type's.
 import numpy as np
 from django.db import connections
 
-from segments.benchmark import derived_check, filtered, search_tables, truth
-from segments.benchmark.measure import percentile_ms
-from segments.benchmark.search_queries import (
+from benchmark import derived_check, filtered, search_tables, truth
+from benchmark.measure import percentile_ms
+from benchmark.search_queries import (
     K, RECALL_TARGET, TRUTH_SLACK, chosen, index_used, literal, recall, rescored, run_queries, sweep,
     torch_thread_count, with_encoding,
 )
-from segments.benchmark.search_sets import search_set
-from segments.demo_data import LEGACY_DIMENSIONS
-from segments.models import HNSW_EF_CONSTRUCTION, HNSW_M
+from benchmark.search_sets import search_set
+from segments.schema import HNSW_EF_CONSTRUCTION, HNSW_M, LEGACY_DIMENSIONS
 from segments.search import has_iterative_scan
 from segments.storage import STORAGES
 

@@ -5,16 +5,29 @@ A run works only inside its own schema, named after its database session:
 whose session no longer exists (its run was killed, SIGKILL included) and leaves alone those of
 runs still going. The live tables are only ever read.
 
+Each scratch schema has a model ledger of its own (embeddings/ledger.py: the table
+`embeddings_vector_column`, made from its model, as at the legacy phase the live database has
+none): every writer of vectors records and checks the model of the column it writes there, and
+the benchmark's writers resolve the ledger in the scratch schema (the engine's connections through
+their search_path, the db-write suite's session through `search_path_of`), so the live ledger is
+only ever read too. Its rows are keyed by the scratch schema and go with it; `forget_models`
+empties it before a table that was written is dropped or made again (the next run may write
+another model's vectors).
+
 Scratch copies of a live table are made with `CREATE TABLE ... (LIKE public.x INCLUDING ALL)`,
 then given their own id sequence (the copied default would draw ids from the live table's
 sequence) and stripped of vector indexes (the backfill runs before the HNSW index exists).
 """
 import logging
+import re
 import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from django.apps import apps
 from django.db import DatabaseError, InterfaceError, connections, transaction
+
+from embeddings.ledger import LEDGER
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +55,10 @@ class Scratch:
         """The schema-qualified, quoted name of scratch table `name`."""
         return f"{quote(self.schema)}.{quote(name)}"
 
+    def forget_models(self, cursor):
+        """Empty this schema's model ledger."""
+        cursor.execute(f"DELETE FROM {self.table(LEDGER)}")
+
     @property
     def search_path(self):
         """A search_path that resolves unqualified names to this schema first."""
@@ -57,6 +74,31 @@ class Scratch:
             if current != self.schema:  # never let scratch DDL land in a live schema
                 raise RuntimeError(f"search_path resolved to {current!r}, not the scratch schema {self.schema!r}.")
             yield cursor
+
+
+def create_from_model(cursor, scratch, model):
+    """Create the table of Django model `model` in the scratch schema, as its migrations would."""
+    with scratch.searched_first(cursor), connections[scratch.using].schema_editor(atomic=False) as editor:
+        editor.create_model(model)
+
+
+@contextmanager
+def search_path_of(using, table):
+    """Within the block, the session of database `using` resolves unqualified names (the model
+    ledger's among them) in scratch table `table`'s schema first; its search_path is restored after."""
+    connection = connections[using]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT n.nspname, current_setting('search_path') FROM pg_class c "
+                       "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s::regclass", [table])
+        schema, previous = cursor.fetchone()
+        if not re.match(NAME_REGEX, schema):
+            raise RuntimeError(f"{table} is in {schema!r}, not in a benchmark scratch schema.")
+        cursor.execute("SELECT set_config('search_path', %s, false)", [f"{quote(schema)}, public"])
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT set_config('search_path', %s, false)", [previous])
 
 
 def session_schema_name(cursor):
@@ -125,7 +167,8 @@ def _drop(using, name):
 
 @contextmanager
 def scratch_schema(using="default"):
-    """Create this run's scratch schema (after dropping leftovers); drop it on the way out.
+    """Create this run's scratch schema (after dropping leftovers) with its model ledger; drop it
+    on the way out.
 
     The drop runs on every exit: normal, exception, KeyboardInterrupt, or SIGTERM turned into
     an exception by `interrupts.sigterm_raises`. SIGINT and SIGTERM are held back meanwhile.
@@ -135,7 +178,10 @@ def scratch_schema(using="default"):
         name = session_schema_name(cursor)
         cursor.execute(f"CREATE SCHEMA {quote(name)}")
     try:
-        yield Scratch(name, using, tuple(dropped))
+        scratch = Scratch(name, using, tuple(dropped))
+        with connections[using].cursor() as cursor:
+            create_from_model(cursor, scratch, apps.get_model("embeddings", "VectorColumn"))
+        yield scratch
     finally:
         with signals_deferred(signal.SIGINT, signal.SIGTERM):
             _drop(using, name)

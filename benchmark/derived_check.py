@@ -9,8 +9,8 @@ the real one.
 """
 import numpy as np
 
-from segments.benchmark import derived, search_tables, truth
-from segments.benchmark.search_queries import K, literal, sweep
+from benchmark import derived, search_tables, truth
+from benchmark.search_queries import K, literal, sweep
 
 
 def _sets(real, seed):

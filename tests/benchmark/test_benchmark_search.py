@@ -9,8 +9,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
-from segments.benchmark import derived, filtered, search_sets, search_tables
-from segments.benchmark.scratch import scratch_schema, scratch_schemas
+from benchmark import derived, filtered, search_sets, search_tables
+from benchmark.scratch import scratch_schema, scratch_schemas
 from segments.demo_data import generate_texts
 
 pytestmark = pytest.mark.django_db(transaction=True)

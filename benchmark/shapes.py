@@ -20,10 +20,10 @@ import io
 import numpy as np
 from django.db import DatabaseError
 
+from benchmark.scratch import quote
 from embeddings.writer import copy_rows
 from segments import demo_data
-from segments.benchmark.scratch import quote
-from segments.schema import embedding_schema, pending_sql, vector_columns
+from segments.schema import LEGACY_DIMENSIONS, embedding_schema, pending_sql, vector_columns
 
 SHAPES = ("scratch", "live", "live_without_legacy_index")
 DESCRIPTIONS = {
@@ -33,7 +33,6 @@ DESCRIPTIONS = {
     "live_without_legacy_index": "live-shaped, legacy IVFFlat index dropped (the operator's drop-legacy-index)",
 }
 LEGACY_LISTS = 100  # migration 0001's IVFFlat
-LEGACY_DIMENSIONS = demo_data.LEGACY_DIMENSIONS
 COPY_CHUNK = 5_000
 
 

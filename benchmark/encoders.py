@@ -9,23 +9,21 @@ vectors are meaningless.
 The reranker gets the matching stand-in for bge-reranker-base (BERT-base compute: 12 layers,
 hidden 768).
 
-`SimulatedGpuEncoder` stands for a GPU in the backfill suite: a fixed rate, by sleeping, and
-only on the benchmark's scratch schemas.
+`SimulatedGpuEncoder` stands for a GPU in the backfill suite: a fixed rate, by sleeping. Its
+vectors mean nothing: only the backfill suite hands it to the engine, on connections that reach
+the run's scratch schema and nothing else (backfill.connector).
 """
 import logging
-import re
 import threading
 import time
 import zlib
 
 import numpy as np
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
 
-from embeddings import shapes
+from embeddings import ledger, shapes
 from embeddings.encoder import EmbeddingsService, ModelUnavailable, resolve_device
 from embeddings.shapes import MEANINGLESS, RERANKER_SHAPES, SHAPES, quiet_transformers
-from segments.benchmark.scratch import NAME_REGEX
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +124,9 @@ class SimulatedGpuEncoder:
     returns unit vectors picked from a fixed pool by a checksum of each text: no model, next to
     no CPU. Calls are timed back to back as on one device: a call waits for the previous one.
 
-    It refuses to run on anything but a benchmark scratch schema (`check_target`, asked by
-    run_backfill): its vectors mean nothing.
+    Its vectors mean nothing: the backfill suite (backfill.py) is the only code that hands it to
+    the engine, and only with `backfill.connector(scratch)`, whose connections refuse any table
+    outside the run's scratch schema.
     """
 
     POOL = 1024
@@ -143,14 +142,16 @@ class SimulatedGpuEncoder:
         self._free_at = 0.0  # time.monotonic() when the simulated device has finished its queue
         self._lock = threading.Lock()
 
-    def check_target(self, search_path):
-        """Refuse any schema but a benchmark scratch schema (segments/benchmark/scratch.py)."""
-        first = (search_path or "").split(",")[0].strip().strip('"')
-        if not re.match(NAME_REGEX, first):
-            raise ImproperlyConfigured(
-                "SimulatedGpuEncoder writes meaningless vectors: it runs only on the benchmark's scratch schemas, "
-                f"not on search_path {search_path!r}."
-            )
+    def model_identity(self):
+        """Its identity in the model ledger: its vectors of the ledger's probe texts, taken from the
+        pool without the simulated device time (embeddings.ledger.identity_of asks for it)."""
+        vectors = self._vectors(ledger.PROBE_TEXTS)
+        return ledger.ModelIdentity(self.model_name, self.dimensions,
+                                    tuple(tuple(round(float(x), 5) for x in row) for row in vectors),
+                                    "simulated GPU, vectors mean nothing", True, "")
+
+    def _vectors(self, texts):
+        return self._pool[[zlib.crc32(text.encode("utf-8", "surrogatepass")) % self.POOL for text in texts]]
 
     def check_dimensions(self, column=None, column_dimensions=None):
         if column_dimensions is not None and column_dimensions != self.dimensions:
@@ -163,8 +164,7 @@ class SimulatedGpuEncoder:
             start = max(time.monotonic(), self._free_at)
             self._free_at = start + len(texts) / self.texts_per_second
             done_at = self._free_at
-        rows = [zlib.crc32(text.encode("utf-8", "surrogatepass")) % self.POOL for text in texts]
-        vectors = self._pool[rows]  # made while the device "works", as a GPU's host side would
+        vectors = self._vectors(texts)  # made while the device "works", as a GPU's host side would
         delay = done_at - time.monotonic()
         if delay > 0:
             time.sleep(delay)

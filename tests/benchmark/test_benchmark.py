@@ -9,14 +9,14 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
-from segments.benchmark.scratch import scratch_schemas
+from benchmark.scratch import scratch_schemas
 from embeddings.fakes import HashingEncoder
 from segments.schema import vector_columns
 from tests.conftest import MINILM_PATH
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# The keys the issue promises to scripts.
+# The keys the JSON output promises to scripts.
 PROMISED_KEYS = {
     "encode": ["baseline_texts_per_s", "best_texts_per_s", "best_batch_size"],
     "db_write": ["per_row_update_rows_per_s", "bulk_update_rows_per_s", "backfill_path_rows_per_s",
@@ -206,8 +206,8 @@ def test_a_compare_file_that_is_not_a_benchmark_result_is_refused(tmp_path):
 
 def test_db_write_methods_write_the_vectors_they_are_given():
     """The three methods put exactly the given vectors on the given rows (checked on a scratch table)."""
-    from segments.benchmark import db_write
-    from segments.benchmark.scratch import scratch_schema
+    from benchmark import db_write
+    from benchmark.scratch import scratch_schema
 
     with scratch_schema() as scratch, connection.cursor() as cursor:
         table = scratch.table("t")

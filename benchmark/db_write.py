@@ -5,7 +5,10 @@ On the scratch copy (shapes.py: btree indexes, no vector index), three methods:
    way), all in one transaction;
 2. the ORM's `bulk_update` (batches of BULK_UPDATE_BATCH rows);
 3. the backfill's write path, embeddings.writer.VectorWriter (binary COPY into a staging table,
-   one UPDATE ... FROM per batch of the engine's batch size), one session.
+   one UPDATE ... FROM per batch of the engine's batch size), one session. Like every writer of
+   vectors it checks the column's model in the model ledger, batch by batch: the scratch schema's
+   ledger (its session's search_path starts there meanwhile), where its vectors are declared as
+   RANDOM_VECTORS (`identity`); the ledger is emptied with each table dropped.
 
 The production case: the backfill's write path again on a live-shaped copy (the legacy column
 filled, its IVFFlat index as the original project built it), and on the same with the legacy
@@ -26,18 +29,26 @@ from django.apps.registry import Apps
 from django.db import connections, models, transaction
 from pgvector.django import VectorField
 
+from benchmark.measure import per_second, timed
+from benchmark.scratch import quote, search_path_of
+from benchmark.shapes import DESCRIPTIONS, settle
+from benchmark.source import segments_copy
+from embeddings import ledger
 from embeddings.writer import copy_payload
-from segments.benchmark.measure import per_second, timed
-from segments.benchmark.scratch import quote
-from segments.benchmark.shapes import DESCRIPTIONS, settle
-from segments.benchmark.source import segments_copy
 from segments.switch.backfill import DEFAULT_BATCH_SIZE as BACKFILL_BATCH
 
 SLOW_METHOD_ROWS = 3_000
 BULK_UPDATE_BATCH = 1_000
-# The issue's targets for the backfill path.
+# The targets for the backfill path.
 TARGET_ROWS_PER_S = 20_000
 TARGET_RATIO_TO_PER_ROW = 10
+# What the model ledger records as the model of the vectors the suite writes (no model made them).
+RANDOM_VECTORS = "db-write suite: random unit vectors"
+
+
+def identity(dims):
+    """The ledger identity of the suite's vectors: declared by name (they have no fingerprint)."""
+    return ledger.ModelIdentity(RANDOM_VECTORS, int(dims), description="random unit vectors, not a model's")
 
 
 def unit_vectors(count, dims, seed=0):
@@ -79,11 +90,13 @@ def backfill_path(using, table, column, ids, md5s, vectors):
     """The backfill's path: VectorWriter, one transaction per batch."""
     from embeddings.writer import VectorWriter
 
-    writer = VectorWriter(connections[using], quote(column), vectors.shape[1], table=table)
-    for start in range(0, len(ids), BACKFILL_BATCH):
-        end = start + BACKFILL_BATCH
-        with transaction.atomic(using=using):
-            writer.write(ids[start:end], md5s[start:end], vectors[start:end])
+    writer = VectorWriter(connections[using], quote(column), vectors.shape[1], table=table,
+                          identity=identity(vectors.shape[1]))
+    with search_path_of(using, table):  # the scratch schema's model ledger
+        for start in range(0, len(ids), BACKFILL_BATCH):
+            end = start + BACKFILL_BATCH
+            with transaction.atomic(using=using):
+                writer.write(ids[start:end], md5s[start:end], vectors[start:end])
 
 
 METHODS = [
@@ -118,6 +131,7 @@ def measure_method(ctx, name, method, rows, shape="scratch"):
     seconds, _ = timed(lambda: method(using, table, column.name, ids, md5s, vectors))
     with connections[using].cursor() as cursor:
         written = _written(cursor, table, column.name)
+        scratch.forget_models(cursor)
         cursor.execute(f"DROP TABLE {table}")
     return {"table": DESCRIPTIONS[shape], "rows": len(ids), "rows_written": written, "seconds": seconds,
             "rows_per_s": per_second(written, seconds)}

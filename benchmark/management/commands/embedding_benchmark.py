@@ -1,3 +1,6 @@
+"""`manage.py embedding_benchmark`: the options, checked before any work; the suites are in the
+`benchmark` package (runner.py), the figures and how to read them in docs/benchmark.md."""
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -5,13 +8,13 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 
-from segments.benchmark import report
-from segments.benchmark.encoders import SHAPES, BenchmarkModelUnavailable
-from segments.benchmark.interrupts import Terminated
-from segments.benchmark.encode import CPU_BATCH_SIZES, CUDA_BATCH_SIZES
-from segments.benchmark.runner import DEFAULT_TEXTS, DEFAULT_TEXTS_CPU, SUITES, Options, run
-from segments.benchmark.search import SEARCH_TYPES
-from segments.benchmark.search_sets import VECTOR_SOURCES, SearchVectorsUnavailable
+from benchmark import report
+from benchmark.encode import CPU_BATCH_SIZES, CUDA_BATCH_SIZES
+from benchmark.encoders import SHAPES, BenchmarkModelUnavailable
+from benchmark.interrupts import Terminated
+from benchmark.runner import DEFAULT_TEXTS, DEFAULT_TEXTS_CPU, SUITES, Options, run
+from benchmark.search import SEARCH_TYPES
+from benchmark.search_sets import VECTOR_SOURCES, SearchVectorsUnavailable
 from segments.schema import SchemaNotReady
 
 MAX_EF_SEARCH = 1000  # pgvector's limit for hnsw.ef_search
@@ -112,10 +115,13 @@ class Command(BaseCommand):
         earlier = self.read_earlier(options["compare"])
         if options["plot"] and not options["plot"].parent.is_dir():
             raise CommandError(f"--plot {options['plot']}: the folder {options['plot'].parent} does not exist.")
+        if options["plot"] and importlib.util.find_spec("matplotlib") is None:
+            raise CommandError("--plot draws with matplotlib, which the development requirements install: "
+                               "`pip install -r requirements-dev.txt`.")
         progress = self.progress if options["verbosity"] >= 1 and not options["json"] else (lambda message: None)
         results = self.run(benchmark, progress)
         if options["plot"]:
-            from segments.benchmark.plot import draw
+            from benchmark.plot import draw
 
             draw(results, options["plot"])
         self.report(results, earlier, options)

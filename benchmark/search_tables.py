@@ -21,7 +21,7 @@ import numpy as np
 
 from embeddings.writer import VALUE_TYPES, copy_rows
 from segments import index_build
-from segments.models import HNSW_EF_CONSTRUCTION, HNSW_M
+from segments.schema import HNSW_EF_CONSTRUCTION, HNSW_M
 from segments.storage import STORAGES
 
 COPY_CHUNK = 20_000

@@ -17,14 +17,14 @@ import contextlib
 
 import numpy as np
 
+from benchmark.measure import per_second, timed
 from embeddings.pipeline import CUDA_BATCH_SIZES
-from segments.benchmark.measure import per_second, timed
 
 REPEATS = 3
 CPU_BATCH_SIZES = (16, 32, 64)
 BASELINE_BATCH_SIZE = 32  # SentenceTransformer.encode()'s default
 MIN_COSINE = 0.999  # the pipeline's vectors against plain encode()'s, text by text (fp32)
-# The issue's target for an H100-class GPU with the bge-small shape.
+# The target for an H100-class GPU with the bge-small shape.
 GPU_TARGET_TEXTS_PER_S = 10_000
 
 

@@ -13,7 +13,7 @@ import time
 import numpy as np
 from django.db import transaction
 
-from segments.benchmark.measure import percentile_ms
+from benchmark.measure import percentile_ms
 
 K = 10
 RECALL_TARGET = 0.95

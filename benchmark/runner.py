@@ -10,10 +10,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from segments.benchmark import (
+from benchmark import (
     backfill, db_write, encode, encoders, filtered, interrupts, machine, rerank, scratch, search,
 )
-from segments.benchmark import source as sources
+from benchmark import source as sources
 
 # Suite name (for --suite) -> (JSON key, the suite's run function).
 SUITES = {
@@ -99,7 +99,7 @@ class Context:
         if self._legacy_source is None:
             from django.db import connections
 
-            from segments.benchmark.shapes import fill_legacy_source
+            from benchmark.shapes import fill_legacy_source
 
             source = self.source()
             self.progress("preparing the legacy 1536-dim vectors of the live-shaped tables")

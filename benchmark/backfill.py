@@ -1,9 +1,15 @@
 """The backfill suite: the real backfill engine over scratch tables, against raw encode(), on the
 table shapes of shapes.py, with a zero-cost encoder and with a simulated GPU.
 
-The engine (segments.switch.backfill.run_backfill) runs with `search_path` set to the scratch
-schema, which holds its own `segments` (one of the shapes of shapes.py, with the staleness
-trigger), `embeddings_quarantine`, `embeddings_backfill_claim` and `segments_backfill_worker`.
+The engine (segments.switch.backfill.run_backfill) runs on connections from `connector(scratch)`,
+whose search_path starts with the scratch schema, which holds its own `segments` (one of the
+shapes of shapes.py, with the staleness trigger), `embeddings_quarantine`,
+`embeddings_backfill_claim`, `segments_backfill_worker` and model ledger
+(`embeddings_vector_column`, scratch.py). The factory refuses a connection on which any of those
+names would resolve elsewhere (to the live tables): the engine writes nothing but the scratch
+copies, and only this suite ever hands it an encoder (the simulated GPU's vectors mean nothing).
+The ledger records each run's model for the scratch `segments`; it is emptied whenever the table
+is made again (the next run may use another encoder).
 
 1. With the model: `--texts` segments of the scratch shape. The same non-blank texts go through
    raw `encode_documents()` in the engine's batches (rows per claim and transaction:
@@ -28,14 +34,16 @@ from dataclasses import asdict
 from django.apps import apps
 from django.db import connections
 
+from benchmark.encoders import SimulatedGpuEncoder
+from benchmark.measure import per_second, timed
+from benchmark.scratch import copy_table, create_from_model
+from benchmark.shapes import DESCRIPTIONS
+from benchmark.source import segments_copy
 from embeddings.fakes import HashingEncoder
-from segments.benchmark.encoders import SimulatedGpuEncoder
-from segments.benchmark.measure import per_second, timed
-from segments.benchmark.scratch import copy_table
-from segments.benchmark.shapes import DESCRIPTIONS
-from segments.benchmark.source import segments_copy
-from segments.models import BLANK_TEXT_PATTERN
+from embeddings.ledger import LEDGER
+from segments.schema import BLANK_TEXT_PATTERN, TABLE
 from segments.switch.backfill import DEFAULT_BATCH_SIZE, UNTUNED, Tuning, run_backfill
+from segments.switch.backfill import connector as engine_connector
 
 TARGET_RATIO = 0.9
 # Raw encode and the engine run alternately this many times, and each keeps its fastest run:
@@ -71,6 +79,7 @@ def prepare_tables(ctx, rows, shape="scratch"):
     scratch = ctx.scratch
     legacy = ctx.legacy_source() if shape != "scratch" else None
     with connections[ctx.options.using].cursor() as cursor:
+        scratch.forget_models(cursor)  # the model of the table's former contents
         for name in ("segments", *SIDE_TABLES):
             cursor.execute(f"DROP TABLE IF EXISTS {scratch.table(name)}")
         for name in SIDE_TABLES:
@@ -87,9 +96,7 @@ def side_table(ctx, cursor, name):
         copy_table(cursor, ctx.scratch, name)
         return
     model = next(model for model in apps.get_app_config("segments").get_models() if model._meta.db_table == name)
-    connection = connections[ctx.options.using]
-    with ctx.scratch.searched_first(cursor), connection.schema_editor(atomic=False) as editor:
-        editor.create_model(model)
+    create_from_model(cursor, ctx.scratch, model)
 
 
 def texts_to_embed(ctx, table):
@@ -98,12 +105,53 @@ def texts_to_embed(ctx, table):
         return [text for (text,) in cursor.fetchall()]
 
 
+# Every name the engine's SQL leaves unqualified that must be a scratch table.
+ENGINE_TABLES = (TABLE, *SIDE_TABLES, LEDGER)
+
+
+class NotScratch(RuntimeError):
+    """A connection for the engine would reach a table outside the run's scratch schema."""
+
+
+def connector(scratch):
+    """The connection factory the engine runs on in this suite: the engine's own
+    (segments.switch.backfill.connector) with the scratch schema first in the search_path. Each
+    new connection is checked before the engine gets it: every table of ENGINE_TABLES must resolve
+    to the scratch schema (a missing scratch copy would otherwise resolve to the live table through
+    `public`), else NotScratch and the connection is closed."""
+    connect = engine_connector(scratch.using, search_path=scratch.search_path)
+
+    def connect_to_scratch(role):
+        connection = connect(role)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT t.name, n.nspname FROM unnest(%s::text[]) AS t(name) "
+                    "LEFT JOIN pg_class c ON c.oid = to_regclass(t.name) "
+                    "LEFT JOIN pg_namespace n ON n.oid = c.relnamespace",
+                    [list(ENGINE_TABLES)],
+                )
+                elsewhere = {name: schema for name, schema in cursor.fetchall() if schema != scratch.schema}
+            connection.rollback()
+        except BaseException:
+            connection.close()
+            raise
+        if elsewhere:
+            connection.close()
+            found = ", ".join(f"{name} in {schema or 'no schema'}" for name, schema in sorted(elsewhere.items()))
+            raise NotScratch(f"The benchmark's engine connections must find every table in {scratch.schema}; "
+                             f"found {found}. Nothing was read or written.")
+        return connection
+
+    return connect_to_scratch
+
+
 def backfill(ctx, encoder, batch_size, tuning=None):
     """Run the engine over the scratch schema; (report, wall seconds)."""
     result = {}
 
     def call():
-        result["report"] = run_backfill(encoder, batch_size=batch_size, search_path=ctx.scratch.search_path,
+        result["report"] = run_backfill(encoder, batch_size=batch_size, connect=connector(ctx.scratch),
                                         using=ctx.options.using, tuning=tuning)
 
     seconds, _ = timed(call)

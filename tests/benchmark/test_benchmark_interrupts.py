@@ -10,7 +10,7 @@ import pytest
 from django.core.management import call_command
 from django.db import connection
 
-from segments.benchmark.scratch import drop_leftovers, scratch_schemas, session_schema_name
+from benchmark.scratch import drop_leftovers, scratch_schemas, session_schema_name
 from tests.conftest import manage
 
 pytestmark = pytest.mark.django_db(transaction=True)

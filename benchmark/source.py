@@ -16,13 +16,15 @@ from dataclasses import dataclass
 
 from django.db import connections
 
+from benchmark import shapes
+from benchmark.scratch import copy_table, drop_vector_indexes, own_id_sequence, quote
 from segments import triggers
-from segments.benchmark import shapes
-from segments.benchmark.scratch import copy_table, drop_vector_indexes, own_id_sequence, quote
-from segments.models import BLANK_TEXT_PATTERN, EMBEDDING_DIMENSIONS
-from segments.schema import embedding_schema
+from segments.schema import BLANK_TEXT_PATTERN, FIRST_NEXT, embedding_schema
 
 COPY_CHUNK = 20_000
+# The new column's width where the live table has none yet: bge-small-en-v1.5's (the scratch
+# copies add the column, as phase 1 would).
+DIMENSIONS = 384
 
 
 @dataclass(frozen=True)
@@ -37,14 +39,14 @@ class VectorColumn:
 
     name: str
     dimensions: int
-    in_live_table: bool  # False at the legacy phase: scratch copies add it, as migration 0002 does
+    in_live_table: bool  # False at the legacy phase: scratch copies add it, as phase 1 does
 
 
 def vector_column(using="default"):
     schema = embedding_schema(using)
     if schema.vector_column is None:
-        return VectorColumn("embedding_384", EMBEDDING_DIMENSIONS, False)
-    return VectorColumn(schema.vector_column, schema.vector_dimensions or EMBEDDING_DIMENSIONS, True)
+        return VectorColumn(FIRST_NEXT, DIMENSIONS, False)
+    return VectorColumn(schema.vector_column, schema.vector_dimensions or DIMENSIONS, True)
 
 
 def sample_texts(n, seed=0, using="default"):

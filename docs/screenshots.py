@@ -1,5 +1,7 @@
-"""Screenshots of the admin on the demo database, for the README: a semantic search's results and
-the "Embedding switch" panel, as PNGs in docs/img/ (overwritten on every run).
+"""Screenshots of the admin on the demo database, for the README: a semantic search's results, the
+"Embedding switch" panel and its "Compare searches" page (the old and the new search side by side,
+between phase 1 and the contract; after the whole demo it says there is nothing to compare), as
+PNGs in docs/img/ (overwritten on every run).
 
     make demo                              # once: builds the demo database (askdrchaffee_demo)
     .venv/bin/python docs/screenshots.py   # --query "...", --out DIR
@@ -102,9 +104,14 @@ def take(base_url, password, query, out):
             page.wait_for_selector("#switch-phase")
             panel = out / "admin-embedding-switch.png"
             page.screenshot(path=str(panel), full_page=True)
+
+            page.goto(f"{base_url}/admin/segments/embeddingswitch/compare/?{urllib.parse.urlencode({'q': query})}")
+            page.wait_for_selector("#compare", timeout=120_000)  # both models embed the question first
+            compared = out / "admin-compare-searches.png"
+            page.screenshot(path=str(compared), full_page=True)
         finally:
             context.close()
-    return searched, panel
+    return searched, panel, compared
 
 
 def main():

@@ -273,8 +273,8 @@ def application_schema_at_legacy(segments_at):
 NEED_EVERY_ROW = {("embedding_switch", "index"), ("verify_embeddings",)}
 
 
-def test_an_application_on_the_same_pool_never_sees_the_switchs_settings(segments_at, application_schema_at_legacy,
-                                                                         pgbouncer):
+def test_an_application_on_the_same_pool_never_sees_the_switchs_settings(pgbouncer, segments_at,
+                                                                         application_schema_at_legacy):
     pooled_env = {"DATABASE_URL": pgbouncer.url, "DATABASE_DIRECT_URL": pgbouncer.direct_url}
     steps = [readme.manage_args(argv) for argv in readme.runbook()]
     names = [" ".join(args) for args in steps]
@@ -345,7 +345,7 @@ def test_an_application_on_the_same_pool_never_sees_the_switchs_settings(segment
         pytest.xfail(f"the vector writer's staging table stays on pooled server connections: {app.summary()}")
 
 
-def test_control_a_session_setting_left_on_the_pool_is_seen_within_seconds(segments_at, pgbouncer):
+def test_control_a_session_setting_left_on_the_pool_is_seen_within_seconds(pgbouncer, segments_at):
     """The baseline of the test above: a client that does leave a session setting on a server
     connection (a plain SET, committed) is seen by the same application poller within seconds.
     It shows that PgBouncer here resets nothing between clients (as in production) and that the
@@ -382,7 +382,7 @@ def first_line(process, seconds=120):
     return line[0] if line else ""
 
 
-def test_without_a_direct_url_the_index_build_refuses_and_the_follower_polls(segments_at, pgbouncer, default_pgbouncer,
+def test_without_a_direct_url_the_index_build_refuses_and_the_follower_polls(pgbouncer, default_pgbouncer, segments_at,
                                                                             schema_dump):
     """Through the pooler with no DATABASE_DIRECT_URL: the follower cannot LISTEN, so it polls and
     says so in its first line, and embeds what arrives (here, the whole expanded table, then a

@@ -73,9 +73,9 @@ def engine_batch_size(ctx):
     return ctx.options.backfill_batch_size or DEFAULT_BATCH_SIZE
 
 
-def prepare_tables(ctx, rows, shape="scratch"):
+def prepare_tables(ctx, rows, shape="scratch", vector_sql=None):
     """(Re)create the scratch segments (of `shape`), quarantine, claim and worker tables; `rows`
-    segments to embed."""
+    segments to embed (`vector_sql`: the new column's value for each, see source.segments_copy)."""
     scratch = ctx.scratch
     legacy = ctx.legacy_source() if shape != "scratch" else None
     with connections[ctx.options.using].cursor() as cursor:
@@ -84,7 +84,8 @@ def prepare_tables(ctx, rows, shape="scratch"):
             cursor.execute(f"DROP TABLE IF EXISTS {scratch.table(name)}")
         for name in SIDE_TABLES:
             side_table(ctx, cursor, name)
-        table = segments_copy(cursor, scratch, ctx.source(), "segments", rows, ctx.column, shape, legacy)
+        table = segments_copy(cursor, scratch, ctx.source(), "segments", rows, ctx.column, shape, legacy,
+                              vector_sql=vector_sql)
     return table
 
 
@@ -113,12 +114,13 @@ class NotScratch(RuntimeError):
     """A connection for the engine would reach a table outside the run's scratch schema."""
 
 
-def connector(scratch):
+def connector(scratch, tables=ENGINE_TABLES):
     """The connection factory the engine runs on in this suite: the engine's own
     (segments.switch.backfill.connector) with the scratch schema first in the search_path. Each
-    new connection is checked before the engine gets it: every table of ENGINE_TABLES must resolve
-    to the scratch schema (a missing scratch copy would otherwise resolve to the live table through
-    `public`), else NotScratch and the connection is closed."""
+    new connection is checked before the engine gets it: every table of `tables` (ENGINE_TABLES,
+    plus what the follower also touches in the arrival suite) must resolve to the scratch schema (a
+    missing scratch copy would otherwise resolve to the live table through `public`), else
+    NotScratch and the connection is closed."""
     connect = engine_connector(scratch.using, search_path=scratch.search_path)
 
     def connect_to_scratch(role):
@@ -129,7 +131,7 @@ def connector(scratch):
                     "SELECT t.name, n.nspname FROM unnest(%s::text[]) AS t(name) "
                     "LEFT JOIN pg_class c ON c.oid = to_regclass(t.name) "
                     "LEFT JOIN pg_namespace n ON n.oid = c.relnamespace",
-                    [list(ENGINE_TABLES)],
+                    [list(tables)],
                 )
                 elsewhere = {name: schema for name, schema in cursor.fetchall() if schema != scratch.schema}
             connection.rollback()

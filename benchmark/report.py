@@ -274,8 +274,52 @@ def render_rerank(figures):
     ]
 
 
+def _seconds(ms):
+    return "-" if ms is None else f"{ms / 1000:,.2f} s"
+
+
+def _latency_row(name, side):
+    latency = side["latency_ms"]
+    return [name, _seconds(latency["p50"]), _seconds(latency["p95"]), _seconds(latency["p99"]),
+            _seconds(latency["max"]), f"{side['with_vector']:,}", f"{side['missing']:,}", f"{side['superseded']:,}"]
+
+
+def render_arrival(figures):
+    follower, reference = figures["follower"], figures["reference"]
+    rss, stop, writer = follower["rss"], follower["stop"], follower["writer"]
+    slope, second_half = (("-" if value is None else f"{value:+.2f} MB/min")
+                          for value in (rss["slope_mb_per_min"], rss["slope_second_half_mb_per_min"]))
+    exit_code = "none (still running)" if stop["exit_code"] is None else stop["exit_code"]
+    lines = [
+        f"arrival: commit-to-vector latency, {figures['model']} on {figures['device']} ({figures['model_chosen']})",
+        f"  {figures['arrivals']:,} arrivals at {figures['arrival_rate']:g}/s for {figures['arrival_seconds']:g} s "
+        f"({figures['inserts']:,} inserts, {figures['edits']:,} text edits, each its own transaction; the writer "
+        f"was at most {writer['late_max_ms']:,.0f} ms late), on a scratch copy of {figures['table_rows']:,} segments "
+        f"({figures['rows_source']}); then up to {figures['grace_seconds']:g} s for the last vectors",
+        *_table(["", "p50", "p95", "p99", "max", "with vector", "missing", "superseded"], [
+            _latency_row(f"follower ({follower['mode']})", follower),
+            _latency_row("reference (backfill runs back to back)", reference)]),
+        "  latency: from the arrival's COMMIT to the COMMIT of its vector, both on the server's clock",
+        f"  follower: {follower['passes']:,} passes embedded something, {_n(follower['segments_per_pass'], 1)} "
+        f"segments each on average, a pass p50 {_n(follower['pass_seconds_p50'], 2)} s, p95 "
+        f"{_n(follower['pass_seconds_p95'], 2)} s; it followed {follower['start_seconds']:.1f} s after its start "
+        f"(model loaded in {_n(follower['model_load_seconds'], 1)} s)",
+        f"  follower memory (RSS): {rss['start_mb']:,.0f} MB when it followed, at most {rss['max_mb']:,.0f} MB, "
+        f"{rss['end_mb']:,.0f} MB at the end; slope {slope} over {rss['over_s']:.0f} s, {second_half} over its "
+        f"second half (sampled every {rss['sample_every_s']:g} s)",
+        f"  follower stop: SIGTERM -> exit status {exit_code} after {stop['seconds']:.2f} s"
+        + (" (the batch in hand abandoned)" if stop["batch_abandoned"] else ""),
+        f"  reference: {reference['runs']:,} runs of the engine, each a new process loading the model, back to back: "
+        f"{_n(reference['run_seconds_mean'], 1)} s each on average (model load "
+        f"{_n(reference['model_load_seconds_mean'], 1)} s), {_n(reference['segments_per_run'], 1)} segments per run",
+        f"  machine load average (1 min): {figures['load_average'][0]:.1f} when the suite began, "
+        f"{figures['load_average'][1]:.1f} at its end",
+    ]
+    return lines + _targets(figures)
+
+
 RENDERERS = [("encode", render_encode), ("db_write", render_db_write), ("backfill", render_backfill),
-             ("search", render_search), ("rerank", render_rerank)]
+             ("search", render_search), ("rerank", render_rerank), ("arrival", render_arrival)]
 
 
 def render(results):
@@ -312,7 +356,8 @@ def better(name, old, new):
     if new == old or name.endswith(("ef_search", "batch_size", "rows", "texts", "queries", "dimensions",
                                     "table_rows", "top_k", "pairs", "rerankings", "max_seq_length",
                                     "mean_tokens_per_text", "with_encoding_queries", "simulated_gpu_texts_per_s",
-                                    "production_rounds", "rounds", "legacy_column_bytes", "shared_buffers_mb")):
+                                    "production_rounds", "rounds", "legacy_column_bytes", "shared_buffers_mb",
+                                    "arrivals", "inserts", "edits", "arrival_rate", "arrival_seconds", "grace_seconds")):
         return ""
     higher = any(word in name for word in HIGHER_IS_BETTER)
     return "better" if (new > old) == higher else "worse"

@@ -2,16 +2,18 @@
 
     results = run(Options(suites=("encode", "search"), rows=10_000, model_shape="bge-small"))
 
-`results` has one key per suite run (`encode`, `db_write`, `backfill`, `search`, `rerank`), plus
-`machine` (what it ran on) and `run` (the options, when, how long). Everything is measured in
-the same run because absolute times on shared machines drift: compare ratios taken together.
+`results` has one key per suite run (`encode`, `db_write`, `backfill`, `search`, `rerank`,
+`arrival`), plus `machine` (what it ran on) and `run` (the options, when, how long). Everything is
+measured in the same run because absolute times on shared machines drift: compare ratios taken
+together. The arrival suite runs only when asked for (`--suite arrival`): it takes minutes of wall
+time, most of it waiting for the arrivals it writes.
 """
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from benchmark import (
-    backfill, db_write, encode, encoders, filtered, interrupts, machine, rerank, scratch, search,
+    arrival, backfill, db_write, encode, encoders, filtered, interrupts, machine, rerank, scratch, search,
 )
 from benchmark import source as sources
 
@@ -22,7 +24,9 @@ SUITES = {
     "backfill": ("backfill", backfill.run),
     "search": ("search", search.run),
     "rerank": ("rerank", rerank.run),
+    "arrival": ("arrival", arrival.run),
 }
+DEFAULT_SUITES = tuple(name for name in SUITES if name != "arrival")  # run when none is named
 NEEDS_EMBEDDING_MODEL = {"encode", "backfill", "search"}
 DEFAULT_TEXTS = {"cuda": 8192}
 DEFAULT_TEXTS_CPU = 192
@@ -34,7 +38,7 @@ def default_texts(device):
 
 @dataclass
 class Options:
-    suites: tuple = tuple(SUITES)
+    suites: tuple = DEFAULT_SUITES
     rows: int = 100_000  # size of the scratch tables (db-write, the backfill's fake-encoder run, search)
     texts: int | None = None  # texts run through the model (encode, the backfill's model run, rerank)
     batch_sizes: tuple | None = None  # the encode sweep; None: by device
@@ -51,6 +55,12 @@ class Options:
     index_memory: int | None = None  # maintenance_work_mem of the search suite's HNSW builds, bytes; None: planned
     index_workers: int | None = None  # max_parallel_maintenance_workers of those builds; None: planned
     max_scan_tuples: int = filtered.DEFAULT_MAX_SCAN_TUPLES  # hnsw.max_scan_tuples of the iterative scans
+    arrival_rate: float = arrival.DEFAULT_RATE  # segments arriving per second (inserts and text edits in turn)
+    arrival_seconds: float = arrival.DEFAULT_SECONDS  # how long they arrive
+    arrival_grace: float = arrival.DEFAULT_GRACE  # how long after that each side may take for the last vectors
+    arrival_model: str | None = None  # None: EMBEDDING_MODEL when it loads here, else the packaged MiniLM
+    arrival_device: str = "cpu"
+    arrival_encoder: str | None = None  # "hashing": the zero-cost HashingEncoder instead of a model (tests)
     seed: int = 0
     using: str = "default"
 
@@ -65,6 +75,7 @@ class Context:
     device: str
     column: sources.VectorColumn
     progress: object = None  # progress(message): a line for the user while the run goes on
+    arrival_model: object = None  # the arrival suite's ArrivalModel, chosen before any work
     _texts: object = field(default=None, repr=False)
     _source: object = field(default=None, repr=False)
     _legacy_source: object = field(default=None, repr=False)
@@ -135,10 +146,11 @@ def run(options, progress=lambda message: None):
         progress("loading the embedding model")
         service = encoders.embedding_service(options.model_shape)
     device = service.device.split(":")[0] if service is not None else encoders.default_device()
+    arrival_model = arrival.choose_model(options) if "arrival" in options.suites else None
     results = {"machine": machine.describe(options.using)}
     with interrupts.sigterm_raises(), interrupts.cancel_on_interrupt(options.using), \
             scratch.scratch_schema(options.using) as schema:
-        ctx = Context(options, schema, service, device, column, progress)
+        ctx = Context(options, schema, service, device, column, progress, arrival_model=arrival_model)
         for name in options.suites:
             key, suite = SUITES[name]
             results[key] = suite(ctx)

@@ -73,12 +73,12 @@ def _unit_seed(seed):
 
 
 def live_columns(cursor):
-    """The live table's non-vector columns, in order."""
+    """The live table's columns but its vector columns (`vector` and `halfvec`), in order."""
     cursor.execute(
         """
         SELECT a.attname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
         WHERE a.attrelid = 'public.segments'::regclass AND a.attnum > 0 AND NOT a.attisdropped
-          AND t.typname <> 'vector'
+          AND t.typname NOT IN ('vector', 'halfvec')
         ORDER BY a.attnum
         """
     )
@@ -125,11 +125,13 @@ def fill_source(cursor, scratch, rows, seed=0):
     return Source(table, rows, from_live, generated)
 
 
-def segments_copy(cursor, scratch, source, name, rows, column, shape="scratch", legacy_source=None):
+def segments_copy(cursor, scratch, source, name, rows, column, shape="scratch", legacy_source=None,
+                  vector_sql=None):
     """Scratch table `name` of `shape` (shapes.SHAPES), holding `source`'s first `rows` rows.
 
     It has the live table's btree indexes and the vector column `column` (a VectorColumn),
-    empty. The live shapes also have the legacy column filled from `legacy_source` (the table
+    empty, or holding the SQL expression `vector_sql` (of the source row `s`) in every row. The
+    live shapes also have the legacy column filled from `legacy_source` (the table
     shapes.fill_legacy_source made), the pending-rows partial index and, for `live`, the legacy
     IVFFlat index. A copy named `segments` (the one the engine finds through search_path) gets
     the staleness trigger. The table is vacuumed and a checkpoint taken (shapes.settle).
@@ -142,6 +144,9 @@ def segments_copy(cursor, scratch, source, name, rows, column, shape="scratch", 
         cursor.execute(f"ALTER TABLE {table} ADD COLUMN {quote(column.name)} vector({int(column.dimensions)})")
     columns = [quote(name) for name in live_columns(cursor)]
     values = [f"s.{name}" for name in columns]
+    if vector_sql is not None:
+        columns.append(quote(column.name))
+        values.append(vector_sql)
     join = ""
     if shape != "scratch":
         legacy, dims = shapes.legacy_column(scratch.using)

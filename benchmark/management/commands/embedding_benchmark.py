@@ -9,10 +9,11 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 
 from benchmark import report
+from benchmark.arrival import ArrivalFailed
 from benchmark.encode import CPU_BATCH_SIZES, CUDA_BATCH_SIZES
 from benchmark.encoders import SHAPES, BenchmarkModelUnavailable
 from benchmark.interrupts import Terminated
-from benchmark.runner import DEFAULT_TEXTS, DEFAULT_TEXTS_CPU, SUITES, Options, run
+from benchmark.runner import DEFAULT_SUITES, DEFAULT_TEXTS, DEFAULT_TEXTS_CPU, SUITES, Options, run
 from benchmark.search import SEARCH_TYPES
 from benchmark.search_sets import VECTOR_SOURCES, SearchVectorsUnavailable
 from segments.schema import SchemaNotReady
@@ -52,11 +53,13 @@ def _listed(values):
 
 
 class Command(BaseCommand):
-    help = "Measure encoding, vector writes, the backfill, search and reranking side by side on this machine."
+    help = ("Measure encoding, vector writes, the backfill, search and reranking side by side on this machine; "
+            "with --suite arrival, how soon an arriving segment has its vector.")
+    stealth_options = ("arrival_encoder",)  # tests: "hashing" runs the arrival suite without a model
 
     def add_arguments(self, parser):
         parser.add_argument("--suite", action="append", choices=list(SUITES), dest="suites",
-                            help="Suite to run; repeat for several (default: all).")
+                            help="Suite to run; repeat for several (default: all but arrival).")
         parser.add_argument("--rows", type=int, default=Options.rows,
                             help=f"Rows in the scratch tables: db-write, the backfill suite's production runs, search "
                                  f"(default {Options.rows:,}).")
@@ -102,6 +105,19 @@ class Command(BaseCommand):
         parser.add_argument("--max-scan-tuples", type=int, default=Options.max_scan_tuples, metavar="N",
                             help=f"hnsw.max_scan_tuples of the filtered searches' iterative scans (default "
                                  f"{Options.max_scan_tuples:,}, pgvector's).")
+        parser.add_argument("--arrival-rate", type=float, default=Options.arrival_rate, metavar="PER_S",
+                            help="Arrival suite: segments arriving per second, inserts and text edits in turn, each "
+                                 f"its own transaction (default {Options.arrival_rate:g}).")
+        parser.add_argument("--arrival-seconds", type=float, default=Options.arrival_seconds, metavar="S",
+                            help=f"Arrival suite: how long they arrive (default {Options.arrival_seconds:g}).")
+        parser.add_argument("--arrival-grace", type=float, default=Options.arrival_grace, metavar="S",
+                            help="Arrival suite: how long after the last arrival each side may take for the last "
+                                 f"vectors before they count as missing (default {Options.arrival_grace:g}).")
+        parser.add_argument("--arrival-model", metavar="MODEL",
+                            help="Arrival suite: the model (a Hugging Face id or a directory; default "
+                                 "EMBEDDING_MODEL when it loads here, else the packaged all-MiniLM-L6-v2).")
+        parser.add_argument("--arrival-device", default=Options.arrival_device,
+                            help=f"Arrival suite: the model's device (default {Options.arrival_device}).")
         parser.add_argument("--seed", type=int, default=0, help="Seed of every random choice (default 0).")
         parser.add_argument("--database", default="default", help="Database alias (default 'default').")
         parser.add_argument("--json", action="store_true", help="Print one JSON object instead of the table.")
@@ -131,9 +147,12 @@ class Command(BaseCommand):
                               ("simulated_gpu_rate", 1)):
             if options[name] is not None and options[name] < minimum:
                 raise CommandError(f"--{name.replace('backfill_', '').replace('_', '-')} must be at least {minimum}.")
-        for name, minimum in (("derive_base", 2), ("index_workers", 0), ("max_scan_tuples", 1)):
+        for name, minimum in (("derive_base", 2), ("index_workers", 0), ("max_scan_tuples", 1), ("arrival_grace", 0)):
             if options[name] is not None and options[name] < minimum:
                 raise CommandError(f"--{name.replace('_', '-')} must be at least {minimum}.")
+        for name in ("arrival_rate", "arrival_seconds"):
+            if options[name] <= 0:
+                raise CommandError(f"--{name.replace('_', '-')} must be more than 0.")
         if max(options["ef_search"]) > MAX_EF_SEARCH:
             raise CommandError(f"--ef-search values must be at most {MAX_EF_SEARCH} (pgvector's limit).")
         if options["check_derived"] and options["search_vectors"] != "derived":
@@ -141,7 +160,7 @@ class Command(BaseCommand):
         if options["search_vectors"] == "derived" and options["model_shape"]:
             raise CommandError("--search-vectors derived needs the model's real vectors, and --model-shape gives "
                                "meaningless ones: drop --model-shape (set EMBEDDING_MODEL to a model that loads here).")
-        suites = options["suites"] or list(SUITES)
+        suites = options["suites"] or list(DEFAULT_SUITES)
         return Options(
             suites=tuple(name for name in SUITES if name in suites), rows=options["rows"], texts=options["texts"],
             batch_sizes=options["batch_sizes"], backfill_batch_size=options["backfill_batch_size"],
@@ -151,7 +170,10 @@ class Command(BaseCommand):
             derive_base=options["derive_base"], check_derived=options["check_derived"],
             vector_cache=str(options["vector_cache"]) if options["vector_cache"] else None,
             index_memory=options["index_memory"], index_workers=options["index_workers"],
-            max_scan_tuples=options["max_scan_tuples"], seed=options["seed"], using=options["database"],
+            max_scan_tuples=options["max_scan_tuples"], arrival_rate=options["arrival_rate"],
+            arrival_seconds=options["arrival_seconds"], arrival_grace=options["arrival_grace"],
+            arrival_model=options["arrival_model"], arrival_device=options["arrival_device"],
+            arrival_encoder=options.get("arrival_encoder"), seed=options["seed"], using=options["database"],
         )
 
     @staticmethod
@@ -176,7 +198,7 @@ class Command(BaseCommand):
     def run(benchmark, progress):
         try:
             return run(benchmark, progress)
-        except (BenchmarkModelUnavailable, SchemaNotReady, SearchVectorsUnavailable) as exc:
+        except (BenchmarkModelUnavailable, SchemaNotReady, SearchVectorsUnavailable, ArrivalFailed) as exc:
             raise CommandError(str(exc)) from None
         except ImproperlyConfigured as exc:
             raise CommandError(f"{exc} Fix the setting, or pass --model-shape bge-small.") from None

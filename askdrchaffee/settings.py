@@ -3,12 +3,13 @@
 Every variable is listed in .env.example and in the README's configuration table. A malformed
 value stops start-up with an ImproperlyConfigured error that names the variable.
 """
-import re
 import warnings
 from pathlib import Path
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
+
+from askdrchaffee.postgres import parse_size
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -41,17 +42,10 @@ def _read(name, cast, default, *, choices=None, minimum=None):
     return value
 
 
-_MEMORY_UNITS = {"b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40}
-
-
 def _memory_size(raw):
     """Bytes of a PostgreSQL memory size ("512MB", "2GB"; no unit: kB, as PostgreSQL reads it),
     1MB to 2TB (maintenance_work_mem's range)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", raw)
-    unit = (match[2] or "kB").lower() if match else None
-    if unit not in _MEMORY_UNITS:
-        raise ValueError(raw)
-    size = int(match[1]) * _MEMORY_UNITS[unit]
+    size = parse_size(raw)
     if not 2**20 <= size < 2**41:
         raise ValueError(raw)
     return size
@@ -92,10 +86,12 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "segments",
     "embeddings",
+    "benchmark",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",  # static files, with DEBUG off too (below)
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -143,6 +139,19 @@ else:
             "PGDATA": _read("EMBEDDED_DATABASE_DIR", str, str(BASE_DIR / ".pgdata")),
         }
     }
+# The same database without the pooler, for the work that needs a session of its own (the
+# concurrent index builds, LISTEN): see askdrchaffee/postgres.py and the README's "Poolers".
+DATABASE_DIRECT = None
+if env.str("DATABASE_DIRECT_URL", default=""):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        DATABASE_DIRECT = environ.Env.db_url_config(env.str("DATABASE_DIRECT_URL"))
+    if DATABASE_DIRECT.get("ENGINE") != DATABASES["default"].get("ENGINE") or \
+            DATABASE_DIRECT.get("NAME") != DATABASES["default"].get("NAME"):
+        raise ImproperlyConfigured(
+            "DATABASE_DIRECT_URL must reach the same database as DATABASE_URL (the same database name, "
+            "without the pooler): postgresql://USER:PASSWORD@HOST:5432/NAME."
+        )
 # Lets concurrent test runs share one server without sharing a test database.
 _test_name = env.str("TEST_DATABASE_NAME", default="")
 if _test_name:
@@ -161,16 +170,35 @@ INDEX_PARALLEL_WORKERS = _read("INDEX_PARALLEL_WORKERS", _or_auto(_workers), Non
 # --- Embeddings -----------------------------------------------------------------------------
 EMBEDDING_MODEL = _read("EMBEDDING_MODEL", str, "BAAI/bge-small-en-v1.5")
 EMBEDDING_DIMENSIONS = _read("EMBEDDING_DIMENSIONS", int, 384, minimum=1)
-# How the new column stores each vector: `vector` (float32) or `halfvec` (float16, pgvector 0.7+:
-# half the column and index, see README "Storage"). Read when phase 1 creates the column; after
-# that the column's own type decides (the pre-flight warns when they differ).
-EMBEDDING_STORAGE = _read("EMBEDDING_STORAGE", str, "vector", choices=("vector", "halfvec"))
+# How a new model's column stores each vector: `vector` (float32) or `halfvec` (float16, pgvector
+# 0.7+: half the column and index, the same recall: see README "Storage"). Unset (or "auto"):
+# halfvec where the server's pgvector has it, vector where not. Read when phase 1 creates the
+# column; after that the column's own type decides (the pre-flight warns when they differ).
+EMBEDDING_STORAGE = _read("EMBEDDING_STORAGE", str, None, choices=("vector", "halfvec", "auto"))
+if EMBEDDING_STORAGE == "auto":
+    EMBEDDING_STORAGE = None
 EMBEDDING_DEVICE = _read("EMBEDDING_DEVICE", str, "auto", choices=("auto", "cpu", "cuda", "mps"))
-# None: by device (16 texts per call on a CPU, 256 on CUDA; see embeddings/encoder.py).
-EMBEDDING_BATCH_SIZE = _read("EMBEDDING_BATCH_SIZE", int, None, minimum=1)
+# Texts per model call. None: by device (16 on a CPU; on CUDA the fastest of 64-1024, measured on
+# the device; see embeddings/encoder.py).
+if env.str("EMBEDDING_BATCH_SIZE", default=None) is not None:
+    raise ImproperlyConfigured(
+        "EMBEDDING_BATCH_SIZE was renamed EMBEDDING_TEXTS_PER_CALL (texts per model call; the backfill's "
+        "--batch-size is rows per claim): rename it in your environment."
+    )
+EMBEDDING_TEXTS_PER_CALL = _read("EMBEDDING_TEXTS_PER_CALL", int, None, minimum=1)
 # None means "the model's own": bge's instruction for BAAI/bge-*-en* models, none otherwise.
 # Set it to an empty value to switch it off.
 EMBEDDING_QUERY_INSTRUCTION = env.str("EMBEDDING_QUERY_INSTRUCTION", default=None)
+# The model of the column a switch replaces: searching it (the admin's live search before the swap,
+# the side-by-side comparison) embeds questions with it. The original project's GTE-Qwen2-1.5B in
+# the first switch; the previous model in a later one. The model ledger records it per column.
+LEGACY_EMBEDDING_MODEL = _read("LEGACY_EMBEDDING_MODEL", str, "Alibaba-NLP/gte-Qwen2-1.5B-instruct")
+
+# --- Embedding on arrival (backfill_embeddings --follow) -----------------------------------
+# How often the follower looks for work when it cannot LISTEN (behind a pooler), or misses a NOTIFY.
+FOLLOW_POLL_SECONDS = _read("FOLLOW_POLL_SECONDS", float, 2.0, minimum=0.1)
+# embedding_status warns when a segment with text has waited longer than this for its vector.
+PENDING_WARNING_SECONDS = _read("PENDING_WARNING_SECONDS", float, 60.0, minimum=1)
 
 # --- Search ---------------------------------------------------------------------------------
 HNSW_EF_SEARCH = _read("HNSW_EF_SEARCH", int, 100, minimum=1)
@@ -197,6 +225,17 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# WhiteNoise serves them, with DEBUG off too (no web server needed in front). After `collectstatic`
+# (a deploy's build step): hashed, compressed, cached forever. Without it, `runserver` still
+# serves a styled admin: the storage links plain names when STATIC_ROOT has no manifest (Django's
+# manifest storage would fail those pages), which WhiteNoise finds in the apps' static folders.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "askdrchaffee.static_storage.CompressedManifestOrAppStaticStorage"},
+}
+WHITENOISE_USE_FINDERS = True
+# WhiteNoise warns at start-up that STATIC_ROOT is missing: before `collectstatic`, it is meant to be.
+warnings.filterwarnings("ignore", message="No directory at: ")
 
 LOGGING = {
     "version": 1,

@@ -7,7 +7,7 @@
 - Texts go through the encode pipeline (embeddings/pipeline.py): length-sorted batches cut by
   count and token budget, tokenized on a thread ahead of the device, copied from pinned memory.
   Its vectors are `SentenceTransformer.encode`'s.
-- Texts per model call: EMBEDDING_BATCH_SIZE if set; else 16 on a CPU and, on CUDA, the fastest
+- Texts per model call: EMBEDDING_TEXTS_PER_CALL if set; else 16 on a CPU and, on CUDA, the fastest
   of 64-1024 measured on the device with the first call of MEASURE_TEXTS texts or more (256
   until then).
 - Documents are encoded as they are; queries get the model's query instruction (bge's for
@@ -15,7 +15,7 @@
 - Output is float32 and L2-normalised, one row per input, in input order. Texts longer than the
   model's `max_seq_length` tokens (512 for bge-small) are truncated by the tokenizer: only their
   beginning is embedded.
-- A CUDA out-of-memory error halves the batch and retries it; no text is dropped.
+- A CUDA out-of-memory error halves the texts per call and retries; no text is dropped.
 """
 import logging
 import os
@@ -32,10 +32,11 @@ from embeddings import pipeline
 
 logger = logging.getLogger(__name__)
 
-CPU_BATCH_SIZE = 16
-CUDA_BATCH_SIZE = 256  # on CUDA until the batch size is measured
-MEASURE_TEXTS = 1024  # a first CUDA call of this many texts measures the batch size (on up to 2x as many)
+CPU_TEXTS_PER_CALL = 16
+CUDA_TEXTS_PER_CALL = 256  # on CUDA until texts per call are measured
+MEASURE_TEXTS = 1024  # a first CUDA call of this many texts measures texts per call (on up to 2x as many)
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
+GTE_QWEN2_QUERY_INSTRUCTION = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
 
 
 class ModelUnavailable(ImproperlyConfigured):
@@ -47,7 +48,11 @@ class DimensionMismatch(ImproperlyConfigured):
 
 
 def default_query_instruction(model_name):
+    """The prefix a model's card asks for before a question: bge's English models' and GTE-Qwen2's
+    instruction; none for any other model."""
     name = model_name.lower()
+    if "gte-qwen2" in name and "instruct" in name:
+        return GTE_QWEN2_QUERY_INSTRUCTION
     return BGE_QUERY_INSTRUCTION if "bge-" in name and "-en" in name and "reranker" not in name else ""
 
 
@@ -128,18 +133,18 @@ class LazyModel:
 class EmbeddingsService(LazyModel):
     """Encodes texts with the configured model. Thread-safe; the model loads on first use."""
 
-    def __init__(self, model_name=None, device=None, batch_size=None, dimensions=None, query_instruction=None):
+    def __init__(self, model_name=None, device=None, texts_per_call=None, dimensions=None, query_instruction=None):
         self.model_name = model_name or settings.EMBEDDING_MODEL
         self.requested_device = device or settings.EMBEDDING_DEVICE
-        self._batch_size = batch_size or settings.EMBEDDING_BATCH_SIZE
+        self._texts_per_call = texts_per_call or settings.EMBEDDING_TEXTS_PER_CALL
         self.expected_dimensions = dimensions or settings.EMBEDDING_DIMENSIONS
         if query_instruction is None:
             query_instruction = settings.EMBEDDING_QUERY_INSTRUCTION
         if query_instruction is None:
             query_instruction = default_query_instruction(self.model_name)
         self.query_instruction = query_instruction
-        self.measured_batch_sizes = None  # {batch size: texts/s} once measured (CUDA)
-        self._measured_batch_size = None
+        self.measured_texts_per_call = None  # {texts per call: texts/s} once measured (CUDA)
+        self._measured_texts_per_call = None
         self._encode_lock = threading.Lock()  # one call at a time on the device (and the tokenizer)
         super().__init__()
 
@@ -165,26 +170,38 @@ class EmbeddingsService(LazyModel):
         return str(self.model.device)
 
     @property
-    def batch_size(self):
+    def description(self):
+        """What the model is, for the model ledger: its id, or for a local directory the title of
+        the model card it holds ("all-MiniLM-L6-v2, from a local directory")."""
+        path = Path(self.model_name).expanduser()
+        if not path.is_dir():
+            return self.model_name
+        card = path / "README.md"
+        titles = [line[2:].strip() for line in card.read_text(errors="replace").splitlines()
+                  if line.startswith("# ")] if card.is_file() else []
+        return f"{titles[0]}, from a local directory" if titles else "a model from a local directory"
+
+    @property
+    def texts_per_call(self):
         """Texts per model call: as configured, else what suits the device (measured with
         `embedding_benchmark --suite encode`: on a CPU, 16-32 beat 64 and more; on CUDA, measured
-        on the device itself, see `measure_batch_size`)."""
-        if self._batch_size:
-            return self._batch_size
+        on the device itself, see `measure_texts_per_call`)."""
+        if self._texts_per_call:
+            return self._texts_per_call
         if not self.device.startswith("cuda"):
-            return CPU_BATCH_SIZE
-        return self._measured_batch_size or CUDA_BATCH_SIZE
+            return CPU_TEXTS_PER_CALL
+        return self._measured_texts_per_call or CUDA_TEXTS_PER_CALL
 
-    def measure_batch_size(self, texts):
-        """On CUDA, time batch sizes 64-1024 over `texts` and keep the fastest (logged, and in
-        `measured_batch_sizes`); returns it."""
+    def measure_texts_per_call(self, texts):
+        """On CUDA, time 64-1024 texts per call over `texts` and keep the fastest (logged, and in
+        `measured_texts_per_call`); returns it."""
         with self._encode_lock:
-            chosen, rates = pipeline.fastest_batch_size(self.model, list(texts)[: 2 * MEASURE_TEXTS])
-        self._measured_batch_size, self.measured_batch_sizes = chosen, rates
+            chosen, rates = pipeline.fastest_texts_per_call(self.model, list(texts)[: 2 * MEASURE_TEXTS])
+        self._measured_texts_per_call, self.measured_texts_per_call = chosen, rates
         return chosen
 
     def _measures_first(self, texts):
-        return (not self._batch_size and self._measured_batch_size is None and len(texts) >= MEASURE_TEXTS
+        return (not self._texts_per_call and self._measured_texts_per_call is None and len(texts) >= MEASURE_TEXTS
                 and self.device.startswith("cuda"))
 
     @property
@@ -210,31 +227,31 @@ class EmbeddingsService(LazyModel):
                 f"{column_dimensions}: set EMBEDDING_MODEL to a {column_dimensions}-dim model."
             )
 
-    def encode_documents(self, texts, batch_size=None):
+    def encode_documents(self, texts, texts_per_call=None):
         """Vectors for `texts` as stored documents: float32, L2-normalised, shape (n, dims)."""
         texts = list(texts)
-        if batch_size is None and self._measures_first(texts):
-            self.measure_batch_size(texts)
-        return self._encode(texts, batch_size or self.batch_size)
+        if texts_per_call is None and self._measures_first(texts):
+            self.measure_texts_per_call(texts)
+        return self._encode(texts, texts_per_call or self.texts_per_call)
 
     def encode_queries(self, queries):
-        return self._encode([self.query_instruction + q for q in queries], self.batch_size)
+        return self._encode([self.query_instruction + q for q in queries], self.texts_per_call)
 
     def encode_query(self, query):
         return self.encode_queries([query])[0]
 
-    def _encode(self, texts, batch_size):
+    def _encode(self, texts, texts_per_call):
         if not texts:
             return np.empty((0, self.dimensions), dtype=np.float32)
         try:
             with self._encode_lock:
-                vectors = pipeline.encode(self.model, texts, batch_size)
+                vectors = pipeline.encode(self.model, texts, texts_per_call)
         except Exception as exc:
             if not _is_cuda_oom(exc) or len(texts) == 1:
                 raise
             _free_cuda_cache()
-            half = max(1, min(batch_size, len(texts)) // 2)
-            logger.warning("CUDA out of memory at batch size %d; retrying in halves of %d", batch_size, half)
+            half = max(1, min(texts_per_call, len(texts)) // 2)
+            logger.warning("CUDA out of memory at %d texts per call; retrying in halves of %d", texts_per_call, half)
             return np.concatenate([self._encode(texts[i : i + half], half) for i in range(0, len(texts), half)])
         return normalise(vectors)
 
@@ -264,11 +281,16 @@ _services = {}
 _services_lock = threading.Lock()
 
 
-def get_service(device=None):
-    """The process's EmbeddingsService for the configured model (one per model and device) on
-    `device` ("cuda:1"), or on EMBEDDING_DEVICE when None."""
-    key = (settings.EMBEDDING_MODEL, device or settings.EMBEDDING_DEVICE)
+def get_service(device=None, model_name=None, dimensions=None):
+    """The process's EmbeddingsService (one per model and device) for `model_name` (EMBEDDING_MODEL
+    when None, which is also checked against EMBEDDING_DIMENSIONS; another model against
+    `dimensions`) on `device` ("cuda:1"), or on EMBEDDING_DEVICE when None."""
+    model_name = model_name or settings.EMBEDDING_MODEL
+    key = (model_name, device or settings.EMBEDDING_DEVICE)
     with _services_lock:
         if key not in _services:
-            _services[key] = EmbeddingsService(device=device)
+            configured = model_name == settings.EMBEDDING_MODEL
+            _services[key] = EmbeddingsService(
+                model_name=model_name, device=device, dimensions=None if configured else dimensions,
+                query_instruction=None if configured else default_query_instruction(model_name))
         return _services[key]

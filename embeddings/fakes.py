@@ -9,6 +9,7 @@ import hashlib
 
 import numpy as np
 
+from embeddings import ledger
 from embeddings.encoder import DimensionMismatch, normalise
 
 
@@ -27,7 +28,7 @@ class HashingEncoder:
                 f"holds {column_dimensions}: use HashingEncoder(dimensions={column_dimensions})."
             )
 
-    def encode_documents(self, texts, batch_size=None):
+    def encode_documents(self, texts, texts_per_call=None):
         """float32 (n, dims) unit vectors, one per text, in order."""
         texts = list(texts)
         if not texts:
@@ -36,6 +37,14 @@ class HashingEncoder:
         digests = b"".join(hashlib.shake_256(text.encode("utf-8")).digest(digest_size) for text in texts)
         raw = np.frombuffer(digests, dtype="<i2").reshape(len(texts), self.dimensions)
         return normalise(raw.astype(np.float32) + 0.5)  # +0.5: no component is ever zero
+
+    def model_identity(self):
+        """Its identity in the model ledger, from its own vectors of the probe texts (a subclass that
+        counts, delays or poisons encode calls does not see these)."""
+        vectors = HashingEncoder.encode_documents(self, list(ledger.PROBE_TEXTS))
+        return ledger.ModelIdentity(self.model_name, self.dimensions,
+                                    tuple(tuple(round(float(x), 5) for x in row) for row in vectors),
+                                    "hash vectors, not a model's", True, "")
 
     def encode_queries(self, queries):
         return self.encode_documents(queries)

@@ -14,6 +14,12 @@ when the text changes), so it is never overwritten.
 The target column may be `vector` (float32) or `halfvec` (float16): the writer reads its type
 from the catalogue at the first batch and sends the values in that type's binary format, so the
 server converts nothing (a float16 payload is also half the size).
+
+Each batch's transaction first takes the table's write lock (`ROW EXCLUSIVE`, which every UPDATE
+takes anyway) and then asks the model ledger (embeddings/ledger.py) which column holds the writer's
+model: a swap or an undo renames columns under a stronger lock, so from that moment the answer
+holds until the commit. The writer follows its model's column through a swap, and refuses, writing
+nothing, a column that holds another model's vectors.
 """
 import io
 import struct
@@ -22,6 +28,8 @@ import uuid
 import numpy as np
 import psycopg2
 from django.db import DatabaseError
+
+from embeddings import ledger
 
 # Binary COPY: signature, flags (int32), header extension length (int32) ... rows ... -1 (int16).
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
@@ -80,18 +88,21 @@ def copy_payload(ids, text_md5s, vectors, type_name="vector"):
 
 
 class VectorWriter:
-    """Writes batches of vectors into `table`.`column` through a temporary staging table.
+    """Writes batches of vectors of the model `identity` (a ledger.ModelIdentity) into
+    `table`.`column`, or wherever a swap has moved that model's column since, through a temporary
+    staging table.
 
     `connection` is a psycopg2 connection or a Django connection. `.write()` runs in the
     caller's transaction when one is open (so it commits or rolls back with the caller's other
     statements), otherwise in a transaction of its own.
     """
 
-    def __init__(self, connection, column, dims, table="segments", *, overwrite=False):
+    def __init__(self, connection, column, dims, table="segments", *, identity, overwrite=False):
         self.connection = connection
         self.column = column
         self.dims = int(dims)
         self.table = table
+        self.identity = identity
         self.overwrite = overwrite
         self.type_name = None  # the column's type, read at the first batch
 
@@ -104,13 +115,12 @@ class VectorWriter:
         if len(ids) == 0:
             return 0
         with self.connection.cursor() as cursor:
-            if self.type_name is None:
-                self.type_name = self._column_type(cursor)
-            payload = copy_payload(ids, text_md5s, vectors, self.type_name)
             own_transaction = self._autocommit()
             if own_transaction:
                 cursor.execute("BEGIN")
             try:
+                self._follow_model(cursor)
+                payload = copy_payload(ids, text_md5s, vectors, self.type_name)
                 updated = self._stage_and_update(cursor, payload, len(ids))
             except BaseException:
                 if own_transaction:
@@ -133,6 +143,16 @@ class VectorWriter:
         except (psycopg2.Error, DatabaseError):
             pass  # the connection is gone: the server rolled the transaction back itself
 
+    def _follow_model(self, cursor):
+        """Take the write lock, then point the writer at its model's column (ledger.ModelMismatch
+        when the column holds another model's vectors)."""
+        cursor.execute(f"LOCK TABLE {self.table} IN ROW EXCLUSIVE MODE")
+        column = ledger.column_for_writer(cursor, self.table, self.column, self.identity,
+                                          lambda: self._column_type(cursor))
+        if column != self.column or self.type_name is None:
+            self.column = column
+            self.type_name = self._column_type(cursor)
+
     def _column_type(self, cursor):
         """`vector` or `halfvec`: the type of the target column (ValueError for any other)."""
         # The column as the UPDATE will name it (quoted or not, through the search_path).
@@ -145,16 +165,17 @@ class VectorWriter:
 
     @property
     def staging_table(self):
-        """Per session; holds exactly the batch being written (see _stage_and_update)."""
+        """Per transaction; holds exactly the batch being written (see _stage_and_update)."""
         return f"pg_temp.embedding_staging_{self.type_name}_{self.dims}"
 
     def _stage_and_update(self, cursor, payload, rows):
+        # Dropped at the commit: a temporary table kept for the session would stay on a server
+        # connection that a pooler hands to the application's next transaction. The DELETE clears an
+        # earlier batch of the same open transaction.
         cursor.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {self.staging_table} "
-            f"(id int4, text_md5 uuid, v {self.type_name}({self.dims})) ON COMMIT DELETE ROWS"
+            f"(id int4, text_md5 uuid, v {self.type_name}({self.dims})) ON COMMIT DROP"
         )
-        # Emptied at every commit; this clears an earlier batch of the same open transaction
-        # (and costs nothing on a table emptied by the last commit).
         cursor.execute(f"DELETE FROM {self.staging_table}")
         cursor.copy_expert(f"COPY {self.staging_table} (id, text_md5, v) FROM STDIN WITH (FORMAT binary)",
                            io.BytesIO(payload))

@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass
 
 from django.conf import settings
 
+from askdrchaffee.postgres import human_bytes
+
 from segments.storage import STORAGES
 
 MB = 2**20
@@ -171,29 +173,22 @@ class BuildPlan:
         if self.fits is not False:
             return None
         graph = self.estimate
-        return (f"The HNSW graph of {graph.rows:,} {graph.value_type} values needs about {human(graph.bytes)}, more "
-                f"than the maintenance_work_mem of {human(self.maintenance_work_mem)} the build will use: once it is "
+        return (f"The HNSW graph of {graph.rows:,} {graph.value_type} values needs about {human_bytes(graph.bytes)}, more "
+                f"than the maintenance_work_mem of {human_bytes(self.maintenance_work_mem)} the build will use: once it is "
                 "full, pgvector builds the rest on disk, many times slower. Raise INDEX_MAINTENANCE_WORK_MEM_MAX (or "
                 "set INDEX_MAINTENANCE_WORK_MEM) to about "
-                f"{human(required_memory(graph.bytes, self.parallel_workers))} if the server has that much memory "
+                f"{human_bytes(required_memory(graph.bytes, self.parallel_workers))} if the server has that much memory "
                 "free.")
 
     def describe(self, name="the index"):
         """One sentence saying what the build of `name` runs with, and why."""
-        return (f"Building {name} with maintenance_work_mem = {human(self.maintenance_work_mem)} "
+        return (f"Building {name} with maintenance_work_mem = {human_bytes(self.maintenance_work_mem)} "
                 f"({self.maintenance_work_mem_why}) and max_parallel_maintenance_workers = {self.parallel_workers} "
                 f"({self.parallel_workers_why}).")
 
     def as_dict(self):
         return {**asdict(self), "fits": self.fits, "warning": self.warning,
                 "session_settings": self.session_settings()}
-
-
-def human(size):
-    """Bytes as "1.3 MB", "512 MB" or "2.5 GB"."""
-    if size >= 2**30:
-        return f"{size / 2**30:,.1f} GB"
-    return f"{size / MB:,.1f} MB" if size < 10 * MB else f"{size / MB:,.0f} MB"
 
 
 def required_memory(graph_bytes, workers):
@@ -241,10 +236,10 @@ def _memory(server, graph, workers):
     else:
         wanted = required_memory(graph.bytes, workers)
         what = (f"the estimated graph: {graph.rows:,} × {graph.value_type} at {graph.bytes_per_element:,.0f} bytes "
-                f"= {human(graph.bytes)}, plus {HEADROOM:.0%} headroom"
+                f"= {human_bytes(graph.bytes)}, plus {HEADROOM:.0%} headroom"
                 + (" and 4 MB for a parallel build" if workers else ""))
     if wanted <= own:
         return own, f"the server's own value, which holds {what}"
     if wanted > ceiling:
-        return max(own, ceiling), f"INDEX_MAINTENANCE_WORK_MEM_MAX = {human(ceiling)}; it needs {human(wanted)}: {what}"
+        return max(own, ceiling), f"INDEX_MAINTENANCE_WORK_MEM_MAX = {human_bytes(ceiling)}; it needs {human_bytes(wanted)}: {what}"
     return min(wanted, POSTGRES_MAX_KB * 1024), what

@@ -4,7 +4,9 @@
     for hit in results:
         hit.segment, hit.distance, hit.rerank_score
 
-The query is embedded with the configured model (EmbeddingsService.encode_query) and compared
+The query is embedded with the model whose vectors the column holds, as the model ledger records
+it (embeddings/ledger.py): EMBEDDING_MODEL, or LEGACY_EMBEDDING_MODEL for the replaced model's
+column; another model is refused before any question is embedded (`reader_for`). It is compared
 by cosine distance, the operator of the HNSW index (`vector_cosine_ops`), so the index serves
 the query. The search runs in its own transaction, where `SET LOCAL` (set_config(..., true), so
 the values are parameters) gives:
@@ -32,6 +34,7 @@ from pgvector.django import CosineDistance, VectorField
 
 from segments.storage import COSINE_OPCLASSES
 
+from embeddings import ledger
 from embeddings.encoder import DimensionMismatch, ModelUnavailable, get_service
 from segments.models import Segment
 from segments.schema import TABLE, require_vector_column, vector_columns
@@ -226,6 +229,50 @@ def _resolve_column(column, using):
     return schema, column, columns[column]
 
 
+_adopted_by_evidence = {}  # (database, column, model fingerprint): True once checked against stored vectors
+
+
+def reader_for(column, using="default", encoder=None, doing="this search"):
+    """The encoder that embeds questions for segments.`column`: `encoder` when given, else the
+    configured model the ledger records for the column (EMBEDDING_MODEL, or LEGACY_EMBEDDING_MODEL
+    for the replaced model's column). ModelMismatch, before any question is embedded, when it is not
+    the column's model; for a column no model is recorded for, a few stored vectors decide."""
+    with connections[using].cursor() as cursor:
+        recorded = ledger.entry(cursor, TABLE, column)
+    encoder = encoder or configured_model(recorded)
+    identity = ledger.identity_of(encoder)
+    with connections[using].cursor() as cursor:
+        if ledger.check_reader(cursor, TABLE, column, identity, doing) is None:
+            _check_evidence(cursor, using, column, encoder, identity, doing)
+    return encoder
+
+
+def configured_model(recorded):
+    """The service of the configured model that wrote `recorded` (a ledger Entry, or None)."""
+    if recorded is not None and recorded.identity.name == settings.LEGACY_EMBEDDING_MODEL \
+            and recorded.identity.name != settings.EMBEDDING_MODEL:
+        return get_service(model_name=settings.LEGACY_EMBEDDING_MODEL, dimensions=recorded.identity.dimensions)
+    return get_service()
+
+
+def _check_evidence(cursor, using, column, encoder, identity, doing):
+    from segments.switch.backfill import stored_samples
+
+    key = (connections[using].settings_dict.get("NAME"), column, identity.short_fingerprint)
+    if key in _adopted_by_evidence:
+        return
+    samples = stored_samples(cursor, column)
+    if samples:
+        matched, cosine = ledger.evidence(encoder, samples)
+        if not matched:
+            shown = "of another width" if cosine is None else f"cosine {cosine:.3f} at worst"
+            raise ledger.ModelMismatch(
+                f"segments.{column} holds vectors no model is recorded for, and they are not {identity}'s vectors of "
+                f"their texts ({shown}); {doing} would rank by meaningless distances. No question was embedded. "
+                "Set EMBEDDING_MODEL to the model that wrote them.")
+    _adopted_by_evidence[key] = True
+
+
 def _query_vector(query, encoder, column, dimensions):
     vector = np.asarray(encoder.encode_query(query), dtype=np.float32)
     if vector.ndim != 1 or (dimensions is not None and vector.shape[0] != dimensions):
@@ -303,7 +350,7 @@ def search(query, *, k=10, video_id=None, speaker=None, video_type=None, rerank=
     _validate(query, k, ef_search)
     schema, column, dimensions = _resolve_column(column, using)
     filters = _filters(video_id, speaker, video_type)
-    vector = _query_vector(query, encoder or get_service(), column, dimensions)
+    vector = _query_vector(query, reader_for(column, using, encoder), column, dimensions)
     candidates = min(max(k, settings.RERANK_TOP_K), MAX_K) if rerank else k
     effective_ef = min(max(ef_search or settings.HNSW_EF_SEARCH, candidates), MAX_K)
     iterative = has_iterative_scan(using)

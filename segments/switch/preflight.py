@@ -18,10 +18,10 @@ system check (segments/checks.py) and by `migrate` before phase 1.
 import importlib
 from dataclasses import asdict, dataclass, field
 
+from django.conf import settings
 from django.db import connections
 
 from segments.schema import TABLE, SchemaNotReady, embedding_schema
-from segments import storage
 from segments.storage import COSINE_OPCLASSES, HALFVEC_SINCE
 from segments.switch import live_table, user_triggers
 
@@ -291,19 +291,26 @@ class _Table:
 
 
 def storage_findings(vector_version, schema):
-    """Whether the server can hold the storage settings.EMBEDDING_STORAGE asks for, and whether the
-    new column, once it exists, has that type."""
-    wanted, installed = storage.configured(), _version(vector_version)
+    """Whether the server can hold the storage phase 1 will create (settings.EMBEDDING_STORAGE, or
+    halfvec where pgvector has it), and whether the new column, once it exists, has the type the
+    setting asks for."""
+    chosen, installed = settings.EMBEDDING_STORAGE, _version(vector_version)
+    halfvec_here = installed is None or installed >= HALFVEC_SINCE
     if schema is None or schema.vector_storage is None:  # phase 1 has not created the column yet
-        if wanted.type_name == "halfvec" and installed is not None and installed < HALFVEC_SINCE:
+        if chosen == "halfvec" and not halfvec_here:
             return [Finding(ERROR, "storage", f"EMBEDDING_STORAGE=halfvec, but pgvector {vector_version} has no "
                             "halfvec type (0.7.0 or later): phase 1 cannot create the new column.",
                             "install a newer pgvector on the server, then, in this database: ALTER EXTENSION "
                             "vector UPDATE; or set EMBEDDING_STORAGE=vector")]
+        if not chosen and not halfvec_here:
+            return [Finding(WARNING, "storage", f"pgvector {vector_version} has no halfvec type (0.7.0 or later): "
+                            "phase 1 creates the new column as vector (float32), twice the space of halfvec.",
+                            "upgrade pgvector (then ALTER EXTENSION vector UPDATE) before phase 1 for halfvec; or set "
+                            "EMBEDDING_STORAGE=vector to say that vector is meant")]
         return []
-    if schema.vector_storage != wanted.type_name:
+    if chosen and schema.vector_storage != chosen:
         return [Finding(WARNING, "storage", f"segments.{schema.vector_column} is {schema.vector_storage}"
-                        f"({schema.vector_dimensions}) while EMBEDDING_STORAGE={wanted.type_name}: the setting "
+                        f"({schema.vector_dimensions}) while EMBEDDING_STORAGE={chosen}: the setting "
                         "applies when phase 1 creates the column; everything else follows the column's own type.",
                         f"set EMBEDDING_STORAGE={schema.vector_storage} so that the configuration says what the "
                         "table holds")]
@@ -437,3 +444,31 @@ def history_findings(applied, alembic_revision):
                              "stop running the original project's `alembic upgrade` against this database: its "
                              "later revisions change segments.embedding too"))
     return found
+
+
+def before_migrating(plan, using="default", fake_initial=False):
+    """What `migrate` checks before it applies `plan`, refusing with the findings and changing
+    nothing: before phase 1 touches an existing table, the pre-flight's errors (and a table not
+    adopted yet, without --fake-initial); before a concurrent index build, a route to the server
+    that can carry its session settings (askdrchaffee.postgres.private_connection)."""
+    from django.core.management.base import CommandError
+
+    from askdrchaffee import postgres
+    from segments.operations import AddIndexConcurrently
+
+    forwards = [migration for migration, backwards in plan if not backwards and migration.app_label == "segments"]
+    if any(getattr(migration, "expands", False) for migration in forwards):
+        report = inspect(using=using)
+        refused = report.blocking
+        if not fake_initial:  # an existing table not adopted yet: CREATE TABLE would fail
+            refused = refused + [f for f in report.findings if f.code == "not_adopted"]
+        if refused:
+            raise CommandError(
+                "Phase 1 refused, nothing was changed: the live `segments` table cannot be served as it "
+                "is.\n" + Report(refused).as_text()
+            )
+    if any(isinstance(operation, AddIndexConcurrently) for migration in forwards for operation in migration.operations):
+        try:
+            postgres.private_connection(using, "The concurrent index build of phase 1").close()
+        except postgres.PoolerRefused as exc:
+            raise CommandError(str(exc)) from exc

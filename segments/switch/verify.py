@@ -34,7 +34,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from segments.models import HNSW_EF_CONSTRUCTION, HNSW_M
-from segments.schema import SchemaNotReady, blank_sql, embedding_schema, pending_sql
+from segments.schema import TABLE, SchemaNotReady, blank_sql, embedding_schema, pending_sql
 from segments.search import cosine_index, explain_nearest, nearest, search
 from segments.switch import recall
 
@@ -92,7 +92,7 @@ def verify(*, sample=100, golden=None, encoder=None, ef_search=None, recall_seco
         return Report("missing", None, [Check("phase", False, str(exc))])
     if schema.vector_column is None:
         return Report(schema.phase, None, [Check("phase", False, (
-            "segments has no 384-dim column yet (phase legacy): apply phase 1 with `manage.py migrate`, "
+            "segments has no column for the new model yet (phase legacy): apply phase 1 with `manage.py migrate`, "
             "then run `manage.py backfill_embeddings`."))])
     column, ef_search = schema.vector_column, ef_search or settings.HNSW_EF_SEARCH
     report = Report(schema.phase, column)
@@ -101,7 +101,10 @@ def verify(*, sample=100, golden=None, encoder=None, ef_search=None, recall_seco
         report.checks.append(_coverage(cursor, column))
         vector_checks, embedded = _vector_checks(cursor, column, schema.vector_dimensions)
     report.checks.extend(vector_checks)
-    report.checks.append(_stale(rows, column, schema.vector_dimensions, encoder))
+    model_check, encoder = _model(column, encoder, using)
+    report.checks.append(model_check)
+    report.checks.append(_stale(rows, column, schema.vector_dimensions, encoder) if model_check.ok else
+                         Check("stale", None, "Skipped: no text is embedded with another model than the column's."))
     index_check = _index(column, schema.phase, schema.storage, using)
     report.checks.append(index_check)
     usable = index_check.ok and bool(rows)
@@ -113,9 +116,30 @@ def verify(*, sample=100, golden=None, encoder=None, ef_search=None, recall_seco
         report.checks.append(_legacy_overlap(rows, column, schema.legacy_column, ef_search, using))
     if schema.phase == "swapped":
         report.checks.append(_undo(using))
-    if golden:
+    if golden and model_check.ok:
         report.checks.append(_golden(golden, encoder, using))
     return report
+
+
+def _model(column, encoder, using):
+    """(the "model" Check, the encoder to re-encode with): the model the ledger records for the column
+    against the one configured (segments.search.reader_for); another is refused before any text is
+    embedded."""
+    from embeddings import ledger
+    from segments.search import reader_for
+
+    try:
+        encoder = reader_for(column, using, encoder, doing="verify_embeddings")
+    except ImproperlyConfigured as exc:  # ModelMismatch, ModelUnavailable
+        return Check("model", False, str(exc)), None
+    with connections[using].cursor() as cursor:
+        recorded = ledger.entry(cursor, TABLE, column)
+    if recorded is None:
+        return Check("model", True, f"No model is recorded for segments.{column} yet; its stored vectors are "
+                                    f"{ledger.identity_of(encoder).name}'s."), encoder
+    return Check("model", True, f"segments.{column} holds {recorded}; the configured model is the same.",
+                 {"model": recorded.identity.name, "fingerprint": recorded.identity.short_fingerprint,
+                  "source": recorded.source}), encoder
 
 
 def _undo(using):

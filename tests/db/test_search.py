@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from django.db import connection
 
-from embeddings.encoder import DimensionMismatch
+from embeddings.ledger import ModelMismatch
 from segments.models import Segment
-from tests.db.vectors import DIMS, MappedEncoder, vec
+from tests.conftest import stored_distance
+from tests.db.vectors import DIMS, MappedEncoder, record_hand_made, vec
 from segments.schema import SchemaNotReady
 from segments.search import SearchError, explain_nearest, nearest, search
 
@@ -41,6 +42,7 @@ def compass(db):
         "west": add("due west", vec(-1, 0), video_id="v2"),
         "blank": add("   ", None, video_id="v1"),
     }
+    record_hand_made()
     rebuild_vector_index()
     return segments
 
@@ -53,7 +55,9 @@ def test_results_come_nearest_first_with_their_cosine_distances(compass):
     results = search("east", k=10, encoder=EAST)
 
     assert ids(results) == [compass[name].pk for name in ("east", "east-north-east", "north", "west")]
-    assert [hit.distance for hit in results] == pytest.approx([0.0, 0.2, 1.0, 2.0], abs=1e-6)
+    expected = [stored_distance(vec(1, 0), v) for v in (vec(1, 0), vec(0.8, 0.6), vec(0, 1), vec(-1, 0))]
+    assert [hit.distance for hit in results] == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx([0.0, 0.2, 1.0, 2.0], abs=2e-4)  # exactly so in float32
     assert results.column == "embedding" and results.phase == "final" and not results.reranked
 
 
@@ -99,10 +103,16 @@ def _fill_random(count, videos):
             [videos, DIMS, count],
         )
         cursor.execute("ANALYZE segments")
+    record_hand_made()
 
 
 def _hnsw_index():
-    return next(index for index in Segment._meta.indexes if index.name == "segments_embedding_hnsw")
+    """The model's HNSW index, with the operator class of the column's type (as the build chooses it)."""
+    from segments.operations import for_column_type
+
+    index = next(index for index in Segment._meta.indexes if index.name == "segments_embedding_hnsw")
+    with connection.schema_editor() as editor:
+        return for_column_type(index, Segment, editor)
 
 
 def test_the_planner_uses_the_hnsw_index_for_the_search_on_a_real_sized_table(db):
@@ -191,12 +201,15 @@ def test_before_the_swap_the_search_runs_on_the_new_column(segments_at):
         _write_vector(cursor, "embedding_384", east, vec(1, 0))
         _write_vector(cursor, "embedding_384", north, vec(0.6, 0.8))
         _write_vector(cursor, "embedding", legacy_only, np.ones(1536) / math.sqrt(1536))
+    record_hand_made("embedding_384")
 
     results = search("east", k=10, encoder=EAST)
 
     assert results.column == "embedding_384" and results.phase == "expanded"
     assert ids(results) == [east, north]
-    assert [hit.distance for hit in results] == pytest.approx([0.0, 0.4], abs=1e-6)
+    expected = [stored_distance(vec(1, 0), v, "embedding_384") for v in (vec(1, 0), vec(0.6, 0.8))]
+    assert [hit.distance for hit in results] == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx([0.0, 0.4], abs=2e-4)
     assert any("before the swap" in note for note in results.notes)
     assert any("no HNSW index" in note and "embedding_switch index" in note for note in results.notes)
 
@@ -207,6 +220,7 @@ def test_after_the_swap_the_search_runs_on_embedding_with_its_renamed_index(segm
         east, north = (_add_raw(cursor, text) for text in ("east", "north"))
         _write_vector(cursor, "embedding", east, vec(1, 0))
         _write_vector(cursor, "embedding", north, vec(0, 1))
+    record_hand_made()
 
     results = search("north", k=10, encoder=EAST)
     plan = explain_nearest(vec(1, 0), k=10, column="embedding", allow_seqscan=False)
@@ -224,10 +238,12 @@ def test_the_new_columns_index_serves_the_search_before_the_swap(segments_at):
     assert "Index Scan using segments_embedding_384_hnsw on segments" in plan
 
 
-def test_the_legacy_column_cannot_be_searched_with_a_new_query_vector(segments_at):
+def test_the_legacy_column_is_not_searched_with_another_model_naming_both(segments_at):
     segments_at("expanded")
 
-    with pytest.raises(DimensionMismatch, match="holds 1536"):
+    with pytest.raises(ModelMismatch, match=r"segments.embedding holds the vectors of the original project's model "
+                                            r"\(Alibaba-NLP/gte-Qwen2-1.5B-instruct\).*uses vectors chosen by the test "
+                                            r"\(hand-made vectors\).*No question was embedded"):
         search("east", column="embedding", encoder=EAST)
 
 

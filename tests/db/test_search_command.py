@@ -8,7 +8,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from segments.models import Segment
-from tests.db.vectors import MappedEncoder, vec
+from tests.db.vectors import MappedEncoder, record_hand_made, vec
 
 
 
@@ -27,6 +27,7 @@ def two_segments(db):
                                   speaker_label="Chaffee", video_type="interview", embedding=vec(1, 0))
     far = Segment.objects.create(video_id="xyz789", start_sec=5, end_sec=9, text="Plants fight back.",
                                  speaker_label="Guest", video_type="podcast", embedding=vec(0, 1))
+    record_hand_made()
     rebuild_vector_index()
     return near, far
 

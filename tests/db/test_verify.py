@@ -66,8 +66,8 @@ def test_a_complete_table_passes_every_check(complete, minilm):
 
     assert error is None and report["passed"] is True
     checks = report["checks"]
-    assert [name for name in checks] == ["coverage", "dimensions", "unit_norms", "finite", "stale", "index",
-                                         "index_used", "recall"]
+    assert [name for name in checks] == ["coverage", "dimensions", "unit_norms", "finite", "model", "stale",
+                                         "index", "index_used", "recall"]
     assert all(check["ok"] for check in checks.values())
     assert checks["coverage"]["segments_with_text"] == len(TEXTS) and checks["coverage"]["blank"] == 1
     assert checks["stale"]["sampled"] == len(TEXTS) and checks["stale"]["min_cosine"] > 0.999
@@ -166,13 +166,14 @@ def test_a_missing_index_fails(complete, minilm):
     assert "CREATE INDEX CONCURRENTLY" in report["checks"]["index"]["message"]
 
 
-def test_without_the_model_the_stale_check_fails_naming_the_setting(complete, settings, monkeypatch):
+def test_without_the_model_the_model_check_fails_naming_the_setting(complete, settings, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     settings.EMBEDDING_MODEL = "no-such-org/no-such-model"
 
     report, error = run(None)
 
-    assert report["checks"]["stale"]["ok"] is False and "EMBEDDING_MODEL=" in report["checks"]["stale"]["message"]
+    assert report["checks"]["model"]["ok"] is False and "EMBEDDING_MODEL=" in report["checks"]["model"]["message"]
+    assert report["checks"]["stale"]["ok"] is None  # nothing was embedded
 
 
 def _write(cursor, column, segment_id, vector):

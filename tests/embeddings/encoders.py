@@ -24,7 +24,7 @@ class RecordingEncoder(HashingEncoder):
         self.calls.append("check_dimensions")
         super().check_dimensions(column, column_dimensions)
 
-    def encode_documents(self, texts, batch_size=None):
+    def encode_documents(self, texts, texts_per_call=None):
         texts = list(texts)
         with self._lock:
             self.calls.append("encode_documents")
@@ -37,7 +37,7 @@ class RecordingEncoder(HashingEncoder):
 class PoisonedEncoder(RecordingEncoder):
     """NaN for texts containing POISON_NAN; raises for a batch holding a POISON_RAISE text."""
 
-    def encode_documents(self, texts, batch_size=None):
+    def encode_documents(self, texts, texts_per_call=None):
         texts = list(texts)
         if any(POISON_RAISE in text for text in texts):
             raise ValueError("tokenizer exploded")
@@ -51,6 +51,6 @@ class PoisonedEncoder(RecordingEncoder):
 class BrokenEncoder(RecordingEncoder):
     """Fails on every text, as a model on a broken device would."""
 
-    def encode_documents(self, texts, batch_size=None):
+    def encode_documents(self, texts, texts_per_call=None):
         super().encode_documents(texts)
         raise RuntimeError("device lost")

@@ -333,16 +333,10 @@ def test_an_application_on_the_same_pool_never_sees_the_switchs_settings(pgbounc
     assert follower_code == 0, f"{follower_out}\n{follower_err}"
     assert "woken by NOTIFY" in follower_out.splitlines()[0], follower_out  # it LISTENs over the direct URL
 
-    # Known: the vector writer (embeddings/writer.py) stages each batch in a temporary table created
-    # once per session (CREATE TEMP TABLE IF NOT EXISTS ... ON COMMIT DELETE ROWS). Through a pooler
-    # it stays on the server connection after the writer's transaction, and the application's
-    # transactions there find it in their pg_temp (always empty: no row outlives a commit).
-    # PgBouncer lists such tables as unsupported in transaction mode (ON COMMIT DROP ones are
-    # supported). Expected to fail until the writer stops leaving it; any other table fails now.
+    # The vector writer stages each batch in an ON COMMIT DROP temporary table: none outlives its
+    # transaction, so the application's transactions never find one on a pooled server connection.
     tables = {table for value in app.values_seen["temporary_tables"] for table in value.split(", ")}
-    assert all(table.startswith("embedding_staging_") for table in tables), app.summary()
-    if tables:
-        pytest.xfail(f"the vector writer's staging table stays on pooled server connections: {app.summary()}")
+    assert not tables, app.summary()
 
 
 def test_control_a_session_setting_left_on_the_pool_is_seen_within_seconds(pgbouncer, segments_at):
@@ -435,10 +429,4 @@ def test_without_a_direct_url_the_index_build_refuses_and_the_follower_polls(pgb
                                                                          "DATABASE_DIRECT_URL": ""}))
     assert code != 0, out
     assert schema_dump() == before
-    if "DATABASE_DIRECT_URL" not in err:
-        # Known: the private connection sends its settings as startup options, PgBouncer answers
-        # FATAL, and the command ends in a traceback of that error. Expected to fail until it
-        # refuses as above; any other failure fails now.
-        assert "unsupported startup parameter: options" in err, (out, err)
-        pytest.xfail("through a PgBouncer that refuses startup options, the index build ends in "
-                     f"'{err.strip().splitlines()[-1]}' instead of naming DATABASE_DIRECT_URL")
+    assert "DATABASE_DIRECT_URL" in err, (out, err)

@@ -54,7 +54,7 @@ def test_a_model_of_the_wrong_width_is_refused_naming_both_numbers(minilm):
 
 
 class OutOfMemoryModel:
-    """Fails like CUDA does above a batch size; records the batches it was given. Has what the
+    """Fails like CUDA does above a number of texts per call; records the batches it was given. Has what the
     encode pipeline uses of a SentenceTransformer."""
 
     device = torch.device("cpu")
@@ -77,8 +77,8 @@ class OutOfMemoryModel:
         return {"sentence_embedding": torch.stack([lengths, torch.ones_like(lengths)], dim=1)}
 
 
-def test_cuda_out_of_memory_halves_the_batch_and_loses_no_text():
-    service = EmbeddingsService(model_name="fake", device="cpu", batch_size=16, dimensions=2)
+def test_cuda_out_of_memory_halves_the_texts_per_call_and_loses_no_text():
+    service = EmbeddingsService(model_name="fake", device="cpu", texts_per_call=16, dimensions=2)
     service._model = OutOfMemoryModel(limit=4)
     texts = [f"t{'x' * i}" for i in range(10)]
     vectors = service.encode_documents(texts)

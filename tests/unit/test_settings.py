@@ -22,7 +22,7 @@ def start(**env):
     [
         ("EMBEDDING_DIMENSIONS", "384d", "EMBEDDING_DIMENSIONS='384d' is not a valid int"),
         ("EMBEDDING_DIMENSIONS", "0", "EMBEDDING_DIMENSIONS='0' must be at least 1"),
-        ("EMBEDDING_BATCH_SIZE", "-5", "EMBEDDING_BATCH_SIZE='-5' must be at least 1"),
+        ("EMBEDDING_TEXTS_PER_CALL", "-5", "EMBEDDING_TEXTS_PER_CALL='-5' must be at least 1"),
         ("EMBEDDING_DEVICE", "tpu", "EMBEDDING_DEVICE='tpu' must be one of: auto, cpu, cuda, mps"),
         ("ENABLE_RERANKER", "maybe", "ENABLE_RERANKER='maybe' is not a valid boolean"),
         ("RERANK_TOP_K", "many", "RERANK_TOP_K='many' is not a valid int"),
@@ -38,6 +38,14 @@ def test_a_malformed_value_is_an_error_naming_the_variable(name, value, message)
     assert result.returncode != 0
     assert "ImproperlyConfigured" in result.stderr
     assert message in result.stderr
+
+
+def test_the_former_name_of_texts_per_call_stops_start_up_naming_the_new_one():
+    result = start(EMBEDDING_BATCH_SIZE="64")
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert ("EMBEDDING_BATCH_SIZE was renamed EMBEDDING_TEXTS_PER_CALL (texts per model call; the backfill's "
+            "--batch-size is rows per claim): rename it in your environment.") in result.stderr
 
 
 def test_well_formed_values_are_read():

@@ -5,7 +5,7 @@ copy the result back (a synchronisation). On a GPU the device idles while the CP
 while the result comes back. Here:
 
 - texts are sorted by length (characters, longest first, as `encode` does) and cut into batches
-  of at most `batch_size` texts and at most a token budget (`batch_size` x BUDGET_TOKENS_PER_TEXT,
+  of at most `texts_per_call` texts and at most a token budget (`texts_per_call` x BUDGET_TOKENS_PER_TEXT,
   estimated from characters), so that a batch of long texts is smaller than one of short texts;
 - a tokenizer thread prepares the next batches (`model.preprocess`, the same tokenization as
   `encode`) while the device runs the current one; on CUDA their tensors are pinned, so that the
@@ -13,8 +13,8 @@ while the result comes back. Here:
 - the outputs stay on the device until the end of the call: one copy back, one synchronisation;
 - the model's own modules run (`model(features)`), so the vectors are `encode`'s, to rounding.
 
-`fastest_batch_size` measures which batch size runs fastest on the model's device (the service
-does this once on CUDA; the benchmark's encode suite sweeps the same sizes).
+`fastest_texts_per_call` measures which number of texts per call runs fastest on the model's device
+(the service does this once on CUDA; the benchmark's encode suite sweeps the same candidates).
 """
 import logging
 import queue
@@ -26,9 +26,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 PREFETCH = 2  # batches tokenized ahead of the device
-BUDGET_TOKENS_PER_TEXT = 128  # the token budget of a batch: batch_size texts of this many tokens
+BUDGET_TOKENS_PER_TEXT = 128  # the token budget of a batch: texts_per_call texts of this many tokens
 CHARS_PER_TOKEN = 3  # English WordPiece runs ~4 characters a token: this over-estimates a little
-CUDA_BATCH_SIZES = (64, 128, 256, 512, 1024)
+CUDA_TEXTS_PER_CALL_CANDIDATES = (64, 128, 256, 512, 1024)
 _DONE = object()
 
 
@@ -37,16 +37,16 @@ def estimated_tokens(text, max_length):
     return min(max_length, len(text) // CHARS_PER_TOKEN + 2)
 
 
-def plan_batches(texts, batch_size, max_length, budget_tokens_per_text=BUDGET_TOKENS_PER_TEXT):
-    """Lists of indices into `texts`: longest texts first, each batch at most `batch_size` texts
-    and, padded to its longest text, at most `batch_size * budget_tokens_per_text` tokens."""
-    budget = batch_size * budget_tokens_per_text
+def plan_batches(texts, texts_per_call, max_length, budget_tokens_per_text=BUDGET_TOKENS_PER_TEXT):
+    """Lists of indices into `texts`: longest texts first, each batch at most `texts_per_call` texts
+    and, padded to its longest text, at most `texts_per_call * budget_tokens_per_text` tokens."""
+    budget = texts_per_call * budget_tokens_per_text
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     batches, current, longest = [], [], 0
     for index in order:
         tokens = estimated_tokens(texts[index], max_length)
         width = max(longest, tokens)
-        if current and (len(current) == batch_size or width * (len(current) + 1) > budget):
+        if current and (len(current) == texts_per_call or width * (len(current) + 1) > budget):
             batches.append(current)
             current, width = [], tokens
         current.append(index)
@@ -110,7 +110,7 @@ class _Tokenizer(threading.Thread):
             yield item
 
 
-def encode(model, texts, batch_size):
+def encode(model, texts, texts_per_call):
     """float32 (n, dims) sentence vectors of `texts` (a list of str), in input order, not
     normalised (the model's own Normalize module, if any, has run)."""
     import torch
@@ -120,7 +120,7 @@ def encode(model, texts, batch_size):
         return np.empty((0, _dimensions(model)), dtype=np.float32)
     device = model.device
     cuda = device.type == "cuda"
-    batches = plan_batches(texts, batch_size, model.max_seq_length or 512)
+    batches = plan_batches(texts, texts_per_call, model.max_seq_length or 512)
     tokenizer = _Tokenizer(model, texts, batches, pin=cuda)
     outputs, positions = [], []
     model.eval()
@@ -141,8 +141,8 @@ def encode(model, texts, batch_size):
     return ordered
 
 
-def fastest_batch_size(model, texts, candidates=CUDA_BATCH_SIZES, repeats=2):
-    """(the batch size that encodes `texts` fastest on the model's device, {size: texts/s})."""
+def fastest_texts_per_call(model, texts, candidates=CUDA_TEXTS_PER_CALL_CANDIDATES, repeats=2):
+    """(the texts per call that encode `texts` fastest on the model's device, {texts per call: texts/s})."""
     import torch
 
     cuda = model.device.type == "cuda"
@@ -164,6 +164,6 @@ def fastest_batch_size(model, texts, candidates=CUDA_BATCH_SIZES, repeats=2):
     if not rates:
         return min(candidates), rates
     chosen = max(rates, key=rates.get)
-    logger.info("encode batch sizes on %s: %s texts/s; chose %d", model.device,
+    logger.info("encode texts per call on %s: %s texts/s; chose %d", model.device,
                 ", ".join(f"{size}: {rate:,.0f}" for size, rate in rates.items()), chosen)
     return chosen, rates

@@ -5,17 +5,7 @@ from django.db.models import Q
 from pgvector.django import HnswIndex
 
 from segments.fields import CurrentTimestamp, EmbeddingField, SerialField, TimestampField
-from segments.schema import BLANK_TEXT_PATTERN
-
-# The width of `segments.embedding` once the switch is done (BAAI/bge-small-en-v1.5).
-# Migrations keep their own frozen copy; settings.EMBEDDING_DIMENSIONS is checked against the
-# live column, never used to define it.
-EMBEDDING_DIMENSIONS = 384
-
-
-# HNSW build parameters (pgvector's defaults, documented in the README's runbook).
-HNSW_M = 16
-HNSW_EF_CONSTRUCTION = 64
+from segments.schema import BLANK_TEXT_PATTERN, HNSW_EF_CONSTRUCTION, HNSW_M
 
 
 class Segment(models.Model):
@@ -33,7 +23,9 @@ class Segment(models.Model):
     end_sec = models.FloatField()
     text = models.TextField()
     speaker_label = models.CharField(max_length=50, null=True, blank=True)
-    embedding = EmbeddingField(dimensions=EMBEDDING_DIMENSIONS, null=True, blank=True, editable=False)
+    # Its width is the live model's: each switch's migrations create the column, the model ledger
+    # (embeddings.VectorColumn) records which model's vectors it holds.
+    embedding = EmbeddingField(null=True, blank=True, editable=False)
     created_at = TimestampField(db_default=CurrentTimestamp(), editable=False)
     video_type = models.CharField(max_length=20, null=True, blank=True)
 
@@ -90,16 +82,21 @@ class QuarantinedSegment(models.Model):
 class BackfillClaim(models.Model):
     """A range of segment ids one backfill worker is embedding right now.
 
-    The worker is identified by its database session (`worker_pid`, `worker_started_at` as in
-    pg_stat_activity): when that session is gone, the worker is dead and its claim is taken over.
+    A claim is held until `expires_at`, which the worker's heartbeat keeps pushing forward; a claim
+    whose lease ran out, or whose claiming database session is gone (`worker_pid`,
+    `worker_started_at` as in pg_stat_activity, on a direct connection), belongs to a dead worker
+    and is taken over. Behind a pooler the session says nothing (the pooler keeps it open), and
+    the lease decides alone.
     """
 
     first_id = models.IntegerField()
     last_id = models.IntegerField()
-    worker_pid = models.IntegerField()
-    worker_started_at = models.DateTimeField()
+    worker_pid = models.IntegerField(null=True)
+    worker_started_at = models.DateTimeField(null=True)
     worker_name = models.CharField(max_length=255, help_text="host:pid of the worker process")
     claimed_at = models.DateTimeField(auto_now_add=True)
+    worker_id = models.UUIDField(null=True, help_text="the worker run (segments_backfill_worker) holding it")
+    expires_at = models.DateTimeField(null=True, help_text="the lease: taken over after this")
 
     class Meta:
         db_table = "embeddings_backfill_claim"
@@ -136,26 +133,46 @@ class EmbeddingSwitch(SwitchEvent):
 
 
 class BackfillWorker(models.Model):
-    """One backfill worker's run, as it goes: its heartbeat.
+    """One backfill worker's or follower's run, as it goes: its heartbeat.
 
     Written by the worker's write stage in the same transaction as each batch (so `rows_done` is
-    exactly what was committed), read by `embedding_status` and the admin for each worker's
-    device, rows/s and the ETA. The worker is alive while its writer's database session (`pid`,
-    `backend_start`, as in pg_stat_activity) exists and `finished` is empty.
+    exactly what was committed), and every few seconds by its heartbeat thread (`updated`, which
+    also renews its claims); read by `embedding_status` and the admin for each worker's mode,
+    model, device, last batch, rows/s and the ETA. The worker is alive while `updated` is recent
+    and `finished` is empty.
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     worker_name = models.CharField(max_length=255, help_text="host:pid of the worker process")
-    pid = models.IntegerField(help_text="the writer's database session, as in pg_stat_activity")
-    backend_start = models.DateTimeField()
+    pid = models.IntegerField(null=True, help_text="the writer's database session, as in pg_stat_activity")
+    backend_start = models.DateTimeField(null=True)
     device = models.CharField(max_length=40, null=True, blank=True, help_text="where the model runs")
     rows_done = models.BigIntegerField(default=0)
     started = models.DateTimeField()
     updated = models.DateTimeField()
     finished = models.DateTimeField(null=True, blank=True)
+    mode = models.CharField(max_length=40, default="backfill", help_text="backfill, or follow (listen or poll)")
+    model_name = models.CharField(max_length=500, blank=True, default="", help_text="the model it embeds with")
+    column = models.CharField(max_length=63, blank=True, default="", help_text="the column it writes now")
+    last_batch_at = models.DateTimeField(null=True, blank=True)
+    last_batch_rows = models.IntegerField(null=True, blank=True)
+    recent_rows_per_s = models.FloatField(null=True, blank=True, help_text="over the last minute")
 
     class Meta:
         db_table = "segments_backfill_worker"
 
     def __str__(self):
         return f"{self.worker_name}: {self.rows_done} rows"
+
+
+class PendingSince(models.Model):
+    """Since when a segment has waited for a vector: stamped by a trigger when a segment is
+    inserted or its text changes (segments/triggers.py), so that `embedding_status` can give the
+    age of the oldest segment with text and no current vector. Entries of segments that have their
+    vectors are ignored, and cleared from time to time by the follower."""
+
+    segment_id = models.IntegerField(primary_key=True)
+    since = models.DateTimeField()
+
+    class Meta:
+        db_table = "segments_pending_since"

@@ -13,6 +13,10 @@ switch" page and the end of `migrate`.
                      (segments.index_build.BuildPlan.as_dict; None without a scan)
     swap             whether the swap would be accepted now, and if not why (segments.switch.swap.refusal)
     size             the table's total size now, before the switch, after the contract
+    models           the model ledger: for each vector column, the model whose vectors it holds (name,
+                     what it is, width, storage, fingerprint, how it was recorded, when)
+    pending_age      for each column this project fills, the age in seconds of the oldest segment with
+                     text and no current vector (None when none waits; not read past 100,000 waiting)
     undo_lacks       (swapped) segments with text and no legacy vector: what an undo would not find
     legacy_writes    (expanded) segments added since the switch began that carry a 1536-dim vector
     preflight        the pre-flight findings (segments.switch.preflight)
@@ -30,15 +34,19 @@ skips the scan (those counts are then None): `brief()` does, so that `migrate` s
 """
 from contextlib import contextmanager
 
+from django.conf import settings
 from django.db import connections, transaction
 from django.db.migrations.recorder import MigrationRecorder
 
+from askdrchaffee.postgres import human_bytes  # noqa: F401 (the panel and the command show sizes with it)
+from embeddings import ledger
 from segments import index_build
-from segments.models import HNSW_M, BackfillClaim, BackfillWorker, SwitchEvent
-from segments.schema import TABLE, SchemaNotReady, blank_sql, embedding_schema, pending_sql
+from segments.models import PendingSince, SwitchEvent
+from segments.schema import HNSW_M, TABLE, SchemaNotReady, blank_sql, embedding_schema, pending_sql
 from segments.storage import COSINE_OPCLASSES
 from segments.switch import catalog, preflight, swap
 from segments.switch.backfill import sql as backfill_sql
+from segments.switch.backfill.heartbeat import ALIVE
 
 STALLED_SECONDS = 300  # a running worker that wrote nothing for this long is reported
 VECTOR_METHODS = ("hnsw", "ivfflat")
@@ -48,6 +56,8 @@ COMMANDS = {  # the operator's sequence
     "adopt": "python manage.py migrate --fake-initial",
     "migrate": "python manage.py migrate",
     "backfill": "python manage.py backfill_embeddings",
+    "follow": "python manage.py backfill_embeddings --follow",
+    "makeswitch": "python manage.py makeswitch",
     "retry": "python manage.py backfill_embeddings --retry-quarantined",
     "index": "python manage.py embedding_switch index",
     "verify": "python manage.py verify_embeddings",
@@ -58,19 +68,19 @@ COMMANDS = {  # the operator's sequence
     "quarantine": "python manage.py embedding_quarantine",
 }
 
-_ALIVE = """EXISTS (SELECT 1 FROM pg_stat_activity a
-    WHERE a.pid = {pid} AND (a.backend_start IS NULL OR a.backend_start = {start}))"""
-
 HEARTBEATS = f"""
     SELECT w.worker_name, w.pid, w.device, w.rows_done, w.started, w.updated,
-           extract(epoch FROM w.updated - w.started), extract(epoch FROM now() - w.updated)
+           extract(epoch FROM w.updated - w.started), extract(epoch FROM now() - w.updated),
+           w.mode, w.model_name, w."column", w.last_batch_at, w.last_batch_rows, w.recent_rows_per_s,
+           extract(epoch FROM now() - w.last_batch_at)
     FROM segments_backfill_worker w
-    WHERE w.finished IS NULL AND {_ALIVE.format(pid="w.pid", start="w.backend_start")}
+    WHERE {ALIVE}
     ORDER BY w.started, w.worker_name
 """
-LIVE_CLAIMS = f"""
+LIVE_CLAIMS = """
     SELECT c.worker_name, count(*), min(c.first_id), max(c.last_id) FROM embeddings_backfill_claim c
-    WHERE {_ALIVE.format(pid="c.worker_pid", start="c.worker_started_at")}
+    WHERE c.expires_at >= now() OR (c.expires_at IS NULL AND EXISTS (SELECT 1 FROM pg_stat_activity a
+        WHERE a.pid = c.worker_pid AND (a.backend_start IS NULL OR a.backend_start = c.worker_started_at)))
     GROUP BY c.worker_name ORDER BY c.worker_name
 """
 INDEX_BUILD = """
@@ -106,7 +116,8 @@ def _collect(using, scan):
     except SchemaNotReady as exc:
         return _without_table(using, str(exc))
     tables = set(connections[using].introspection.table_names())
-    before, contract = _event(using, tables, "before", first=True), _event(using, tables, "contract")
+    before = _event(using, tables, "before")
+    contract = _event(using, tables, "contract", since=before)
     with connections[using].cursor() as cursor:
         rows, extra = _rows(cursor, schema, before, scan)
         status = {
@@ -114,15 +125,18 @@ def _collect(using, scan):
             "columns": {"vector": _column(schema.vector_column, schema.vector_dimensions, schema.vector_storage),
                         "legacy": _column(schema.legacy_column, schema.legacy_dimensions, "vector")},
             "rows": rows,
-            "backfill": _backfill(cursor, rows, heartbeats=BackfillWorker._meta.db_table in tables,
-                                  claims=BackfillClaim._meta.db_table in tables),
+            # Workers and their leased claims come with migration 0009 (whose pending_since table marks it).
+            "backfill": _backfill(cursor, rows, heartbeats=PendingSince._meta.db_table in tables,
+                                  claims=PendingSince._meta.db_table in tables),
             "index_build": _index_build(cursor),
             "indexes": {"hnsw": _hnsw_index(cursor, schema.vector_column),
                         "legacy": _legacy_index(cursor, schema.legacy_column)},
             "size": _size(cursor, schema.phase, before, contract),
             "index_plan": _index_plan(cursor, schema, rows),
+            "models": _models(cursor, tables),
             **extra,
         }
+        status["pending_age"] = _pending_age(cursor, schema, status["models"], rows)
     reason = swap.refusal(using=using)
     status["swap"] = {"done": schema.is_live, "accepted": reason is None, "refusal": reason}
     status["preflight"] = _preflight(using)
@@ -153,6 +167,7 @@ def _without_table(using, problem):
               "swap": {"done": False, "accepted": False, "refusal": problem},
               "size": {"now_bytes": None, "before_bytes": None, "after_contract_bytes": None},
               "undo_lacks": None, "legacy_writes": None, "preflight": {"findings": [], "blocking": 0},
+              "models": {}, "pending_age": {},
               "adopted": False}
     status["steps"] = steps(status)
     status["warnings"] = []
@@ -164,11 +179,14 @@ def _column(name, dimensions, type_name):
     return None if name is None else {"name": name, "dimensions": dimensions, "type": type_name}
 
 
-def _event(using, tables, step, first=False):
+def _event(using, tables, step, since=None):
+    """The latest SwitchEvent of `step` (recorded after the SwitchEvent `since`, when given)."""
     if SwitchEvent._meta.db_table not in tables:  # before migration 0002
         return None
     events = SwitchEvent.objects.using(using).filter(step=step)
-    return events.order_by("at", "id").first() if first else events.order_by("-at", "-id").first()
+    if since is not None:
+        events = events.filter(at__gte=since.at)
+    return events.order_by("-at", "-id").first()
 
 
 def _rows(cursor, schema, before, scan):
@@ -201,26 +219,80 @@ def _rows(cursor, schema, before, scan):
     return counts, extra
 
 
+def _models(cursor, tables):
+    """{column: what the model ledger records for it} (embeddings.ledger)."""
+    if ledger.LEDGER not in tables:  # before the ledger's migration
+        return {}
+    return {column: {"model": entry.identity.name, "description": entry.identity.description,
+                     "dimensions": entry.identity.dimensions, "storage": entry.storage,
+                     "fingerprint": entry.identity.short_fingerprint, "source": entry.source,
+                     "recorded_at": entry.recorded_at.isoformat(), "query_instruction": entry.identity.query_instruction,
+                     "summary": str(entry.identity)}
+            for column, entry in ledger.entries(cursor, TABLE).items()}
+
+
+PENDING_AGE_READ_UP_TO = 100_000
+PENDING_AGE = f"""
+    SELECT extract(epoch FROM now() - min(coalesce(p.since, s.created_at AT TIME ZONE 'UTC')))
+    FROM {TABLE} s LEFT JOIN segments_pending_since p ON p.segment_id = s.id WHERE {{pending}}
+"""
+
+
+def _pending_age(cursor, schema, models, rows):
+    """{column: seconds the oldest waiting segment has waited, or None} for the columns this project
+    fills (the new model's; and the live one when its vectors were written here)."""
+    columns = [schema.vector_column] if schema.vector_column else []
+    if schema.phase == "expanded" and models.get(schema.legacy_column, {}).get("source") not in (None, "declared",
+                                                                                                "simulated"):
+        columns.append(schema.legacy_column)
+    cursor.execute("SELECT to_regclass('segments_pending_since') IS NOT NULL")
+    if not cursor.fetchone()[0] or (rows["pending"] or 0) > PENDING_AGE_READ_UP_TO:
+        return dict.fromkeys(columns)
+    ages = {}
+    for column in columns:
+        cursor.execute(PENDING_AGE.format(pending=pending_sql(column)))
+        age = cursor.fetchone()[0]
+        ages[column] = None if age is None else round(float(age), 1)
+    return ages
+
+
+def live_column(status):
+    """The column the application's search reads now, when this project fills it: its pending age is
+    the health of the search."""
+    if status["phase"] in ("swapped", "final"):
+        return status["columns"]["vector"]["name"]
+    if status["phase"] == "expanded" and (status["columns"]["legacy"] or {}).get("name") in status["pending_age"]:
+        return status["columns"]["legacy"]["name"]
+    return None
+
+
 def _backfill(cursor, rows, heartbeats=True, claims=True):
     """The workers running now: heartbeats of live runs, and live claims of workers that have not
     written a batch yet; their rows/s and the ETA of the pending rows the quarantine does not hold."""
     workers = []
-    if heartbeats:  # the table comes with migration 0002
+    if heartbeats:
         cursor.execute(HEARTBEATS)
         workers = [
             {"name": name, "pid": pid, "device": device, "rows_done": done,
              "rows_per_s": round(done / float(elapsed), 1) if elapsed else None,
              "started": started.isoformat(), "updated": updated.isoformat(),
-             "seconds_since_update": round(float(idle), 1), "claims": 0, "claimed_ids": None}
-            for name, pid, device, done, started, updated, elapsed, idle in cursor.fetchall()
+             "seconds_since_update": round(float(idle), 1), "claims": 0, "claimed_ids": None,
+             "mode": mode, "model": model, "column": column or None,
+             "last_batch_at": last_at.isoformat() if last_at else None, "last_batch_rows": last_rows,
+             "seconds_since_last_batch": None if since_batch is None else round(float(since_batch), 1),
+             "recent_rows_per_s": recent}
+            for (name, pid, device, done, started, updated, elapsed, idle, mode, model, column, last_at, last_rows,
+                 recent, since_batch) in cursor.fetchall()
         ]
-    if claims:  # the table comes with the embeddings app's first migration
+    if claims:
         cursor.execute(LIVE_CLAIMS)
     for name, claims, first_id, last_id in (cursor.fetchall() if claims else []):
         mine = [worker for worker in workers if worker["name"] == name]
         if not mine:
             mine = [{"name": name, "pid": None, "device": None, "rows_done": 0, "rows_per_s": None,
-                     "started": None, "updated": None, "seconds_since_update": None}]
+                     "started": None, "updated": None, "seconds_since_update": None, "mode": None, "model": None,
+                     "column": None, "last_batch_at": None, "last_batch_rows": None,
+                     "seconds_since_last_batch": None, "recent_rows_per_s": None}]
             workers.append(mine[0])
         mine[0].update(claims=claims, claimed_ids=[first_id, last_id])
     rates = [worker["rows_per_s"] for worker in workers if worker["rows_per_s"]]
@@ -334,18 +406,6 @@ def human_duration(seconds):
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
-def human_bytes(value):
-    """A byte count as "512 bytes", "1.5 kB", "12.3 MB" or "1.2 GB" (binary units; "unknown" for None)."""
-    if value is None:
-        return "unknown"
-    if abs(value) < 1024:
-        return f"{value:,} bytes"
-    for unit in ("kB", "MB", "GB"):
-        value /= 1024
-        if abs(value) < 1024 or unit == "GB":
-            return f"{value:,.1f} {unit}"
-
-
 def next_step(status):
     """{"command": the next command of the operator's sequence (None: nothing to run), "why"}."""
     phase, backfill = status["phase"], status["backfill"]
@@ -372,7 +432,12 @@ def _after_backfill(status):
         return _next("contract", "later, once the new search has served long enough (irreversible); "
                                  f"`{COMMANDS['undo']}` if it disappoints")
     if phase != "expanded":
-        return {"command": None, "why": "the switch is done; run the backfill after each import to embed new segments"}
+        live = status["models"].get(status["columns"]["vector"]["name"]) if status["columns"]["vector"] else None
+        if live is not None and live["model"] != settings.EMBEDDING_MODEL:
+            return _next("makeswitch", f"EMBEDDING_MODEL is {settings.EMBEDDING_MODEL}, and segments.embedding holds "
+                                       f"{live['model']}: write the next switch (README \"Switching again\")")
+        return {"command": None, "why": f"the switch is done; keep `{COMMANDS['follow']}` running, so that new and "
+                                        "edited segments are searchable at once"}
     build, hnsw = status["index_build"], status["indexes"]["hnsw"] or {}
     if build is not None:
         return _next("verify", f"once the index build finishes (now: {build['phase']})")
@@ -423,7 +488,16 @@ def warnings(status):
     if legacy is not None and not legacy["valid"] and not building:
         found.append(f"The legacy vector index {legacy['name']} is INVALID: the legacy search scans the table.")
     for worker in status["backfill"]["workers"]:
-        if (worker["seconds_since_update"] or 0) > STALLED_SECONDS:
-            found.append(f"Backfill worker {worker['name']} has written nothing for "
-                         f"{human_duration(worker['seconds_since_update'])}.")
+        idle = worker.get("seconds_since_last_batch")
+        if worker.get("mode") == "backfill" and idle is not None and idle > STALLED_SECONDS:
+            found.append(f"Backfill worker {worker['name']} has written nothing for {human_duration(idle)}.")
+    live = live_column(status)
+    age = status["pending_age"].get(live) if live else None
+    if age is not None and age > settings.PENDING_WARNING_SECONDS:
+        following = [w for w in status["backfill"]["workers"] if (w.get("mode") or "").startswith("follow")]
+        fix = ("the followers are behind: look at their output" if following else
+               f"no follower is running: start `{COMMANDS['follow']}`, or run `{COMMANDS['backfill']}`")
+        found.append(f"The oldest segment waiting for its vector in segments.{live} has waited "
+                     f"{human_duration(age)} (more than {human_duration(settings.PENDING_WARNING_SECONDS)}): the "
+                     f"search does not find it yet; {fix}.")
     return found

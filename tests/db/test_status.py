@@ -12,6 +12,7 @@ from django.db.migrations.recorder import MigrationRecorder
 
 from embeddings.fakes import HashingEncoder
 from segments.models import BackfillWorker, QuarantinedSegment, SwitchEvent
+from segments.storage import configured
 from segments.switch import preflight, status, swap
 from segments.switch.backfill import run_backfill
 from segments.switch.backfill.session import open_connection, worker_name
@@ -67,7 +68,7 @@ def test_in_the_expanded_phase_the_counts_of_known_rows(segments_at):
     found = status.collect()
 
     assert found["phase"] == "expanded"
-    assert found["columns"] == {"vector": {"name": "embedding_384", "dimensions": 384, "type": "vector"},
+    assert found["columns"] == {"vector": {"name": "embedding_384", "dimensions": 384, "type": configured().type_name},
                                 "legacy": {"name": "embedding", "dimensions": 1536, "type": "vector"}}
     assert found["rows"] == KNOWN_ROWS
     assert found["undo_lacks"] is None and found["legacy_writes"] == 0
@@ -85,7 +86,7 @@ def test_in_the_swapped_phase_the_counts_and_what_an_undo_would_lack(segments_at
     found = status.collect()
 
     assert found["phase"] == "swapped"
-    assert found["columns"] == {"vector": {"name": "embedding", "dimensions": 384, "type": "vector"},
+    assert found["columns"] == {"vector": {"name": "embedding", "dimensions": 384, "type": configured().type_name},
                                 "legacy": {"name": "embedding_legacy", "dimensions": 1536, "type": "vector"}}
     assert found["rows"] == KNOWN_ROWS
     assert found["undo_lacks"] == 3  # five segments with text, two legacy vectors; the blank one needs none
@@ -226,7 +227,7 @@ def test_an_index_build_in_progress_is_shown_and_the_invalid_index_it_leaves_rep
         try:
             with builder.cursor() as cursor:
                 cursor.execute("CREATE INDEX CONCURRENTLY status_test_hnsw ON segments "
-                               "USING hnsw (embedding_384 vector_cosine_ops)")
+                               f"USING hnsw (embedding_384 {configured().cosine_opclass})")
         except Exception as exc:  # the cancel below
             errors.append(exc)
 
@@ -271,7 +272,8 @@ def test_embedding_status_json_prints_the_whole_status(segments_at):
     found = json.loads(command("embedding_status", "--json")[0])
 
     assert set(found) == {"phase", "columns", "rows", "backfill", "index_build", "indexes", "index_plan", "swap",
-                          "size", "undo_lacks", "legacy_writes", "preflight", "adopted", "steps", "warnings", "next"}
+                          "size", "undo_lacks", "legacy_writes", "preflight", "adopted", "steps", "warnings", "next",
+                          "models", "pending_age"}
     assert found["phase"] == "expanded" and found["rows"] == KNOWN_ROWS
     assert found["swap"] == {"done": False, "accepted": False, "refusal": swap.refusal()}
     assert found["indexes"]["hnsw"] is None and found["index_build"] is None

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 from django.db import connection
 
-from segments.switch.backfill import BEFORE_FIRST_ID, BackfillError, claim_sql, run_backfill
+from segments.switch.backfill import BEFORE_FIRST_ID, BackfillError, claim_sql, connector, run_backfill
 from embeddings.encoder import DimensionMismatch
 from embeddings.fakes import HashingEncoder
 from segments.models import BackfillClaim, QuarantinedSegment
 from segments.switch import swap
+from tests.conftest import as_stored
 from tests.embeddings.conftest import (
-    add_segments, is_blank_in_postgres, scalar, segment_texts, sentences, stored_vectors,
+    add_segments, is_blank_in_postgres, scalar, segment_texts, sentences, stored_vectors, vector_column,
 )
 from tests.embeddings.encoders import POISON_NAN, POISON_RAISE, BrokenEncoder, PoisonedEncoder, RecordingEncoder
 
@@ -24,13 +25,15 @@ BLANKS = ["", " ", "\t\n\r  ", "\x0b\x0c"]
 def assert_every_vector_is_its_texts(column=None, encoder=None):
     """Every segment with text has exactly the vector of its current text; blank ones have none."""
     encoder = encoder or HashingEncoder()
+    column = column or vector_column()
     texts, vectors = segment_texts(), stored_vectors(column)
     for segment_id, text in texts.items():
         if is_blank_in_postgres(text):
             assert vectors[segment_id] is None, f"blank segment {segment_id} got a vector"
         else:
             assert vectors[segment_id] is not None, f"segment {segment_id} has no vector"
-            assert np.array_equal(vectors[segment_id], encoder.encode_documents([text])[0]), segment_id
+            expected = as_stored(encoder.encode_documents([text])[0], column)  # rounded as a halfvec holds it
+            assert np.array_equal(vectors[segment_id], expected), segment_id
 
 
 def test_every_segment_with_text_gets_its_vector_and_blank_ones_stay_null():
@@ -115,7 +118,7 @@ class EditingEncoder(RecordingEncoder):
         super().__init__()
         self.edit = edit
 
-    def encode_documents(self, texts, batch_size=None):
+    def encode_documents(self, texts, texts_per_call=None):
         vectors = super().encode_documents(texts)
         if self.edit is not None:
             self.edit()  # the test's connection, autocommit: visible to the engine at once
@@ -238,7 +241,7 @@ def test_rows_claimed_by_a_live_worker_are_waited_for_not_taken():
     assert_every_vector_is_its_texts()
 
 
-def test_search_path_points_the_engine_at_another_schema():
+def test_a_connection_factory_points_the_engine_at_another_schema():
     add_segments(["public text"])
     with connection.cursor() as cursor:
         cursor.execute("""
@@ -250,7 +253,7 @@ def test_search_path_points_the_engine_at_another_schema():
                 SELECT n, 'v', n, n + 1, 'scratch text ' || n FROM generate_series(1, 25) n;
         """)
     try:
-        report = run_backfill(HashingEncoder(), batch_size=10, search_path="scratch, public")
+        report = run_backfill(HashingEncoder(), batch_size=10, connect=connector(search_path="scratch, public"))
         with connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM scratch.segments WHERE embedding IS NOT NULL")
             assert report.rows_embedded == cursor.fetchone()[0] == 25

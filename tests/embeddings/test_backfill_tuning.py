@@ -21,7 +21,7 @@ class CallSizes(RecordingEncoder):
         super().__init__(delay=delay)
         self.sizes = []
 
-    def encode_documents(self, texts, batch_size=None):
+    def encode_documents(self, texts, texts_per_call=None):
         self.sizes.append(len(texts))
         return super().encode_documents(texts)
 

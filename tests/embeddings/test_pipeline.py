@@ -21,10 +21,10 @@ def cosines(vectors, reference):
     return np.sum(vectors * reference, axis=1)
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_every_text_gets_plain_encodes_vector(minilm, batch_size):
+@pytest.mark.parametrize("texts_per_call", [1, 3, 16])
+def test_every_text_gets_plain_encodes_vector(minilm, texts_per_call):
     texts = generate_texts(60, seed=2) + EDGE_TEXTS
-    vectors = pipeline.encode(minilm.model, texts, batch_size)
+    vectors = pipeline.encode(minilm.model, texts, texts_per_call)
     assert vectors.shape == (len(texts), 384) and vectors.dtype == np.float32
     assert cosines(vectors, plain(minilm.model, texts)).min() >= 0.999
 
@@ -59,10 +59,10 @@ class FailingModel:
 def test_a_tokenizer_error_reaches_the_caller_and_leaves_no_thread():
     threads = threading.active_count()
     with pytest.raises(ValueError, match="tokenizer exploded"):
-        pipeline.encode(FailingModel(), ["good one", "bad", "another good one"], batch_size=1)
+        pipeline.encode(FailingModel(), ["good one", "bad", "another good one"], texts_per_call=1)
     assert threading.active_count() == threads
 
 
-def test_fastest_batch_size_picks_one_of_those_it_measured(minilm):
-    chosen, rates = pipeline.fastest_batch_size(minilm.model, generate_texts(16, seed=4), candidates=(4, 8), repeats=1)
+def test_fastest_texts_per_call_picks_one_of_those_it_measured(minilm):
+    chosen, rates = pipeline.fastest_texts_per_call(minilm.model, generate_texts(16, seed=4), candidates=(4, 8), repeats=1)
     assert set(rates) == {4, 8} and chosen in rates and all(rate > 0 for rate in rates.values())

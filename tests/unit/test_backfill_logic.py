@@ -15,7 +15,7 @@ class FixedEncoder:
     def __init__(self, vectors):
         self.vectors = vectors
 
-    def encode_documents(self, texts, batch_size=None):
+    def encode_documents(self, texts, texts_per_call=None):
         return self.vectors
 
 

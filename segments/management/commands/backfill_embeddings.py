@@ -1,13 +1,16 @@
-"""`manage.py backfill_embeddings`: a thin adapter over segments.switch.backfill.run_backfill.
+"""`manage.py backfill_embeddings`: a thin adapter over segments.switch.backfill (run_backfill, and
+with --follow, the Follower).
 
-It fills the 384-dim column for every segment lacking a current vector: `embedding_384`
-before the swap, `embedding` after it, so the same command keeps serving new rows later.
-Kill it at any moment (even `kill -9`) and run it again: it resumes where it stopped.
+It fills the column holding EMBEDDING_MODEL's vectors for every segment lacking a current vector:
+the next model's column before the swap, `embedding` after it, so the same command keeps serving
+new rows later. Kill it at any moment (even `kill -9`) and run it again: it resumes where it
+stopped. It refuses, writing nothing, a column that holds another model's vectors (the model ledger).
 
 Segments created or edited during the transition, through the ORM or plain SQL, are saved
 without a new vector (an edited text loses its vector through the staleness trigger): they
-are pending rows, and the next backfill pass embeds them. Run the command after imports, or
-on a schedule; a pass with nothing pending costs one index lookup.
+are pending rows. `--follow` keeps running and embeds them within a second of their commit (woken
+by the table's NOTIFY; it polls behind a pooler), through the swap, the undo and the contract;
+SIGTERM or SIGINT stops it within a few seconds, exit status 0.
 
 Blank segments (empty or whitespace-only text) are never embedded and keep NULL. Texts longer
 than the model's input limit (512 tokens for bge-small) are truncated by the tokenizer: only
@@ -24,9 +27,11 @@ and retry them); 1 when the run failed (the message says why and what to run).
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,11 +43,11 @@ from tqdm import tqdm
 
 from segments.switch.backfill import (
     DEFAULT_BATCH_SIZE, BackfillError, BackfillReport, Tuning, backfill_plan, count_pending, run_backfill,
-    target_schema,
 )
+from segments.switch.backfill.follow import STOP_SECONDS, Follower
 from embeddings.devices import assign_devices, cuda_device_count, parse_devices
 from embeddings.encoder import get_service
-from segments.schema import SchemaNotReady
+from segments.schema import SchemaNotReady, require_vector_column
 
 SUMMED = ("rows_embedded", "rows_quarantined", "rows_stale", "batches")
 QUARANTINE_LEFT = 3  # exit status: finished, but quarantined segments have no vector
@@ -69,12 +74,19 @@ class Command(BaseCommand):
                             help="Try quarantined segments again (once each in this run).")
         parser.add_argument("--json", action="store_true", help="Print one JSON object with the results on stdout.")
         parser.add_argument("--database", default="default", help='Database alias. Default "default".')
+        parser.add_argument("--follow", action="store_true",
+                            help="Keep running: embed segments as they arrive or change (run it as a service).")
+        parser.add_argument("--poll-seconds", type=float, default=None,
+                            help="--follow: how often to look for work without a notification "
+                                 "(default FOLLOW_POLL_SECONDS).")
 
     def handle(self, *args, **options):
         self.verbosity = options["verbosity"]
         self._validate(options)
+        if options["follow"]:
+            return self._follow(options)  # before phase 1 too: it waits for its column, and says so
         try:
-            target_schema(options["database"])
+            require_vector_column(options["database"])
         except SchemaNotReady as exc:
             raise CommandError(str(exc)) from exc
         if options["dry_run"]:
@@ -94,6 +106,12 @@ class Command(BaseCommand):
         if options["workers"] > 1 and options.get("encoder") is not None:
             raise CommandError("--workers > 1 starts processes that load EMBEDDING_MODEL; "
                                "a custom encoder cannot be handed to them: use --workers 1.")
+        if options["follow"] and (options["workers"] > 1 or options["limit"] is not None or options["json"]
+                                  or options["dry_run"] or options["retry_quarantined"]):
+            raise CommandError("--follow runs one worker until it is stopped: leave out --workers, --limit, --json, "
+                               "--dry-run and --retry-quarantined (start more followers to share the work).")
+        if options["poll_seconds"] is not None and options["poll_seconds"] <= 0:
+            raise CommandError("--poll-seconds must be more than 0.")
         if options.get("devices") and options.get("encoder") is not None:
             raise CommandError("--devices places the model EMBEDDING_MODEL; a custom encoder chooses its own device: "
                                "leave --devices out.")
@@ -130,6 +148,43 @@ class Command(BaseCommand):
             f"Quarantined: {plan['rows_in_quarantine']}{skipped}\n"
             f"Blank text (never embedded): {plan['rows_blank']}"
         )
+
+    # --- following ---------------------------------------------------------------------------
+
+    def _follow(self, options):
+        """Run a Follower until SIGTERM or SIGINT; exit status 0 when stopped so."""
+        encoder = options.get("encoder") or get_service(self._devices(options)[0])
+        stop = threading.Event()
+        failure = []
+        follower = Follower(encoder, using=options["database"], batch_size=options["batch_size"],
+                            tuning=Tuning(writers=options["writers"]), stop=stop, say=self._say,
+                            poll_seconds=options["poll_seconds"] or settings.FOLLOW_POLL_SECONDS)
+
+        def follow():
+            try:
+                follower.run()
+            except BaseException as exc:  # raised again by the main thread, which reports it
+                failure.append(exc)
+                stop.set()
+
+        thread = threading.Thread(target=follow, name="follower", daemon=True)
+        with stopping_on_signals(stop, self._say):
+            thread.start()
+            while thread.is_alive() and not stop.is_set():
+                thread.join(0.2)
+        thread.join(STOP_SECONDS)
+        if failure:
+            error = failure[0]
+            raise CommandError(str(error)) if isinstance(error, (ImproperlyConfigured, BackfillError)) else error
+        if thread.is_alive():
+            self._say("Stopped; the batch in hand was abandoned (its rows stay pending for the next follower).")
+        else:
+            self._say("Stopped.")
+
+    def _say(self, line):
+        """One line per event, flushed at once (a service's log reads it as it comes)."""
+        self.stdout.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}")
+        self.stdout.flush()
 
     # --- one worker ------------------------------------------------------------------------
 
@@ -295,3 +350,18 @@ def _worker_figures(index, result, device):
     return {"worker": index, "device": result.get("device") or device,
             "rows_embedded": result.get("rows_embedded", 0), "seconds": result.get("seconds", 0.0),
             "rows_per_second": result.get("rows_per_second", 0.0)}
+
+
+@contextmanager
+def stopping_on_signals(stop, say):
+    """SIGTERM and SIGINT set `stop` during the block (a service manager's stop, Ctrl-C)."""
+    def handle(number, frame):
+        say(f"{signal.Signals(number).name}: stopping.")
+        stop.set()
+
+    previous = {number: signal.signal(number, handle) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -48,7 +48,12 @@ class Command(BaseCommand):
         columns = status["columns"]
         for label, column in (("new column", columns["vector"]), ("legacy column", columns["legacy"])):
             if column:
-                yield f"  {label:<14}{column['name']} {column.get('type', 'vector')}({column['dimensions']})"
+                model = status["models"].get(column["name"])
+                recorded = f"  {model['summary']} ({model['source']})" if model else "  (no model recorded yet)"
+                yield f"  {label:<14}{column['name']} {column.get('type', 'vector')}({column['dimensions']}){recorded}"
+        for column, age in status["pending_age"].items():
+            waited = "none waiting" if age is None else f"oldest waiting {human_duration(age)}"
+            yield f"  {'waiting':<14}{column}: {waited}"
         yield "  steps         " + "  ".join(f"{MARKS[s['state']]} {s['step']}" for s in status["steps"])
 
     def _rows(self, status):
@@ -72,10 +77,12 @@ class Command(BaseCommand):
             f"Backfill: {len(backfill['workers'])} worker(s), {rate} rows/s, "
             f"ETA {human_duration(backfill['eta_seconds'])}")
         for worker in backfill["workers"]:
-            ids, rate = worker["claimed_ids"], worker["rows_per_s"]
-            yield (f"  {worker['name']:<24} {worker['device'] or 'device ?':<8} {number(worker['rows_done'])} rows  "
-                   f"{'–' if rate is None else f'{rate:,.1f}'} rows/s  "
-                   f"last batch {human_duration(worker['seconds_since_update'])} ago"
+            ids, rate = worker["claimed_ids"], worker.get("recent_rows_per_s") or worker["rows_per_s"]
+            last = worker.get("seconds_since_last_batch")
+            yield (f"  {worker['name']:<24} {worker.get('mode') or 'backfill':<22} {worker['device'] or 'device ?':<8} "
+                   f"{number(worker['rows_done'])} rows  {'–' if rate is None else f'{rate:,.1f}'} rows/s  "
+                   f"last batch {'none yet' if last is None else human_duration(last) + ' ago'}"
+                   + (f"  -> {worker['column']}" if worker.get("column") else "")
                    + (f"  ids {ids[0]}..{ids[1]}" if ids else ""))
 
     def _indexes(self, status):

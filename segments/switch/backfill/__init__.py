@@ -45,22 +45,20 @@ The engine, by module: `sql` (the SQL text), `session` (database sessions with r
 (each stage's busy and waiting time), `report` (what a run returns or raises). This package
 holds the settings and the entry points.
 """
-from django.db import connections
-
-from segments.schema import require_vector_column
+from embeddings import ledger
+from segments.schema import TABLE, require_vector_column, vector_column_types
 
 from .encode import ClaimedBatch, EncodedBatch, encode_batch, encode_texts
-from .pipeline import BEFORE_FIRST_ID, UNTUNED, Run, Tuning, count_plan
+from .pipeline import BEFORE_FIRST_ID, UNTUNED, Run, Target, Tuning, Worker, count_plan
 from .report import BackfillError, BackfillReport
-from .session import Session, backoff_seconds
-from .sql import SET_SEARCH_PATH, claim_sql, count_pending_sql, pending_sql
+from .session import Session, backoff_seconds, connector
+from .sql import claim_sql, count_pending_sql, pending_sql
 
 __all__ = [
     "BACKOFF_FIRST_SECONDS", "BACKOFF_MAX_SECONDS", "BEFORE_FIRST_ID", "DB_ATTEMPTS", "DEFAULT_BATCH_SIZE",
-    "LOCK_TIMEOUT", "UNTUNED", "BackfillError", "BackfillReport", "ClaimedBatch", "EncodedBatch", "Tuning",
-    "backfill_plan",
-    "backoff_seconds", "claim_sql", "count_pending", "encode_batch", "encode_texts", "pending_sql",
-    "run_backfill", "target_schema",
+    "LOCK_TIMEOUT", "UNTUNED", "BackfillError", "BackfillReport", "ClaimedBatch", "EncodedBatch", "Target",
+    "Tuning", "Worker", "backfill_plan", "backoff_seconds", "claim_sql", "connector", "count_pending",
+    "encode_batch", "encode_texts", "pending_sql", "run_backfill", "target_for",
 ]
 
 DEFAULT_BATCH_SIZE = 1000
@@ -71,58 +69,71 @@ BACKOFF_MAX_SECONDS = 5.0
 LOCK_TIMEOUT = "5s"  # a write blocked behind an application transaction gives up and retries
 
 
-def target_schema(using="default", search_path=None):
-    """The EmbeddingSchema of the `segments` that `search_path` shows (SchemaNotReady before phase 1)."""
-    if not search_path:
-        return require_vector_column(using)
-    connection = connections[using]
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT current_setting('search_path')")
-        previous = cursor.fetchone()[0]
-        cursor.execute(SET_SEARCH_PATH, [search_path])
-    try:
-        return require_vector_column(using)
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute(SET_SEARCH_PATH, [previous])
-
-
-def run_backfill(encoder, *, batch_size=None, limit=None, search_path=None, progress=None, using="default",
+def run_backfill(encoder, *, batch_size=None, limit=None, connect=None, progress=None, using="default",
                  retry_quarantined=False, tuning=None):
-    """Embed every pending segment of the target column with `encoder`; returns a BackfillReport.
+    """Embed every pending segment of the column holding `encoder`'s model; returns a BackfillReport.
 
-    - `batch_size`: rows per claim, transaction and encode call (DEFAULT_BATCH_SIZE).
+    - `batch_size`: rows per claim (and per write transaction): DEFAULT_BATCH_SIZE.
     - `limit`: stop after claiming this many rows (None: until nothing is pending).
-    - `search_path`: SET on every connection the engine opens (its schema must hold `segments`,
-      `embeddings_quarantine`, `embeddings_backfill_claim`, `segments_backfill_worker`, and see
-      the `vector` type).
+    - `connect(role)`: a factory of new psycopg2 connections (session.connector(using) by default);
+      the table its search_path shows is the one filled.
     - `progress(done, total)`: called from the writer thread after each batch.
     - `retry_quarantined`: try quarantined rows again (once each in this run).
     - `tuning`: a Tuning (write sessions, claims per encode call, commit mode); Tuning() by default.
 
     Raises SchemaNotReady before phase 1, DimensionMismatch when the encoder does not fit the
-    column (before any row is read), BackfillError when the run cannot finish. An encoder with a
-    `check_target(search_path)` method is asked first, and may refuse the target by raising
-    (the benchmark's simulated GPU refuses every schema but its scratch ones).
+    column, ledger.ModelMismatch when the column holds another model's vectors (before any row is
+    read; or at the end, when another machine's model wrote the column first), BackfillError when
+    the run cannot finish.
     """
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
     if batch_size < 1 or (limit is not None and limit < 0):
         raise ValueError("batch_size must be at least 1 and limit at least 0")
-    check_target = getattr(encoder, "check_target", None)
-    if check_target is not None:
-        check_target(search_path)
-    schema = target_schema(using, search_path)
-    encoder.check_dimensions(schema.vector_column, schema.vector_dimensions)
-    run = Run(encoder, schema.vector_column, schema.vector_dimensions, batch_size=batch_size, limit=limit,
-              search_path=search_path, progress=progress, using=using, retry_quarantined=retry_quarantined,
-              tuning=tuning)
-    return run.execute()
+    worker = Worker(encoder, connect or connector(using), tuning)
+    try:
+        target = worker.control.run(lambda connection, cursor: target_for(cursor, worker))
+        worker.start(target.column)
+        run = Run(worker, target, batch_size=batch_size, limit=limit, progress=progress,
+                  retry_quarantined=retry_quarantined)
+        report = run.execute()
+        worker.control.run(lambda connection, cursor: target_for(cursor, worker))  # another machine's model?
+        return report
+    finally:
+        worker.close()
 
 
-def backfill_plan(using="default", search_path=None, retry_quarantined=False):
+def target_for(cursor, worker, doing="this backfill"):
+    """The Target of `worker`: the column holding its model's vectors at the table's phase (the next
+    model's column before the swap, `embedding` after it, or a column a swap renamed). Checked
+    before any row is read: the encoder's width against the column's (DimensionMismatch), and the
+    model against the one the ledger records for the column, or, for a column with vectors and no
+    recorded model, against a few of its stored vectors (ledger.ModelMismatch)."""
+    schema = require_vector_column(cursor=cursor)
+    column = worker.column_now(cursor, schema.vector_column)
+    recorded = ledger.entries(cursor, TABLE)
+    if column is None:
+        found = recorded[schema.vector_column]
+        raise ledger.mismatch(TABLE, schema.vector_column, found, worker.identity,
+                              ledger.same_model(worker.identity, found.identity)[1], doing)
+    storage, dims = vector_column_types(cursor=cursor)[column]
+    worker.encoder.check_dimensions(column, dims)
+    if column not in recorded:
+        samples = stored_samples(cursor, column)
+        if samples:
+            ledger.adopt(cursor, TABLE, column, worker.encoder, storage, samples, doing)
+    return Target(column, dims, storage)
+
+
+def stored_samples(cursor, column, rows=ledger.EVIDENCE_ROWS):
+    """(text, stored vector) of a few segments that have a vector in `column`."""
+    cursor.execute(f"SELECT s.text, s.{column}::real[] FROM {TABLE} s WHERE s.{column} IS NOT NULL LIMIT %s", [rows])
+    return cursor.fetchall()
+
+
+def backfill_plan(using="default", retry_quarantined=False):
     """What a run would do, read without writing or loading a model (for --dry-run)."""
-    schema = target_schema(using, search_path)
-    pending, quarantined, blank = _read(using, search_path, count_plan, schema.vector_column)
+    schema = require_vector_column(using)
+    pending, quarantined, blank = _read(using, count_plan, schema.vector_column)
     return {
         "phase": schema.phase,
         "column": schema.vector_column,
@@ -134,10 +145,11 @@ def backfill_plan(using="default", search_path=None, retry_quarantined=False):
     }
 
 
-def count_pending(using="default", search_path=None):
-    """Segments with text and no vector in the target column (an index-only count)."""
-    schema = target_schema(using, search_path)
-    return _read(using, search_path, _count_pending, schema.vector_column)
+def count_pending(using="default", column=None):
+    """Segments with text and no vector in `column` (the new model's column by default): an
+    index-only count."""
+    column = column or require_vector_column(using).vector_column
+    return _read(using, _count_pending, column)
 
 
 def _count_pending(connection, cursor, column):
@@ -145,9 +157,9 @@ def _count_pending(connection, cursor, column):
     return cursor.fetchone()[0]
 
 
-def _read(using, search_path, work, *args):
+def _read(using, work, *args):
     """`work(connection, cursor, *args)` in a short-lived planner session; its result."""
-    session = Session(using, "planner", search_path)
+    session = Session(connector(using), "planner")
     try:
         return session.run(work, *args)
     finally:

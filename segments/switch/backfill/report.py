@@ -23,7 +23,7 @@ class BackfillReport:
     rows_stale: int = 0  # vectors not written because the text changed (embedded again later)
     rows_remaining: int = 0  # segments with text and no vector at the end, quarantined included
     rows_in_quarantine: int = 0  # of rows_remaining, those quarantined
-    rows_blank: int = 0  # segments whose text is blank: never embedded
+    rows_blank: int | None = 0  # segments whose text is blank: never embedded (None: not counted, a follower's pass)
     batches: int = 0
     seconds: float = 0.0
     # Per stage (claim, encode, write): threads, busy and waiting seconds, busy share (stages.py).

@@ -2,6 +2,12 @@
 backoff on a fresh connection after a transient error (dropped connection, server restart,
 lock timeout).
 
+A session's connections come from a factory (`connect(role)`, by default a new connection to the
+Django database `using`), and nothing is ever set for the session: what a transaction needs
+(lock_timeout, and for the writers `session_replication_role = replica` where the application's
+triggers must stay quiet) is set at its start for that transaction only, so the engine can run
+through a pooler in transaction mode, which hands each transaction to any server connection.
+
 The retry settings (LOCK_TIMEOUT, DB_ATTEMPTS, BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS) are
 attributes of the `segments.switch.backfill` package, read at each use: change them there.
 """
@@ -12,16 +18,15 @@ import sys
 import threading
 
 import psycopg2
-from django.db import connections
 
-from segments.switch.user_triggers import TriggersNotQuieted, quiet_user_triggers
+from askdrchaffee import postgres
+from segments.switch.user_triggers import quiet_for_this_transaction, triggers_to_quiet
 
 from .report import BackfillError
-from .sql import SET_LOCK_TIMEOUT, SET_SEARCH_PATH
 
 logger = logging.getLogger(__package__)
 
-TRANSIENT_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+TRANSIENT_ERRORS = postgres.TRANSIENT_ERRORS
 # Sessions that write nothing but vectors: the application's triggers on segments must not fire
 # on their writes (segments/switch/user_triggers.py).
 QUIET_ROLES = {"writer"}
@@ -37,25 +42,26 @@ def worker_name():
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def open_connection(using, role, search_path=None):
-    """A new psycopg2 connection (not in autocommit) to database `using`, for one stage."""
-    wrapper = connections[using]
-    private = type(wrapper)(wrapper.settings_dict, using)  # leaves the caller's connection alone
-    params = private.get_connection_params()
-    params["application_name"] = f"backfill_embeddings {role} {worker_name()}"[:63]
-    connection = private.get_new_connection(params)
-    try:
+def connector(using="default", search_path=None):
+    """The default connection factory: `connect(role)` opens a new psycopg2 connection (not in
+    autocommit) to Django's database `using`, named after the role in pg_stat_activity, with
+    `search_path` (schemas, comma-separated) as a startup option when given (for a direct
+    connection: the benchmark's scratch copies)."""
+    def connect(role):
+        private, params = postgres.connection_params(using)
+        params["application_name"] = f"backfill_embeddings {role} {worker_name()}"[:63]
+        if search_path:
+            params["options"] = f"{params.get('options', '')} -c search_path={search_path.replace(' ', '')}".strip()
+        connection = private.get_new_connection(params)
         connection.autocommit = False
-        with connection, connection.cursor() as cursor:
-            cursor.execute(SET_LOCK_TIMEOUT, [retry_setting("LOCK_TIMEOUT")])
-            if search_path:
-                cursor.execute(SET_SEARCH_PATH, [search_path])
-            if role in QUIET_ROLES:
-                quiet_user_triggers(cursor)
-    except (psycopg2.Error, TriggersNotQuieted):
-        connection.close()
-        raise
-    return connection
+        return connection
+
+    return connect
+
+
+def open_connection(using, role):
+    """A new psycopg2 connection (not in autocommit) to database `using`, for one stage."""
+    return connector(using)(role)
 
 
 def backoff_seconds(attempt):
@@ -67,19 +73,32 @@ def backoff_seconds(attempt):
 class Session:
     """One database session of the engine; each `run()` is one transaction, retried on a fresh
     connection after a transient error. `on_reconnect(cursor)` runs on every new connection but
-    the first."""
+    the first. `forever=True` retries without end (the follower), logging one line per failure."""
 
-    def __init__(self, using, role, search_path=None, stop=None, on_reconnect=None):
-        self.using, self.role, self.search_path = using, role, search_path
+    def __init__(self, connect, role, stop=None, on_reconnect=None, forever=False):
+        self.connect, self.role = connect, role
         self.stop = stop or threading.Event()
         self.on_reconnect = on_reconnect
+        self.forever = forever
+        self.quiet_triggers = False  # set on connecting: the writers' transactions run in replica mode
+        self.pooled = None  # whether the connection goes through a pooler (postgres.behind_pooler)
         self._connection = None
         self._connections_opened = 0
 
     def connection(self):
         """The open connection, opened (again) if need be."""
         if self._connection is None or self._connection.closed:
-            self._connection = open_connection(self.using, self.role, self.search_path)
+            connection = self.connect(self.role)
+            try:
+                with connection:
+                    with connection.cursor() as cursor:
+                        if self.role in QUIET_ROLES:
+                            self.quiet_triggers = bool(triggers_to_quiet(cursor))
+                    self.pooled = postgres.behind_pooler(connection)[0]
+            except BaseException:
+                connection.close()
+                raise
+            self._connection = connection
             self._connections_opened += 1
             if self._connections_opened > 1 and self.on_reconnect is not None:
                 with self._connection, self._connection.cursor() as cursor:
@@ -87,35 +106,38 @@ class Session:
         return self._connection
 
     def run(self, work, *args):
-        """`work(connection, cursor, *args)` in one transaction; its result."""
-        attempt = 1
-        while True:
-            try:
-                connection = self.connection()
-                with connection, connection.cursor() as cursor:
-                    return work(connection, cursor, *args)
-            except TRANSIENT_ERRORS as exc:
-                self.close()
-                self._wait_before_retry(attempt, exc)
-            attempt += 1
-
-    def _wait_before_retry(self, attempt, exc):
-        message = " ".join(str(exc).split())  # PostgreSQL's DETAIL and CONTEXT lines, on one line
-        attempts = retry_setting("DB_ATTEMPTS")
-        if attempt >= attempts:
+        """`work(connection, cursor, *args)` in one transaction, retried (postgres.retrying) after a
+        transient error on a fresh connection; its result. BackfillError when the tries are spent."""
+        attempts = None if self.forever else retry_setting("DB_ATTEMPTS")
+        retrying = postgres.retrying(attempts=attempts, wait=backoff_seconds, before_retry=self.close,
+                                     sleep=self._sleep, what=f"the backfill {self.role}")
+        try:
+            return retrying(self._transaction, work, *args)
+        except TRANSIENT_ERRORS as exc:
+            self.close()
             raise BackfillError(
                 f"The database kept failing ({attempts} attempts by the backfill {self.role}): "
-                f"{message}. Check that the database server is up and that no session holds locks on "
-                "segments for long (pg_stat_activity), then run `manage.py backfill_embeddings` again: "
+                f"{' '.join(str(exc).split())}. Check that the database server is up and that no session holds "
+                "locks on segments for long (pg_stat_activity), then run `manage.py backfill_embeddings` again: "
                 "it resumes where it stopped."
             ) from exc
-        delay = backoff_seconds(attempt)
-        logger.warning("database error in the backfill %s (attempt %d/%d): %s; retrying in %.1f s",
-                       self.role, attempt, attempts, message, delay)
-        if self.stop.wait(delay):
-            raise BackfillError(
-                f"The backfill {self.role} lost its database connection while stopping: {message}"
-            ) from exc
+
+    def _transaction(self, work, *args):
+        connection = self.connection()
+        with connection, connection.cursor() as cursor:
+            self._begin(cursor)
+            return work(connection, cursor, *args)
+
+    def _begin(self, cursor):
+        """What every transaction of this session runs first: its own settings, for itself only."""
+        postgres.set_local(cursor, lock_timeout=retry_setting("LOCK_TIMEOUT"))
+        if self.quiet_triggers:
+            quiet_for_this_transaction(cursor)
+
+    def _sleep(self, seconds):
+        """Wait before a retry; a stop request ends the wait and the run."""
+        if self.stop.wait(seconds):
+            raise BackfillError(f"The backfill {self.role} lost its database connection while stopping.")
 
     def close(self):
         """Close the connection, if any (a broken one too)."""

@@ -1,13 +1,12 @@
 """The SQL text of the backfill: the pending predicate, the claims, the quarantine, the counts.
 
-Table names stay unqualified: `search_path` decides which schema the engine works on.
+Table names stay unqualified: the search_path of the engine's connections decides which schema it
+works on (the benchmark's connections point it at scratch copies).
 """
 from segments.schema import blank_sql, pending_sql
 
 CLAIM_LOCK_KEY = 7_312_514_011  # pg_advisory_xact_lock key serialising the claim step
 
-SET_SEARCH_PATH = "SELECT set_config('search_path', %s, false)"
-SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %s, false)"
 LOCK_CLAIMS = "SELECT pg_advisory_xact_lock(%s)"  # with CLAIM_LOCK_KEY
 COUNT_BLANK = f"SELECT count(*) FROM segments s WHERE {blank_sql()}"
 
@@ -69,19 +68,26 @@ def count_pending_and_quarantined_sql(column):
     )
 
 
+# A claim is dead when its lease ran out, or when the database session that claimed it is gone
+# (recorded only on a direct connection: behind a pooler the session outlives the worker).
 DELETE_DEAD_CLAIMS = """
-    DELETE FROM embeddings_backfill_claim c WHERE NOT EXISTS (
+    DELETE FROM embeddings_backfill_claim c WHERE c.expires_at < now() OR (c.worker_pid IS NOT NULL AND NOT EXISTS (
         SELECT 1 FROM pg_stat_activity a
-        WHERE a.pid = c.worker_pid AND (a.backend_start IS NULL OR a.backend_start = c.worker_started_at))
+        WHERE a.pid = c.worker_pid AND (a.backend_start IS NULL OR a.backend_start = c.worker_started_at)))
 """
 INSERT_CLAIM = """
-    INSERT INTO embeddings_backfill_claim (first_id, last_id, worker_pid, worker_started_at, worker_name, claimed_at)
-    SELECT %s, %s, a.pid, a.backend_start, %s, now() FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()
+    INSERT INTO embeddings_backfill_claim (first_id, last_id, worker_pid, worker_started_at, worker_name, claimed_at,
+                                           worker_id, expires_at)
+    SELECT %(first)s, %(last)s, CASE WHEN %(session)s THEN a.pid END, CASE WHEN %(session)s THEN a.backend_start END,
+           %(name)s, now(), %(worker)s, now() + %(lease)s * interval '1 second'
+    FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()
     RETURNING id
 """
 ADOPT_CLAIMS = """
     UPDATE embeddings_backfill_claim SET worker_pid = a.pid, worker_started_at = a.backend_start
-    FROM pg_stat_activity a WHERE a.pid = pg_backend_pid() AND embeddings_backfill_claim.id = ANY(%s)
+    FROM pg_stat_activity a
+    WHERE a.pid = pg_backend_pid() AND embeddings_backfill_claim.worker_id = %s
+      AND embeddings_backfill_claim.worker_pid IS NOT NULL
 """
 DELETE_CLAIM = "DELETE FROM embeddings_backfill_claim WHERE id = %s"
 DELETE_CLAIMS = "DELETE FROM embeddings_backfill_claim WHERE id = ANY(%s)"

@@ -41,11 +41,26 @@ class CurrentTimestamp(models.Func):
 
 
 class EmbeddingField(VectorField):
-    """The new model's vectors: `vector(n)` or `halfvec(n)` as settings.EMBEDDING_STORAGE says
-    when the column is created (segments/storage.py). Both read back as numpy float32 arrays and
-    take the same values (a halfvec column rounds them to float16)."""
+    """A model's vectors: `vector(n)` or `halfvec(n)`. The type is `storage` when given (the
+    migrations of a switch written by `manage.py makeswitch` fix it), else the configured storage
+    when the column is created (segments/storage.py: EMBEDDING_STORAGE, halfvec by default where
+    pgvector has it). Both read back
+    as numpy float32 arrays and take the same values (a halfvec column rounds them to float16).
+    Without `dimensions` the column's width is not declared (the live `embedding`, whose width is
+    the live model's)."""
+
+    def __init__(self, *args, storage=None, **kwargs):
+        self.storage = storage
+        super().__init__(*args, **kwargs)
+
+    def deconstruct(self):
+        name, path, args, kwargs = super().deconstruct()
+        if self.storage is not None:
+            kwargs["storage"] = self.storage
+        return name, path, args, kwargs
 
     def db_type(self, connection):
-        from segments.storage import configured
+        from segments.storage import configured, storage_named
 
-        return configured().sql_type(self.dimensions) if self.dimensions else configured().type_name
+        storage = storage_named(self.storage) if self.storage else configured(connection)
+        return storage.sql_type(self.dimensions) if self.dimensions else storage.type_name

@@ -4,40 +4,45 @@
   migration that cannot get its lock gives up quickly (and changes nothing) instead of queueing
   the application's queries behind it.
 - `AddIndexConcurrently`: Django's, made safe to re-run: a VALID index of the same name is
-  kept, an INVALID one (left by an interrupted build) is dropped and built again. The build runs
-  with the maintenance_work_mem and parallel workers segments.index_build chooses (for an HNSW
-  index, sized to its graph; the build says what it chose and why), and without lock_timeout or
-  statement_timeout: its SHARE UPDATE EXCLUSIVE lock blocks no query of the application, and
-  it waits, however long, for the transactions older than it (a pg_dump, a long report) rather
-  than throw the built index away. While it waits, `watching_build` says
-  for which session.
+  kept, an INVALID one (left by an interrupted build) is dropped and built again. The build
+  (`build_concurrently`) runs on a connection of its own, with the maintenance_work_mem and
+  parallel workers segments.index_build chooses (for an HNSW index, sized to its graph; the build
+  says what it chose and why) and without lock_timeout or statement_timeout, all as startup
+  options (askdrchaffee.postgres.private_connection: never a SET on a connection a pooler shares).
+  Its SHARE UPDATE EXCLUSIVE lock blocks no query of the application, and it waits, however
+  long, for the transactions older than it (a pg_dump, a long report) rather than throw the built
+  index away. While it waits, a watcher (BuildWatcher) says for which session. What it says goes
+  to the log (logger `segments.operations`) and to `out`, which the command running the
+  migration gives the operation (its stdout).
+- `SwapEmbedding`, `DropLegacyColumn`: a switch's swap and contract, as migration operations.
 - `IrreversibleStep`: operations that must never be undone (dropping the legacy column).
 - `CreateVectorExtension`: pgvector's extension, with an error naming the fix when it is missing.
 """
+import copy
+import json
 import logging
 import threading
 from contextlib import contextmanager
-from contextvars import ContextVar
 from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.postgres import operations as postgres_operations
 from django.core.management.base import CommandError
-from django.db import connections, migrations
+import psycopg2
+from django.db import migrations
+from django.db.migrations.operations.base import Operation
 from django.db.utils import DatabaseError, OperationalError, ProgrammingError
 from pgvector.django import HnswIndex, VectorExtension
 
+from askdrchaffee import postgres
+from askdrchaffee.postgres import LOCK_NOT_AVAILABLE, QUERY_CANCELED
 from segments import index_build
 
 logger = logging.getLogger(__name__)
 
-LOCK_NOT_AVAILABLE = "55P03"
-QUERY_CANCELED = "57014"
 WATCH_INTERVAL = 1.0  # seconds between two looks at what a concurrent build waits for
 WATCHER_NAME = "segments index build watcher"  # its application_name in pg_stat_activity
 QUERY_SHOWN = 200  # characters of a blocking session's query that are reported
-
-_output = ContextVar("segments_operations_output", default=None)
 
 
 class MigrationLocked(CommandError):
@@ -76,7 +81,7 @@ def giving_up_on_lock_timeout(what):
     try:
         yield
     except OperationalError as exc:
-        if getattr(exc.__cause__, "pgcode", None) != LOCK_NOT_AVAILABLE:
+        if postgres.pgcode(exc) != LOCK_NOT_AVAILABLE:
             raise
         raise MigrationLocked(
             f"{what} gave up after lock_timeout={settings.MIGRATION_LOCK_TIMEOUT}: another "
@@ -85,44 +90,35 @@ def giving_up_on_lock_timeout(what):
         ) from exc
 
 
-def index_validity(schema_editor, name):
-    """True if index `name` exists and is valid, False if it exists but is INVALID, else None."""
-    from segments.switch.catalog import index_valid
-
-    with schema_editor.connection.cursor() as cursor:
-        return index_valid(cursor, name)
-
-
 class AddIndexConcurrently(postgres_operations.AddIndexConcurrently):
     """CREATE INDEX CONCURRENTLY that survives being interrupted and run again, and that waits
-    for older transactions instead of giving up (see the module's docstring)."""
+    for older transactions instead of giving up (see the module's docstring). `out(line)`, when the
+    command gives one, hears what the build does and waits for."""
+
+    out = None
+    bindable = ("out",)
 
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        with concurrent_build(schema_editor, self.index.name, self._plan(app_label, schema_editor, to_state)):
-            self._build(app_label, schema_editor, from_state, to_state)
-
-    def _plan(self, app_label, schema_editor, to_state):
-        """The build's memory and workers; sized to the graph for an HNSW index on a column."""
-        if schema_editor.collect_sql or not isinstance(self.index, HnswIndex) or not self.index.fields:
-            return None  # sqlmigrate: the column may not exist yet, there is nothing to count
-        model = to_state.apps.get_model(app_label, self.model_name_lower)
-        column = model._meta.get_field(self.index.fields[0].lstrip("-")).column
-        opclass = self.index.opclasses[0] if self.index.opclasses else None
-        with schema_editor.connection.cursor() as cursor:
-            return index_build.plan(cursor, model._meta.db_table, column, self.index.m, opclass=opclass)
-
-    def _build(self, app_label, schema_editor, from_state, to_state):
-        valid = index_validity(schema_editor, self.index.name)
-        if valid:
-            return  # built by an earlier run that stopped before recording the migration
-        if valid is False:
-            # An interrupted CONCURRENTLY build leaves an INVALID index that is maintained on
-            # every write but never used by a query: drop it and build it again.
-            schema_editor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {schema_editor.quote_name(self.index.name)}")
-        self._ensure_not_in_transaction(schema_editor)
         model = to_state.apps.get_model(app_label, self.model_name)
-        if self.allow_migrate_model(schema_editor.connection.alias, model):
-            schema_editor.add_index(model, for_column_type(self.index, model, schema_editor), concurrently=True)
+        if not self.allow_migrate_model(schema_editor.connection.alias, model):
+            return
+        index = for_column_type(self.index, model, schema_editor)
+        if schema_editor.collect_sql:  # sqlmigrate: the statement, as Django writes it
+            schema_editor.add_index(model, index, concurrently=True)
+            return
+        self._ensure_not_in_transaction(schema_editor)
+        create_sql = str(index.create_sql(model, schema_editor, concurrently=True))
+        build_concurrently(schema_editor.connection.alias, index.name, create_sql,
+                           self._plan(model, schema_editor), self.out)
+
+    def _plan(self, model, schema_editor):
+        """The build's memory and workers; sized to the graph for an HNSW index on a column."""
+        with schema_editor.connection.cursor() as cursor:
+            if not isinstance(self.index, HnswIndex) or not self.index.fields:
+                return index_build.plan(cursor)
+            column = model._meta.get_field(self.index.fields[0].lstrip("-")).column
+            opclass = self.index.opclasses[0] if self.index.opclasses else None
+            return index_build.plan(cursor, model._meta.db_table, column, self.index.m, opclass=opclass)
 
 
 def for_column_type(index, model, schema_editor):
@@ -136,50 +132,71 @@ def for_column_type(index, model, schema_editor):
     column = model._meta.get_field(index.fields[0]).column
     found = vector_column_types(schema_editor.connection.alias).get(column)
     # sqlmigrate before phase 1: the column does not exist yet; it will have the configured type
-    wanted = storage_named(found[0]).cosine_opclass if found else configured().cosine_opclass
+    wanted = storage_named(found[0]).cosine_opclass if found else configured(schema_editor.connection).cosine_opclass
     matching = index.clone()
     matching.opclasses = [wanted if opclass in COSINE_OPCLASSES else opclass for opclass in index.opclasses]
     return matching
 
 
-@contextmanager
-def concurrent_build(schema_editor, name, plan=None):
-    """What every CREATE INDEX CONCURRENTLY of the project runs under: the maintenance_work_mem and
-    parallel workers of `plan` (segments.index_build; by default those of an index that is not
-    HNSW), said with the reasons; no lock_timeout or statement_timeout (session settings, given
-    back afterwards); a cancelled build turned into an error saying what to do; and a watcher
-    saying what the build waits for."""
-    if plan is None:
-        with schema_editor.connection.cursor() as cursor:
-            plan = index_build.plan(cursor)
-    _say(logging.INFO, plan.describe(f"index {name}"))
-    if plan.warning:
-        _say(logging.WARNING, f"{name}: {plan.warning}")
-    with session_settings(schema_editor, **plan.session_settings(), lock_timeout="0", statement_timeout="0"):
-        with cancelled_build(name), watching_build(schema_editor, f"Building index {name}"):
-            yield
+def bind(migration, **values):
+    """Give the operations of `migration` that take them these inputs (`out` for the concurrent
+    builds, `inputs` for a swap). The operations are copied first: a loaded migration's list is its
+    own, but the operations in it are its module's, shared by every loader of the process."""
+    migration.operations = [_bound(operation, values) for operation in migration.operations]
 
 
-@contextmanager
-def session_settings(schema_editor, **values):
-    """Set these settings for the session during the block, then give back the values it had."""
-    names = list(values)
-    with schema_editor.connection.cursor() as cursor:
-        cursor.execute("SELECT " + ", ".join(["current_setting(%s)"] * len(names)), names)
-        previous = dict(zip(names, cursor.fetchone()))
-    _set_config(schema_editor, values)
+def _bound(operation, values):
+    wanted = {name: value for name, value in values.items() if name in getattr(operation, "bindable", ())}
+    nested = getattr(operation, "database_operations", None)
+    if not wanted and not nested:
+        return operation
+    operation = copy.copy(operation)
+    for name, value in wanted.items():
+        setattr(operation, name, value)
+    if nested:
+        operation.database_operations = [_bound(inner, values) for inner in nested]
+    return operation
+
+
+def report_builds_to(plan, out):
+    """Give the concurrent builds of migration `plan` the command's output `out`."""
+    for migration, _backwards in plan:
+        bind(migration, out=out)
+
+
+def build_concurrently(using, name, create_sql, plan, out=None):
+    """Run `create_sql` (a CREATE INDEX CONCURRENTLY of index `name`) on a connection of its own,
+    under `plan` (segments.index_build), saying what it chose and what it waits for. A VALID index
+    of that name is kept as it is; an INVALID one, left by an interrupted build (maintained on every
+    write, never used by a query), is dropped and built again."""
+    say = _sayer(out)
+    settings = {**plan.session_settings(), "lock_timeout": "0", "statement_timeout": "0"}
+    connection = postgres.private_connection(using, f"Building index {name}", settings=settings,
+                                             application_name=f"segments index build {name}")
     try:
-        yield
+        with connection.cursor() as cursor:
+            valid = postgres.index_valid(cursor, name)
+            if valid:
+                return  # built by an earlier run that stopped before recording the migration
+            if valid is False:
+                cursor.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {postgres.quote_ident(name)}")
+            say(logging.INFO, plan.describe(f"index {name}"))
+            if plan.warning:
+                say(logging.WARNING, f"{name}: {plan.warning}")
+            with cancelled_build(name), watching(using, connection.info.backend_pid, f"Building index {name}", say):
+                cursor.execute(create_sql)
     finally:
-        if schema_editor.collect_sql or schema_editor.connection.is_usable():  # else the session is gone
-            _set_config(schema_editor, previous)
+        connection.close()
 
 
-def _set_config(schema_editor, values):
-    schema_editor.execute(
-        "SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(values)),
-        [item for name_value in values.items() for item in name_value],
-    )
+def _sayer(out):
+    """say(level, message): to the log, and to `out` (a command's output) when given."""
+    def say(level, message):
+        logger.log(level, message)
+        if out is not None:
+            out(message + "\n")
+
+    return say
 
 
 @contextmanager
@@ -187,8 +204,8 @@ def cancelled_build(name):
     """Turn a cancelled build (pg_cancel_backend) into an error that says what to do."""
     try:
         yield
-    except OperationalError as exc:
-        if getattr(exc.__cause__, "pgcode", None) != QUERY_CANCELED:
+    except (DatabaseError, psycopg2.Error) as exc:
+        if postgres.pgcode(exc) != QUERY_CANCELED:
             raise
         raise CommandError(
             f"Building index {name} was cancelled (pg_cancel_backend). Any INVALID index it left "
@@ -196,36 +213,11 @@ def cancelled_build(name):
         ) from exc
 
 
-def _say(level, message):
-    """Log `message`, and write it to the stream `reporting_to` gives, if any."""
-    logger.log(level, message)
-    stream = _output.get()
-    if stream is not None:
-        stream.write(message + "\n")
-
-
 @contextmanager
-def reporting_to(stream):
-    """Write what concurrent index builds wait for to `stream` (a command's stdout) as well as
-    to the log, during the block."""
-    token = _output.set(stream)
-    try:
-        yield
-    finally:
-        _output.reset(token)
-
-
-@contextmanager
-def watching_build(schema_editor, what):
-    """While the block runs statements on `schema_editor`'s connection, a thread with its own
-    connection reports each session the statement waits for (once per session's transaction)."""
-    if schema_editor.collect_sql:
-        yield  # sqlmigrate: nothing runs, nothing waits
-        return
-    with schema_editor.connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        (pid,) = cursor.fetchone()
-    watcher = BuildWatcher(schema_editor.connection.alias, pid, what, _output.get())
+def watching(using, pid, what, say):
+    """While the block runs a statement on backend `pid`, a thread with a connection of its own
+    reports each session the statement waits for (once per session's transaction)."""
+    watcher = BuildWatcher(using, pid, what, say)
     watcher.start()
     try:
         yield
@@ -238,9 +230,9 @@ class BuildWatcher(threading.Thread):
     second, and reports every blocking transaction once. It connects on its first look (a build
     that waits for nothing is done before then) and always closes its connection."""
 
-    def __init__(self, alias, pid, what, stream=None):
+    def __init__(self, alias, pid, what, say):
         super().__init__(name=f"{WATCHER_NAME} ({what})", daemon=True)
-        self.alias, self.pid, self.what, self.stream = alias, pid, what, stream
+        self.alias, self.pid, self.what, self.say = alias, pid, what, say
         self._stopping = threading.Event()
         self._reported = set()
 
@@ -253,12 +245,10 @@ class BuildWatcher(threading.Thread):
         try:
             while not self._stopping.wait(WATCH_INTERVAL):
                 if connection is None:
-                    connection = connections.create_connection(self.alias)
-                    with connection.cursor() as cursor:
-                        cursor.execute("SELECT set_config('application_name', %s, false), "
-                                       "set_config('statement_timeout', '5s', false)", [WATCHER_NAME])
+                    connection = postgres.private_connection(self.alias, self.what, settings={"statement_timeout": "5s"},
+                                                             application_name=WATCHER_NAME)
                 self._look(connection)
-        except DatabaseError as exc:
+        except (DatabaseError, psycopg2.Error, postgres.PoolerRefused) as exc:
             logger.warning("%s: cannot tell what it waits for (%s); it goes on regardless.", self.what, exc)
         finally:
             if connection is not None:
@@ -283,9 +273,7 @@ class BuildWatcher(threading.Thread):
             f"transaction open {age}) holds it up; its query: {query or 'unknown'!r}. "
             "The build carries on by itself once that transaction ends."
         )
-        logger.warning(message)
-        if self.stream is not None:
-            self.stream.write(message + "\n")
+        self.say(logging.WARNING, message)
 
 
 def shown_query(query):
@@ -336,3 +324,95 @@ class CreateVectorExtension(VectorExtension):
                 f"CREATE EXTENSION vector failed: {exc}. Ask a superuser to run "
                 "`CREATE EXTENSION vector;` in this database, then migrate again."
             ) from exc
+
+
+class SwapEmbedding(Operation):
+    """A switch's swap (segments/switch/swap.py): its next model's column `next_column` becomes
+    `embedding`, `embedding` becomes `embedding_legacy`; backwards, the undo. Database only: the
+    migration lists the state changes beside it (SeparateDatabaseAndState).
+
+    `inputs` (a swap.SwapInputs) is what the operator's command gives the swap it applies: the
+    catch-up under the lock or the follower's allowance, and the record to fill. A plain
+    `migrate` never applies it (segments/switch/gate.py).
+    """
+
+    reversible = True
+    reduces_to_sql = False
+    bindable = ("inputs",)
+
+    def __init__(self, next_column):
+        self.next_column = next_column
+        self.inputs = None
+
+    def deconstruct(self):
+        return self.__class__.__qualname__, [], {"next_column": self.next_column}
+
+    def state_forwards(self, app_label, state):
+        pass
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        from segments.switch import swap
+
+        swap.swap(schema_editor, swap.Columns(self.next_column), self.inputs)
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        from segments.switch import swap
+
+        swap.unswap(schema_editor, swap.Columns(self.next_column), self.inputs)
+
+    def describe(self):
+        return f"Swap segments.{self.next_column} into embedding (embedding becomes embedding_legacy)"
+
+
+class DropLegacyColumn(Operation):
+    """A switch's last step (segments/switch/contract.py): the staleness trigger stops guarding
+    `embedding_legacy`, and the column is dropped. Irreversible; database only."""
+
+    reversible = False
+    reduces_to_sql = False
+
+    def deconstruct(self):
+        return self.__class__.__qualname__, [], {}
+
+    def state_forwards(self, app_label, state):
+        pass
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        from segments.switch import contract
+
+        contract.drop_legacy_column(schema_editor)
+
+    def describe(self):
+        return "Drop segments.embedding_legacy (irreversible)"
+
+
+class RecordSizeBefore(Operation):
+    """The table's total size (heap, TOAST, indexes) as a switch begins, recorded as a SwitchEvent
+    ("before"), so the saving is reported against what the operator paid for before it."""
+
+    reversible = True
+    reduces_to_sql = False
+
+    def __init__(self, switch):
+        self.switch = switch
+
+    def deconstruct(self):
+        return self.__class__.__qualname__, [], {"switch": self.switch}
+
+    def state_forwards(self, app_label, state):
+        pass
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        with schema_editor.connection.cursor() as cursor:
+            cursor.execute("SELECT pg_total_relation_size(c.oid), c.reltuples::bigint FROM pg_class c "
+                           "WHERE c.oid = to_regclass('segments')")
+            total_bytes, estimated_rows = cursor.fetchone()
+            cursor.execute("INSERT INTO segments_switch_event (step, at, details) VALUES ('before', now(), %s)",
+                           [json.dumps({"total_bytes": total_bytes, "estimated_rows": max(estimated_rows, 0),
+                                        "switch": self.switch})])
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        pass
+
+    def describe(self):
+        return f"Record the table's size before switch {self.switch}"

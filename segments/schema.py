@@ -1,18 +1,39 @@
-"""Which phase of the switch the live `segments` table is in, read from the catalogue.
+"""The `segments` table's facts in one place: its name, the switch's column names, the blank and
+pending predicates, the index parameters, and the phase the table is in, read from the catalogue.
 
 The commands, the search and the admin work at every phase: they ask here which column holds
-the 384-dim vectors (if any) instead of trusting the code's model, which describes the end state.
+the new model's vectors (if any) instead of trusting the code's model, which describes the end
+state. A switch moves the live column `embedding` from one model to the next:
 
-    legacy    embedding vector(1536)                         -> `manage.py migrate` (phase 1)
-    expanded  embedding vector(1536) + embedding_384         -> backfill, index, verify, swap
-    swapped   embedding vector(384) + embedding_legacy       -> the swap can still be reversed
-    final     embedding vector(384)                          -> the legacy column is gone
+    legacy    embedding (the original project's 1536-dim vectors)   -> `manage.py migrate` (phase 1)
+    expanded  embedding + the next model's column                  -> backfill, index, verify, swap
+    swapped   embedding (the next model's) + embedding_legacy      -> the swap can still be reversed
+    final     embedding                                            -> done; the next switch starts here
+
+The first switch named its next column `embedding_384` (migrations 0003-0007); every later switch
+names it `embedding_next`, whatever the width, so that two models of one width never clash.
 """
 from dataclasses import dataclass
 
 from django.db import connections
 
 TABLE = "segments"
+LIVE = "embedding"  # the column the application searches
+FIRST_NEXT = "embedding_384"  # the next model's column in the first switch
+NEXT = "embedding_next"  # the next model's column in every later switch
+NEXT_COLUMNS = (FIRST_NEXT, NEXT)
+PREVIOUS = "embedding_legacy"  # the replaced model's column, from the swap to the contract
+FIRST_EXPAND = "0003_embedding_384"  # the migration that first expanded the table
+
+# The original project's vectors: GTE-Qwen2-1.5B, 1536 dimensions.
+LEGACY_DIMENSIONS = 1536
+# The legacy columns the project never reads (the model does not map them; migration 0005).
+UNMAPPED_LEGACY_COLUMNS = ("speaker_confidence", "avg_logprob", "compression_ratio", "no_speech_prob",
+                           "temperature_used", "metadata")
+
+# HNSW build parameters (pgvector's defaults, documented in the README's runbook).
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 64
 
 # A segment whose text is empty or only whitespace gets no vector: there is nothing to embed.
 BLANK_TEXT_PATTERN = r"^[[:space:]]*$"
@@ -55,19 +76,22 @@ class SchemaNotReady(Exception):
     pass
 
 
-def vector_column_types(using="default"):
-    """{column name: (SQL type, dimensions)} of the `vector` and `halfvec` columns of `segments`."""
-    with connections[using].cursor() as cursor:
-        cursor.execute(
-            """
-            SELECT a.attname, t.typname, a.atttypmod FROM pg_attribute a
-            JOIN pg_type t ON t.oid = a.atttypid
-            WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
-              AND t.typname IN ('vector', 'halfvec')
-            """,
-            [TABLE],
-        )
-        return {name: (type_name, typmod if typmod > 0 else None) for name, type_name, typmod in cursor.fetchall()}
+VECTOR_COLUMNS = """
+    SELECT a.attname, t.typname, a.atttypmod FROM pg_attribute a
+    JOIN pg_type t ON t.oid = a.atttypid
+    WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+      AND t.typname IN ('vector', 'halfvec')
+"""
+
+
+def vector_column_types(using="default", cursor=None):
+    """{column name: (SQL type, dimensions)} of the `vector` and `halfvec` columns of `segments`
+    (through `cursor` when given: the table its search_path shows)."""
+    if cursor is None:
+        with connections[using].cursor() as cursor:
+            return vector_column_types(cursor=cursor)
+    cursor.execute(VECTOR_COLUMNS, [TABLE])
+    return {name: (type_name, typmod if typmod > 0 else None) for name, type_name, typmod in cursor.fetchall()}
 
 
 def vector_columns(using="default"):
@@ -75,33 +99,46 @@ def vector_columns(using="default"):
     return {name: dims for name, (_, dims) in vector_column_types(using).items()}
 
 
-def embedding_schema(using="default"):
-    """The phase of the table, as an EmbeddingSchema; SchemaNotReady if there is no table."""
-    types = vector_column_types(using)
+def embedding_schema(using="default", cursor=None):
+    """The phase of the table, as an EmbeddingSchema; SchemaNotReady if there is no table (through
+    `cursor` when given)."""
+    if cursor is None:
+        with connections[using].cursor() as cursor:
+            return embedding_schema(cursor=cursor)
+    types = vector_column_types(cursor=cursor)
     columns = {name: dims for name, (_, dims) in types.items()}
-    if "embedding" not in columns:
+    if LIVE not in columns:
         raise SchemaNotReady(
             f"The {TABLE} table or its embedding column does not exist: run `manage.py migrate`."
         )
-    if "embedding_384" in columns:
-        return EmbeddingSchema("expanded", "embedding_384", columns["embedding_384"], "embedding", columns["embedding"],
-                               types["embedding_384"][0])
-    if "embedding_legacy" in columns:
-        return EmbeddingSchema("swapped", "embedding", columns["embedding"], "embedding_legacy",
-                               columns["embedding_legacy"], types["embedding"][0])
-    from segments.models import EMBEDDING_DIMENSIONS
-
-    if columns["embedding"] == EMBEDDING_DIMENSIONS:
-        return EmbeddingSchema("final", "embedding", columns["embedding"], None, None, types["embedding"][0])
-    return EmbeddingSchema("legacy", None, None, "embedding", columns["embedding"])
+    for next_column in NEXT_COLUMNS:
+        if next_column in columns:
+            return EmbeddingSchema("expanded", next_column, columns[next_column], LIVE, columns[LIVE],
+                                   types[next_column][0])
+    if PREVIOUS in columns:
+        return EmbeddingSchema("swapped", LIVE, columns[LIVE], PREVIOUS, columns[PREVIOUS], types[LIVE][0])
+    if expanded_before(cursor):
+        return EmbeddingSchema("final", LIVE, columns[LIVE], None, None, types[LIVE][0])
+    return EmbeddingSchema("legacy", None, None, LIVE, columns[LIVE])
 
 
-def require_vector_column(using="default"):
+def expanded_before(cursor):
+    """Whether this project ever expanded the table (its first phase 1 is recorded as applied):
+    with only `embedding` left, the table is then at the end of a switch, not the original one."""
+    cursor.execute("SELECT to_regclass('django_migrations') IS NOT NULL")
+    if not cursor.fetchone()[0]:
+        return False
+    cursor.execute("SELECT EXISTS (SELECT 1 FROM django_migrations WHERE app = 'segments' AND name = %s)",
+                   [FIRST_EXPAND])
+    return cursor.fetchone()[0]
+
+
+def require_vector_column(using="default", cursor=None):
     """The EmbeddingSchema, or SchemaNotReady naming the migration to apply."""
-    schema = embedding_schema(using)
+    schema = embedding_schema(using, cursor)
     if schema.vector_column is None:
         raise SchemaNotReady(
-            f"{TABLE} has no 384-dim column yet (phase: legacy). Apply phase 1 first: "
+            f"{TABLE} has no column for the new model yet (phase: legacy). Apply phase 1 first: "
             "`manage.py migrate`."
         )
     return schema

@@ -1,11 +1,13 @@
 """How the new column stores its vectors: `vector` (float32) or `halfvec` (float16).
 
-settings.EMBEDDING_STORAGE chooses the type when phase 1 creates the column (migration 0003);
-from then on the column's own type, read from the catalogue, decides everything else: the HNSW
-index's operator class, the backfill's binary COPY format, the casts of the queries. A halfvec
-holds each of the 384 dimensions in 2 bytes instead of 4 (776 bytes a vector against 1,544; the
-legacy 1536-dim vector takes 6,152), at a rounding error (about 1e-3 relative) far below what
-separates two neighbours in a search.
+settings.EMBEDDING_STORAGE chooses the type when phase 1 creates the column; unset, it is
+`halfvec` where the server's pgvector has it (0.7 and later) and `vector` on an older one (the
+pre-flight says so). From then on the column's own type, read from the catalogue, decides
+everything else: the HNSW index's operator class, the backfill's binary COPY format, the casts of
+the queries. A halfvec holds each of the 384 dimensions in 2 bytes instead of 4 (776 bytes a vector
+against 1,544; the legacy 1536-dim vector takes 6,152), at a rounding error (about 1e-3 relative)
+far below what separates two neighbours in a search: the million-row search run measured equal
+recall, a faster search and half the index (docs/benchmark.md).
 """
 from dataclasses import dataclass
 
@@ -46,6 +48,32 @@ def storage_named(type_name):
         ) from None
 
 
-def configured():
-    """The Storage settings.EMBEDDING_STORAGE asks for (what phase 1 creates)."""
-    return storage_named(getattr(settings, "EMBEDDING_STORAGE", "vector"))
+def configured(connection=None):
+    """The Storage phase 1 creates: settings.EMBEDDING_STORAGE when set; else halfvec where the
+    pgvector of `connection` (Django's default connection when None) has it, vector where not."""
+    chosen = getattr(settings, "EMBEDDING_STORAGE", None)
+    if chosen:
+        return storage_named(chosen)
+    return STORAGES["halfvec" if has_halfvec(connection) else "vector"]
+
+
+_halfvec = {}
+
+
+def has_halfvec(connection=None):
+    """Whether the server's pgvector (installed, or else the one it would install) has halfvec."""
+    from django.db import connection as default_connection
+
+    connection = connection or default_connection
+    key = (connection.alias, connection.settings_dict.get("NAME"))
+    if key not in _halfvec:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT coalesce((SELECT extversion FROM pg_extension WHERE extname = 'vector'), "
+                           "(SELECT default_version FROM pg_available_extensions WHERE name = 'vector'))")
+            version = cursor.fetchone()[0]
+        _halfvec[key] = version is not None and _version(version) >= HALFVEC_SINCE
+    return _halfvec[key]
+
+
+def _version(text):
+    return tuple(int(part) for part in text.split(".") if part.isdigit())

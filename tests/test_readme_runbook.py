@@ -46,6 +46,7 @@ def legacy_table_with_data(segments_at):
     call_command("load_demo_segments", count=150, seed=11, verbosity=0)
 
 
+@pytest.mark.end_to_end
 @pytest.mark.slow
 def test_the_runbook_as_written_completes_the_switch(legacy_table_with_data, minilm):
     commands = readme.runbook()
@@ -73,6 +74,7 @@ def test_the_runbook_as_written_completes_the_switch(legacy_table_with_data, min
     assert f'"id": {segment_id}' in found
 
 
+@pytest.mark.end_to_end
 @pytest.mark.slow
 def test_the_readme_undo_restores_the_legacy_search_and_migrate_keeps_it(legacy_table_with_data):
     commands = readme.runbook()

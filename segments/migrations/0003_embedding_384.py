@@ -16,6 +16,7 @@ from segments.operations import LockTimeoutMigration
 
 class Migration(LockTimeoutMigration):
     expands = True  # phase 1: `migrate` runs the pre-flight check before it (segments/switch/preflight.py)
+    switch = 1
     dependencies = [("segments", "0002_switch_bookkeeping")]
 
     operations = [

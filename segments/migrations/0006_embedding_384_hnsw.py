@@ -13,6 +13,7 @@ from segments.operations import AddIndexConcurrently
 
 class Migration(migrations.Migration):
     operator_step = "index"  # never run by a plain `migrate` (segments/switch/gate.py)
+    switch = 1
     atomic = False
 
     dependencies = [("segments", "0005_unmapped_legacy_columns")]

@@ -1,26 +1,27 @@
-"""Phase 3b: the guarded swap. `embedding` becomes the 384-dim column, the old one is kept as
-`embedding_legacy` (and this migration can be reversed) until 0006 drops it.
+"""Phase 3b of the first switch: the guarded swap. `embedding_384` becomes `embedding`, the legacy
+column is kept as `embedding_legacy` (and this migration can be reversed) until 0008 drops it.
 
-Refuses, changing nothing, while any segment with text lacks its new vector. See segments/swap.py.
+Refuses, changing nothing, while a segment with text lacks its new vector beyond what the operator's
+command allows. See segments/switch/swap.py.
 """
 import pgvector.django
 from django.db import migrations, models
 from django.db.models import Q
 
-from segments.switch import swap
-from segments.operations import LockTimeoutMigration
+from segments.operations import LockTimeoutMigration, SwapEmbedding
 
 
 class Migration(LockTimeoutMigration):
     operator_step = "swap"  # never run by a plain `migrate` (segments/switch/gate.py)
     undo_step = "undo"
+    switch = 1
     dependencies = [
         ("segments", "0006_embedding_384_hnsw"),
     ]
 
     operations = [
         migrations.SeparateDatabaseAndState(
-            database_operations=[migrations.RunPython(swap.swap, swap.unswap)],
+            database_operations=[SwapEmbedding(next_column="embedding_384")],
             state_operations=[
                 migrations.RemoveIndex(model_name="segment", name="segments_embedding_idx"),
                 migrations.RemoveIndex(model_name="segment", name="segments_embedding_384_hnsw"),

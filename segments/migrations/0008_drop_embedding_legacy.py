@@ -7,19 +7,19 @@ long lock. Refused, changing nothing, while a view still selects the legacy colu
 """
 from django.db import migrations
 
-from segments.operations import IrreversibleStep, LockTimeoutMigration
-from segments.switch import contract
+from segments.operations import DropLegacyColumn, IrreversibleStep, LockTimeoutMigration
 
 
 class Migration(LockTimeoutMigration):
     operator_step = "contract"  # never run by a plain `migrate` (segments/switch/gate.py)
+    switch = 1
     dependencies = [("segments", "0007_swap_embedding")]
 
     operations = [
         IrreversibleStep(
             database_operations=[
                 # Irreversible on purpose: re-adding an empty column would not bring the data back.
-                migrations.RunPython(contract.drop_legacy_column),
+                DropLegacyColumn(),
             ],
             state_operations=[
                 migrations.RemoveIndex(model_name="segment", name="segments_embedding_legacy_idx"),

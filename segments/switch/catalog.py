@@ -5,6 +5,7 @@ history, and its index and view names are its own.
 """
 from dataclasses import dataclass
 
+from askdrchaffee.postgres import quote_ident, quote_literal
 from segments.schema import TABLE
 
 
@@ -93,22 +94,3 @@ def recreate_view_sql(view):
     for grantee, privilege, grantable in view.grants:
         statements.append(f"GRANT {privilege} ON {view.name} TO {grantee}{' WITH GRANT OPTION' if grantable else ''}")
     return statements
-
-
-def quote_ident(name):
-    return '"' + name.replace('"', '""') + '"'
-
-
-def quote_literal(text):
-    return "'" + text.replace("'", "''") + "'"
-
-
-def index_valid(cursor, name):
-    """True if index `name` exists and is valid, False if it exists but is INVALID, else None."""
-    cursor.execute(
-        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-        "WHERE c.relname = %s AND pg_catalog.pg_table_is_visible(c.oid)",
-        [name],
-    )
-    row = cursor.fetchone()
-    return None if row is None else row[0]

@@ -8,7 +8,7 @@ file, so `run()` also sees to it that nothing live is left there:
 1. drops the legacy vector indexes with `DROP INDEX CONCURRENTLY` (no query used them after the
    swap, and they make every clearing write dearer), then VACUUMs, so that the free space the
    backfill left at the start of the table is known and used first;
-2. sets `embedding_legacy` to NULL, one short transaction per batch of at most `batch_size`
+2. sets `embedding_legacy` to NULL, one short transaction per batch of at most `rows_per_transaction`
    rows, in id order but never two rows of one page in one transaction: a row rewritten after
    the page has lost one of its rows fits in the freed space (a HOT update: no index entry, no
    growth), so the table does not grow by another copy of itself. The application's triggers
@@ -34,13 +34,16 @@ import time
 from django.core.management.base import CommandError
 from psycopg2 import errors
 
+from askdrchaffee import postgres
+from segments.schema import PREVIOUS as LEGACY
 from segments.schema import TABLE
 from segments.switch import catalog, horizon, out_of_line
-from segments.switch.swap import LEGACY, SwapRefused
+from segments.switch.swap import SwapRefused
+from segments.switch.user_triggers import quiet_user_triggers
 
 # Rows a clearing or moving transaction looks at; it writes at most this many, and an application
 # write to one of them waits for it (a few ms a row where the row moves to another page).
-DEFAULT_BATCH_SIZE = 100
+DEFAULT_ROWS_PER_TRANSACTION = 100
 LOCK_TIMEOUT = "5s"  # a batch waiting behind an application transaction gives up, then retries
 LOCK_ATTEMPTS = 5
 # How long each VACUUM waits for the transactions older than the contract's writes (horizon.py).
@@ -94,33 +97,41 @@ def drop_legacy_indexes(connection, out):
     for name in indexes:
         out(f"dropping the legacy index {name} (CONCURRENTLY)")
         patiently(connection, lambda cursor: cursor.execute(
-            f"DROP INDEX CONCURRENTLY IF EXISTS {catalog.quote_ident(name)}"), transaction=False)
+            f"DROP INDEX CONCURRENTLY IF EXISTS {postgres.quote_ident(name)}"), transaction=False)
     return indexes
 
 
 def patiently(connection, work, transaction=True):
-    """work(cursor), in one transaction unless `transaction` is False; after a lock timeout or a
+    """work(cursor), in one transaction (each under lock_timeout and with the application's triggers
+    quiet, for that transaction only) unless `transaction` is False; after a lock timeout or a
     deadlock, again (LOCK_ATTEMPTS times in all), then ContractInterrupted."""
-    for attempt in range(1, LOCK_ATTEMPTS + 1):
-        with connection.cursor() as cursor:
-            try:
-                if transaction:
-                    cursor.execute("BEGIN")
-                result = work(cursor)
-                if transaction:
-                    cursor.execute("COMMIT")
-                return result
-            except (errors.LockNotAvailable, errors.DeadlockDetected):
-                if transaction:
-                    cursor.execute("ROLLBACK")
-                if attempt == LOCK_ATTEMPTS:
-                    raise ContractInterrupted(
-                        f"The contract stopped: it waited for the application's transactions {LOCK_ATTEMPTS} times "
-                        f"({LOCK_TIMEOUT} each). What it did stays done; run `manage.py embedding_switch contract "
-                        "--confirm` again when no transaction stays open on segments (a smaller --batch-size "
-                        "makes each of its own transactions shorter)."
-                    ) from None
-                time.sleep(0.1 * attempt)
+    retrying = postgres.retrying(attempts=LOCK_ATTEMPTS, wait=lambda attempt: 0.1 * attempt,
+                                 on=(errors.LockNotAvailable, errors.DeadlockDetected), what="a contract batch")
+    try:
+        return retrying(_once, connection, work, transaction)
+    except (errors.LockNotAvailable, errors.DeadlockDetected):
+        raise ContractInterrupted(
+            f"The contract stopped: it waited for the application's transactions {LOCK_ATTEMPTS} times "
+            f"({LOCK_TIMEOUT} each). What it did stays done; run `manage.py embedding_switch contract "
+            "--confirm` again when no transaction stays open on segments (a smaller --rows-per-transaction "
+            "makes each of its own transactions shorter)."
+        ) from None
+
+
+def _once(connection, work, transaction):
+    with connection.cursor() as cursor:
+        if not transaction:
+            return work(cursor)
+        cursor.execute("BEGIN")
+        try:
+            postgres.set_local(cursor, lock_timeout=LOCK_TIMEOUT)
+            quiet_user_triggers(cursor)
+            result = work(cursor)
+        except BaseException:
+            cursor.execute("ROLLBACK")
+            raise
+        cursor.execute("COMMIT")
+        return result
 
 
 CANDIDATES = f"""
@@ -140,10 +151,10 @@ def one_per_page(candidates):
     return chosen
 
 
-def clear_batch(cursor, after, batch_size):
-    """Clear one row per page among the next `batch_size` legacy vectors after id `after`;
+def clear_batch(cursor, after, rows_per_transaction):
+    """Clear one row per page among the next `rows_per_transaction` legacy vectors after id `after`;
     (rows cleared, the id to continue after; None when none is left)."""
-    cursor.execute(CANDIDATES, [after, batch_size])
+    cursor.execute(CANDIDATES, [after, rows_per_transaction])
     candidates = cursor.fetchall()
     if not candidates:
         return 0, None
@@ -154,19 +165,19 @@ def clear_batch(cursor, after, batch_size):
     return cursor.rowcount, (min(left) - 1 if left else candidates[-1][0])
 
 
-def clear_legacy_vectors(connection, batch_size, progress=None):
+def clear_legacy_vectors(connection, rows_per_transaction, progress=None):
     """Set the legacy column to NULL, a batch a transaction; how many rows were cleared."""
     cleared, after = 0, FIRST_ID
     while after is not None:
-        done, after = patiently(connection, lambda cursor: clear_batch(cursor, after, batch_size))
+        done, after = patiently(connection, lambda cursor: clear_batch(cursor, after, rows_per_transaction))
         cleared += done
         if progress is not None and done:
             progress(done)
     return cleared
 
 
-def move_out_of_line_values(connection, batch_size, progress_factory=None):
-    """Rewrite the values stored out of line, `batch_size` rows a transaction, so that they move
+def move_out_of_line_values(connection, rows_per_transaction, progress_factory=None):
+    """Rewrite the values stored out of line, `rows_per_transaction` rows a transaction, so that they move
     to the front of the TOAST table; how many rows were rewritten."""
     with connection.cursor() as cursor:
         rewrite = out_of_line.Rewrite(cursor, skip={LEGACY})
@@ -176,7 +187,7 @@ def move_out_of_line_values(connection, batch_size, progress_factory=None):
     moved, after = 0, FIRST_ID
     try:
         while True:
-            ids = patiently(connection, lambda cursor: rewrite.batch(cursor, after, batch_size))
+            ids = patiently(connection, lambda cursor: rewrite.batch(cursor, after, rows_per_transaction))
             if not ids:
                 return moved
             moved, after = moved + len(ids), max(ids)
@@ -215,17 +226,10 @@ def vacuum(connection, analyze=False):
 
 
 def raw_connection(using):
-    """A psycopg2 connection of its own in autocommit mode (VACUUM and CONCURRENTLY need one),
-    under lock_timeout, with the application's triggers quiet."""
-    from segments.switch.backfill.session import open_connection
-    from segments.switch.user_triggers import quiet_user_triggers
-
-    raw = open_connection(using, "contract")
-    raw.autocommit = True
-    with raw.cursor() as cursor:
-        quiet_user_triggers(cursor)
-        cursor.execute("SELECT set_config('lock_timeout', %s, false)", [LOCK_TIMEOUT])
-    return raw
+    """A psycopg2 connection of its own in autocommit mode (VACUUM and CONCURRENTLY need one), with
+    lock_timeout as a startup option: over DATABASE_DIRECT_URL behind a pooler (askdrchaffee.postgres)."""
+    return postgres.private_connection(using, "The contract", settings={"lock_timeout": LOCK_TIMEOUT},
+                                       application_name="embedding_switch contract")
 
 
 def _megabytes(sizes):
@@ -233,42 +237,39 @@ def _megabytes(sizes):
             f"TOAST {sizes['toast_bytes'] / 2**20:,.1f}, indexes {sizes['indexes_bytes'] / 2**20:,.1f})")
 
 
-def run(using="default", batch_size=DEFAULT_BATCH_SIZE, out=print, progress_factory=None,
+def run(raw, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=print, progress_factory=None,
         wait_seconds=None):
-    """Steps 1-3 of the contract (the caller applies migration 0008 after); returns its figures."""
+    """Steps 1-3 of the contract on `raw` (raw_connection(); the caller applies the contract migration
+    after); returns its figures."""
     if wait_seconds is None:
         wait_seconds = WAIT_FOR_OLDER_TRANSACTIONS_SECONDS
     started, held_back = time.perf_counter(), {}
-    raw = raw_connection(using)
+    with raw.cursor() as cursor:
+        refuse_dependent_views(cursor)
+        sizes = {"start": relation_sizes(cursor)}
+        to_clear = count_legacy_vectors(cursor)
+    dropped = drop_legacy_indexes(raw, out)
+    vacuum(raw)
+    out(f"clearing {to_clear:,} legacy vectors, at most {rows_per_transaction} a transaction")
+    bar = progress_factory(to_clear) if progress_factory else None
     try:
-        with raw.cursor() as cursor:
-            refuse_dependent_views(cursor)
-            sizes = {"start": relation_sizes(cursor)}
-            to_clear = count_legacy_vectors(cursor)
-        dropped = drop_legacy_indexes(raw, out)
-        vacuum(raw)
-        out(f"clearing {to_clear:,} legacy vectors, at most {batch_size} a transaction")
-        bar = progress_factory(to_clear) if progress_factory else None
-        try:
-            cleared = clear_legacy_vectors(raw, batch_size, bar.update if bar else None)
-        finally:
-            if bar is not None:
-                bar.close()
-        vacuum_after_writes(raw, out, wait_seconds, held_back)
-        with raw.cursor() as cursor:
-            sizes["cleared"] = relation_sizes(cursor)
-        out(f"cleared {cleared:,} legacy vectors; segments is {_megabytes(sizes['cleared'])}; "
-            "moving the values stored out of line to the front of the TOAST table")
-        moved = move_out_of_line_values(raw, batch_size, progress_factory)
-        vacuum_after_writes(raw, out, wait_seconds, held_back, analyze=True)
-        with raw.cursor() as cursor:
-            sizes["moved"] = relation_sizes(cursor)
-        out(f"rewrote the out-of-line values of {moved:,} segments; segments is {_megabytes(sizes['moved'])}")
-        if held_back:
-            out(f"NOT all the space came back: {'; '.join(held_back.values())} still saw the cleared rows after "
-                f"{wait_seconds} s. A VACUUM of segments after it ends (autovacuum runs one) frees them.")
+        cleared = clear_legacy_vectors(raw, rows_per_transaction, bar.update if bar else None)
     finally:
-        raw.close()
+        if bar is not None:
+            bar.close()
+    vacuum_after_writes(raw, out, wait_seconds, held_back)
+    with raw.cursor() as cursor:
+        sizes["cleared"] = relation_sizes(cursor)
+    out(f"cleared {cleared:,} legacy vectors; segments is {_megabytes(sizes['cleared'])}; "
+        "moving the values stored out of line to the front of the TOAST table")
+    moved = move_out_of_line_values(raw, rows_per_transaction, progress_factory)
+    vacuum_after_writes(raw, out, wait_seconds, held_back, analyze=True)
+    with raw.cursor() as cursor:
+        sizes["moved"] = relation_sizes(cursor)
+    out(f"rewrote the out-of-line values of {moved:,} segments; segments is {_megabytes(sizes['moved'])}")
+    if held_back:
+        out(f"NOT all the space came back: {'; '.join(held_back.values())} still saw the cleared rows after "
+            f"{wait_seconds} s. A VACUUM of segments after it ends (autovacuum runs one) frees them.")
     return {
         "legacy_indexes_dropped": dropped,
         "legacy_vectors_cleared": cleared,
@@ -281,12 +282,16 @@ def run(using="default", batch_size=DEFAULT_BATCH_SIZE, out=print, progress_fact
     }
 
 
-def drop_legacy_column(apps, schema_editor):
-    """Migration 0008: the trigger stops guarding the legacy column, and the column is dropped."""
+def drop_legacy_column(schema_editor):
+    """A switch's contract migration: the trigger stops guarding the legacy column, its entry in the
+    model ledger is retired (if the contract's clearing has not retired it already), and the column
+    is dropped."""
+    from embeddings import ledger
     from segments import triggers
-    from segments.switch.swap import LIVE
+    from segments.schema import LIVE
 
     with schema_editor.connection.cursor() as cursor:
         refuse_dependent_views(cursor)
+        ledger.retire(cursor, TABLE, LEGACY)
     schema_editor.execute(triggers.create_sql(LIVE))
     schema_editor.execute(f"ALTER TABLE segments DROP COLUMN {LEGACY}")

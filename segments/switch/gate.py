@@ -1,23 +1,29 @@
-"""Which migrations a plain `manage.py migrate` may run: the gate in front of the operator steps.
+"""Which migrations a plain `manage.py migrate` may run, and how an operator step runs its own.
 
 A deploy runs `manage.py migrate` at any moment. It must only ever do what is quick and
 harmless: the expand phase, the project's own tables, other apps. The steps that are slow, that
 change what the application searches, or that destroy data (building the vector index, the
-swap and its undo, the contract) are marked on their migration with `operator_step` and run
-only inside `allow(step)`, which the operator's command (`manage.py embedding_switch STEP`)
-opens. Outside it:
+swap and its undo, the contract) are marked on their migration with `operator_step`, and:
 
-- a plain `migrate` (or `migrate segments`) leaves them out of its plan, and whatever depends
-  on them, and exits 0;
-- an explicit target that needs one (`migrate segments 0007`, or back past one) is refused
-  with the command to run instead, before anything changes.
+- `GatedMigrationExecutor`, which the project's `migrate` command uses (its one place), leaves
+  them out of a plain plan, and whatever depends on them, and refuses an explicit target that
+  needs one (`migrate segments 0007`, or back past one), naming the command to run instead,
+  before anything changes;
+- `apply_step(step)`, which `manage.py embedding_switch STEP` calls, applies the one migration of
+  that step for the switch under way, with Django's own executor and an explicit plan, handing
+  the migration's operation the inputs the command prepared (the swap's catch-up, say).
+
+Each switch's migrations carry its number (`switch = N`): the first switch is 0003-0008, a later
+one is written by `manage.py makeswitch`. The switch under way is the latest whose expand
+migration is applied.
 """
-from contextlib import contextmanager
-from contextvars import ContextVar
-
 from django.core.management.base import CommandError
+from django.db import connections
 from django.db.migrations.executor import MigrationExecutor
 
+from segments.operations import bind, report_builds_to
+
+APP = "segments"
 STEPS = {
     # step: (what it is, the command that runs it)
     "index": ("the HNSW index build", "manage.py embedding_switch index"),
@@ -25,21 +31,6 @@ STEPS = {
     "undo": ("the undo of the swap", "manage.py embedding_switch undo"),
     "contract": ("the contract (drops the legacy column for good)", "manage.py embedding_switch contract"),
 }
-
-_allowed = ContextVar("operator_steps_allowed", default=frozenset())
-
-
-@contextmanager
-def allow(*steps):
-    """Let migrations of these operator steps run in this block (the operator asked for them)."""
-    unknown = set(steps) - set(STEPS)
-    if unknown:
-        raise ValueError(f"unknown operator step(s): {', '.join(sorted(unknown))}")
-    token = _allowed.set(_allowed.get() | frozenset(steps))
-    try:
-        yield
-    finally:
-        _allowed.reset(token)
 
 
 def step_of(migration, backwards):
@@ -52,14 +43,9 @@ def step_of(migration, backwards):
     return step
 
 
-def is_allowed(migration, backwards):
-    step = step_of(migration, backwards)
-    return step is None or step in _allowed.get()
-
-
 class GatedMigrationExecutor(MigrationExecutor):
     """A MigrationExecutor whose plans leave out (plain migrate) or refuse (explicit targets)
-    the operator steps not allowed here."""
+    every operator step."""
 
     explicit_target = False  # set by the migrate command: the operator named a migration
 
@@ -67,7 +53,7 @@ class GatedMigrationExecutor(MigrationExecutor):
         plan = super().migration_plan(targets, clean_start)
         if clean_start:
             return plan  # the full plan Django renders states from, not what it applies
-        blocked = [(migration, backwards) for migration, backwards in plan if not is_allowed(migration, backwards)]
+        blocked = [(migration, backwards) for migration, backwards in plan if step_of(migration, backwards)]
         if not blocked:
             return plan
         if self.explicit_target:
@@ -88,7 +74,7 @@ class GatedMigrationExecutor(MigrationExecutor):
         check, which `migrate` runs before phase 1, decides whether the project can serve it.
         """
         applied, state = super().detect_soft_applied(project_state, migration)
-        if applied or (migration.app_label, migration.name) != ("segments", "0001_initial"):
+        if applied or (migration.app_label, migration.name) != (APP, "0001_initial"):
             return applied, state
         with self.connection.cursor() as cursor:
             cursor.execute("SELECT to_regclass('segments') IS NOT NULL")
@@ -112,3 +98,64 @@ def _without(plan, blocked):
             continue
         kept.append((migration, backwards))
     return kept
+
+
+# --- the switches' migrations -------------------------------------------------------------------
+
+def switches(loader):
+    """{switch number: {"expand" | "index" | "swap" | "contract": Migration}} of the segments app."""
+    found = {}
+    for (app, _name), migration in loader.graph.nodes.items():
+        number = getattr(migration, "switch", None)
+        if app != APP or number is None:
+            continue
+        kind = "expand" if getattr(migration, "expands", False) else getattr(migration, "operator_step", None)
+        if kind:
+            found.setdefault(number, {})[kind] = migration
+    return found
+
+
+def current_switch(loader):
+    """The number of the switch under way: the latest whose expand migration is applied (1 before
+    any)."""
+    applied = [number for number, steps in switches(loader).items()
+               if "expand" in steps and (APP, steps["expand"].name) in loader.applied_migrations]
+    return max(applied, default=1)
+
+
+def apply_step(step, using="default", inputs=None, out=None):
+    """Apply (the undo: unapply) the migration of operator step `step` for the switch under way, and
+    nothing else, with Django's executor; `inputs` go to its SwapEmbedding operation, `out` (a
+    command's output) to its concurrent builds. The migration; False when it had been applied (or
+    unapplied) already, and nothing was done."""
+    executor = MigrationExecutor(connections[using])
+    _require_plain_migrate_done(executor)
+    migrations = switches(executor.loader)[current_switch(executor.loader)]
+    migration = migrations["swap" if step == "undo" else step]
+    backwards = step == "undo"
+    if ((APP, migration.name) in executor.loader.applied_migrations) != backwards:
+        return False
+    bind(migration, inputs=inputs, out=out)
+    executor.migrate([(APP, migration.name)], plan=[(migration, backwards)])
+    return migration
+
+
+def _require_plain_migrate_done(executor):
+    """CommandError, before anything changes, while a plain `migrate` has work left: the operator steps
+    run on a schema whose harmless migrations (the project's bookkeeping among them) are applied."""
+    plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    waiting = _without(plan, [(migration, backwards) for migration, backwards in plan if step_of(migration, backwards)])
+    if waiting:
+        names = ", ".join(f"{migration.app_label}.{migration.name}" for migration, _ in waiting)
+        raise CommandError(f"`manage.py migrate` has migrations to apply first ({names}): run it, then this step "
+                           "again. Nothing was changed.")
+
+
+def migrate_to(target, using="default", fake=False, out=None, app=APP):
+    """`migrate <app> <target>` with Django's own executor, operator steps included (None: zero),
+    its concurrent builds reporting to `out`: for the demo and the tests, which set up a table at a
+    given phase."""
+    executor = MigrationExecutor(connections[using])
+    plan = executor.migration_plan([(app, target)])
+    report_builds_to(plan, out)
+    executor.migrate([(app, target)], plan=plan, fake=fake)

@@ -18,7 +18,7 @@ drop-legacy-index --confirm` (and `rebuild-legacy-index` to undo it).
 - `drop(using, stdout)`: records the index's exact definition (`pg_get_indexdef`) in a
   SwitchEvent("legacy-index-dropped"), then DROP INDEX CONCURRENTLY (reads and writes go on).
 - `rebuild(using, stdout)`: CREATE INDEX CONCURRENTLY from the recorded definition, under what
-  the migrations' builds run under (segments.operations.concurrent_build: maintenance_work_mem
+  the migrations' builds run under (segments.operations.build_concurrently: maintenance_work_mem
   raised, and a build that waits for older transactions, saying for which, instead of giving up
   after lock_timeout and throwing the index away); records a
   SwitchEvent("legacy-index-rebuilt"). Build it after the backfill, or the backfill pays for
@@ -29,14 +29,17 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
+import psycopg2
 from django.conf import settings
 from django.core.management.base import CommandError
-from django.db import OperationalError, connections
+from django.db import connections
 
+from askdrchaffee import postgres
+from askdrchaffee.postgres import LOCK_NOT_AVAILABLE, quote_ident
+from segments import index_build
 from segments.models import SwitchEvent
+from segments.operations import build_concurrently
 from segments.schema import TABLE, embedding_schema
-from segments.operations import LOCK_NOT_AVAILABLE, concurrent_build
-from segments.switch.catalog import quote_ident
 
 METHOD = "ivfflat"
 OPCLASS = "vector_l2_ops"
@@ -144,29 +147,24 @@ def _writer(stdout):
     return stdout if callable(stdout) else stdout.write
 
 
-def _autocommit_connection(using):
-    connection = connections[using]
-    if connection.in_atomic_block:
-        raise LegacyIndexError("CONCURRENTLY cannot run inside a transaction: call it outside transaction.atomic().")
-    return connection
-
-
-def _concurrently(connection, statement, what, command):
-    """Run a DROP INDEX CONCURRENTLY `statement` under lock_timeout (nothing is lost by giving up)."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT set_config('lock_timeout', %s, false)", [settings.MIGRATION_LOCK_TIMEOUT])
-        try:
+def _concurrently(using, statement, what, command):
+    """Run a DROP INDEX CONCURRENTLY `statement` under lock_timeout (nothing is lost by giving up), on
+    a connection of its own (askdrchaffee.postgres.private_connection)."""
+    connection = postgres.private_connection(using, what, settings={"lock_timeout": settings.MIGRATION_LOCK_TIMEOUT},
+                                             application_name=f"embedding_switch {command}")
+    try:
+        with connection.cursor() as cursor:
             cursor.execute(statement)
-        except OperationalError as exc:
-            if getattr(exc.__cause__, "pgcode", None) != LOCK_NOT_AVAILABLE:
-                raise
-            raise LegacyIndexError(
-                f"{what} gave up after lock_timeout={settings.MIGRATION_LOCK_TIMEOUT}: another session holds a lock "
-                f"on {TABLE} (see pg_locks and pg_stat_activity). Run `manage.py embedding_switch {command}` again "
-                "once it has finished."
-            ) from exc
-        finally:
-            cursor.execute("RESET lock_timeout")
+    except psycopg2.Error as exc:
+        if postgres.pgcode(exc) != LOCK_NOT_AVAILABLE:
+            raise
+        raise LegacyIndexError(
+            f"{what} gave up after lock_timeout={settings.MIGRATION_LOCK_TIMEOUT}: another session holds a lock "
+            f"on {TABLE} (see pg_locks and pg_stat_activity). Run `manage.py embedding_switch {command}` again "
+            "once it has finished."
+        ) from exc
+    finally:
+        connection.close()
 
 
 def drop(using="default", stdout=None):
@@ -177,7 +175,6 @@ def drop(using="default", stdout=None):
     Reads and writes go on meanwhile. With no such index, it says so and changes nothing.
     """
     out = _writer(stdout)
-    connection = _autocommit_connection(using)
     found = evidence(using)
     if not found["indexes"]:
         out(f"No {METHOD} {OPCLASS} index on {TABLE}.{found['column']}: nothing to drop.")
@@ -188,7 +185,7 @@ def drop(using="default", stdout=None):
         event = SwitchEvent.objects.using(using).create(
             step=DROPPED, details={**details, "stats_reset": found["stats_reset"]})
         try:
-            _concurrently(connection, f"DROP INDEX CONCURRENTLY IF EXISTS {index.qualified_name}",
+            _concurrently(using, f"DROP INDEX CONCURRENTLY IF EXISTS {index.qualified_name}",
                           f"Dropping {index.name}", "drop-legacy-index")
         except BaseException:
             event.delete()  # it is still there; a new run records it again
@@ -227,7 +224,7 @@ def rebuild(using="default", stdout=None):
     LegacyIndexError when no drop is recorded or the legacy column is gone.
     """
     out = _writer(stdout)
-    connection = _autocommit_connection(using)
+    connection = connections[using]
     column = embedding_schema(using).legacy_column
     if column is None:
         raise LegacyIndexError(f"{TABLE} has no legacy vector column any more (the contract dropped it): there is "
@@ -243,14 +240,15 @@ def rebuild(using="default", stdout=None):
             f"No dropped legacy index is recorded (no SwitchEvent {DROPPED!r}): there is no definition to build "
             "it from. `manage.py embedding_switch drop-legacy-index` records one.")
     for index in existing:  # INVALID: an interrupted build
-        _concurrently(connection, f"DROP INDEX CONCURRENTLY IF EXISTS {index.qualified_name}",
+        _concurrently(using, f"DROP INDEX CONCURRENTLY IF EXISTS {index.qualified_name}",
                       f"Dropping the invalid {index.name}", "rebuild-legacy-index")
     definition = _for_column(recorded["definition"], recorded["column"], column)
     out(f"Building {recorded['name']} CONCURRENTLY (reads and writes go on): {definition}")
     started = time.perf_counter()
     # Like the migrations' builds: it waits for older transactions instead of throwing the build away.
-    with connection.schema_editor(atomic=False) as editor, concurrent_build(editor, recorded["name"]):
-        editor.execute(_concurrent(definition))
+    with connection.cursor() as cursor:
+        plan = index_build.plan(cursor)
+    build_concurrently(using, recorded["name"], _concurrent(definition), plan, out)
     seconds = time.perf_counter() - started
     with connection.cursor() as cursor:
         built = [index for index in find(cursor, column) if index.name == recorded["name"]][0]

@@ -15,8 +15,8 @@ The staleness trigger does not fire (the text does not change); a rewritten row 
 columns are binary-different (a vector or text that was out of line) gets new index entries,
 and pgvector's HNSW index adds the row to the existing element of an identical vector.
 """
+from askdrchaffee.postgres import quote_ident
 from segments.schema import TABLE
-from segments.switch import catalog
 
 TOAST_CHUNK_ID_SINCE = 170000  # pg_column_toast_chunk_id (PostgreSQL 17)
 CONCATENATED = {"text": "''", "varchar": "''", "bytea": "''::bytea"}  # types whose `x || empty` is x
@@ -40,7 +40,7 @@ def columns(cursor, skip):
 
 def fresh_sql(name, type_sql, type_name):
     """An expression equal to column `name` that is a new value (not the stored TOAST pointer)."""
-    column = catalog.quote_ident(name)
+    column = quote_ident(name)
     if type_name in CONCATENATED:
         return f"({column} || {CONCATENATED[type_name]})"
     return f"CAST(CAST({column} AS text) AS {type_sql})"
@@ -54,7 +54,7 @@ def stored_out_of_line_sql(name, type_sql, type_name, server_version):
     short value held inline has a 1-byte one, 3 bytes less). Compressed values held inline are
     smaller too, and are rewritten as well, which costs a little and changes nothing.
     """
-    column = catalog.quote_ident(name)
+    column = quote_ident(name)
     if server_version >= TOAST_CHUNK_ID_SINCE:
         return f"pg_column_toast_chunk_id({column}) IS NOT NULL"
     return f"pg_column_size({column}) + 4 <= pg_column_size({fresh_sql(name, type_sql, type_name)})"
@@ -71,8 +71,8 @@ class Rewrite:
         tests = [stored_out_of_line_sql(*column, server_version) for column in found]
         self.where = " OR ".join(f"({test})" for test in tests) or "false"
         self.assignments = ", ".join(
-            f"{catalog.quote_ident(column[0])} = CASE WHEN {test} THEN {fresh_sql(*column)} "
-            f"ELSE {catalog.quote_ident(column[0])} END"
+            f"{quote_ident(column[0])} = CASE WHEN {test} THEN {fresh_sql(*column)} "
+            f"ELSE {quote_ident(column[0])} END"
             for column, test in zip(found, tests)
         )
 

@@ -1,38 +1,38 @@
-"""The operator's steps of the switch, one function each: index, swap, undo, contract.
+"""The operator's steps of a switch, one function each: index, swap, undo, contract.
 
 Each checks that it is safe now (and refuses, changing nothing, with the reason and the fix when
 it is not), does its work, records a SwitchEvent and returns what it did. They are what
 `manage.py embedding_switch STEP` runs; a plain `manage.py migrate` never runs them
 (segments/switch/gate.py). Each is idempotent: run again after it finished, it says so and
-changes nothing.
+changes nothing. They act on the switch under way, whichever it is (the first, 0003-0008, or one
+`manage.py makeswitch` wrote).
 """
 import time
 from dataclasses import asdict, dataclass, field
 
-from django.core.management import call_command
-from django.core.management.base import CommandError
-from django.db import connections
+from django.conf import settings
+from django.db import connections, transaction
 
+from askdrchaffee import postgres
+from embeddings import ledger
 from segments import index_build
-from segments.models import HNSW_M, SwitchEvent
-from segments.schema import TABLE, embedding_schema
-from segments.switch import gate, swap as swapping
+from segments.models import SwitchEvent
+from segments.schema import HNSW_M, PREVIOUS, TABLE, blank_sql, embedding_schema
+from segments.switch import gate
+from segments.switch import swap as swapping
 from segments.switch.backfill import count_pending
+from segments.switch.backfill.heartbeat import ALIVE
 
-MIGRATIONS = {
-    "index": "0006_embedding_384_hnsw",
-    "swap": "0007_swap_embedding",
-    "undo": "0006_embedding_384_hnsw",
-    "contract": "0008_drop_embedding_legacy",
-}
 # The index is built over a filled column: a large share of pending rows would make the rest of
 # the backfill insert into the graph row by row, many times slower.
 INDEX_MAX_PENDING_SHARE = 0.01
 SWAP_LOCK_BUDGET_SECONDS = 0.5  # the longest the swap may block writes to embed late arrivals
-SWAP_ROUNDS = 5  # backfill passes and lock attempts one `embedding_switch swap` makes
+SWAP_ROUNDS = 5  # backfill passes (or waits for the follower) and lock attempts of one swap
+FOLLOWER_WAIT_SECONDS = 10.0  # how long a round waits for the follower to catch up
+FOLLOWER_ALLOWANCE = 20  # pending rows the swap leaves to a follower, at the least
 
 
-class StepRefused(CommandError):
+class StepRefused(swapping.CommandError):
     """The step cannot run now; nothing was changed."""
 
 
@@ -47,39 +47,27 @@ class StepResult:
         return asdict(self)
 
 
-def _migrate(step, using, stdout, **options):
-    with gate.allow(step):
-        call_command("migrate", "segments", MIGRATIONS[step], database=using, stdout=stdout,
-                     verbosity=options.pop("verbosity", 1), **options)
-
-
-def _phase(using):
-    return embedding_schema(using).phase
-
-
-def _hnsw_valid(using):
-    with connections[using].cursor() as cursor:
-        from segments.switch import catalog
-
-        return catalog.index_valid(cursor, swapping.HNSW[0])
+def _columns(using):
+    schema = embedding_schema(using)
+    return schema, swapping.Columns(schema.vector_column) if schema.phase == "expanded" else None
 
 
 def _rows_with_text(using):
-    from segments.schema import blank_sql
-
     with connections[using].cursor() as cursor:
         cursor.execute(f"SELECT count(*) FROM segments s WHERE NOT ({blank_sql()})")
         return cursor.fetchone()[0]
 
 
-def index(using="default", stdout=None, force=False):
-    """Build the HNSW index on the new column, CONCURRENTLY (migration 0006)."""
-    phase = _phase(using)
-    if phase != "expanded":
-        raise StepRefused(f"The index is built in the expanded phase; the table is in phase {phase}. "
+def index(using="default", out=None, force=False):
+    """Build the HNSW index on the next model's column, CONCURRENTLY (the switch's index migration)."""
+    schema, columns = _columns(using)
+    if columns is None:
+        raise StepRefused(f"The index is built in the expanded phase; the table is in phase {schema.phase}. "
                           "`manage.py embedding_status` says what comes next.")
-    if _hnsw_valid(using):
-        _migrate("index", using, stdout, verbosity=0)  # records the migration if an earlier run stopped
+    with connections[using].cursor() as cursor:
+        valid = postgres.index_valid(cursor, columns.index(columns.next, "hnsw"))
+    if valid:
+        gate.apply_step("index", using)  # records the migration if an earlier run stopped before
         return StepResult("index", False, "The HNSW index is already built and valid.")
     pending, with_text = count_pending(using), _rows_with_text(using)
     if not force and pending > max(1000, INDEX_MAX_PENDING_SHARE * with_text):
@@ -91,11 +79,11 @@ def index(using="default", stdout=None, force=False):
         )
     plan = build_plan(using)  # the build says it again, with the warning, before it starts
     started = time.perf_counter()
-    _migrate("index", using, stdout)
+    gate.apply_step("index", using, out=out)
     seconds = time.perf_counter() - started
     SwitchEvent.objects.using(using).create(step="index", details={"seconds": round(seconds, 1), "pending": pending})
     return StepResult("index", True, (
-        f"HNSW index built in {seconds:.1f} s (maintenance_work_mem {index_build.human(plan.maintenance_work_mem)}, "
+        f"HNSW index built in {seconds:.1f} s (maintenance_work_mem {postgres.human_bytes(plan.maintenance_work_mem)}, "
         f"up to {plan.parallel_workers} parallel worker(s))."),
         {"seconds": seconds, "build_plan": plan.as_dict()})
 
@@ -107,51 +95,94 @@ def build_plan(using="default"):
         return index_build.plan(cursor, TABLE, column, HNSW_M)
 
 
-def swap(using="default", stdout=None, encoder=None, backfill=None, rounds=SWAP_ROUNDS,
-         lock_budget=SWAP_LOCK_BUDGET_SECONDS):
-    """Embed what arrived since the last pass, then swap under a short lock (migration 0007).
+def followers(using, column):
+    """The live followers (`backfill_embeddings --follow`) of the model of `column`: [(name, rows/s)].
+    They are found by the model the ledger records for the column (their heartbeat names it), or,
+    before its first vector, by the column they write."""
+    with connections[using].cursor() as cursor:
+        recorded = ledger.entry(cursor, TABLE, column)
+        cursor.execute(f"""SELECT w.worker_name, w.recent_rows_per_s FROM segments_backfill_worker w
+                           WHERE {ALIVE} AND w.mode LIKE 'follow%%' AND (w.model_name = %s OR w."column" = %s)""",
+                       [recorded.identity.name if recorded else None, column])
+        return cursor.fetchall()
 
-    `encoder` is loaded (and warmed) before any lock is taken. Each round runs a backfill pass
-    (`backfill(encoder)`, by default the engine's run_backfill), then tries the locked swap
-    allowing as many late rows as the encoder embeds within `lock_budget`; a round that finds
-    more gives up under the lock, changing nothing, and the next round starts.
+
+def swap(using="default", encoder=None, backfill=None, rounds=SWAP_ROUNDS, lock_budget=SWAP_LOCK_BUDGET_SECONDS):
+    """Swap the next model's column into `embedding` under a short lock (the switch's swap migration).
+
+    With a follower running for the next column, the swap only waits for it to catch up, and leaves
+    it the few segments that arrive meanwhile: no model is loaded and nothing is embedded under the
+    lock. Without one, `encoder` (EMBEDDING_MODEL's service by default) is loaded and warmed before any
+    lock is taken;
+    each round runs a backfill pass (`backfill(encoder)`, by default the engine's), then tries the
+    locked swap allowing as many late rows as the model embeds within `lock_budget`. A round that
+    finds more gives up under the lock, changing nothing, and the next round starts.
     """
-    from embeddings.writer import VectorWriter
-
-    phase = _phase(using)
-    if phase in ("swapped", "final"):
-        return StepResult("swap", False, f"The swap is done already (phase {phase}).")
+    schema, columns = _columns(using)
+    if schema.phase in ("swapped", "final"):
+        return StepResult("swap", False, f"The swap is done already (phase {schema.phase}).")
     reason = swapping.refusal(using)
     if reason:
         raise StepRefused(f"Swap refused, nothing changed: {reason}")
+    running = followers(using, columns.next)
+    if running:
+        return _swap_beside(running, using, columns, rounds)
+    from embeddings.encoder import get_service
+
+    model = encoder or get_service()
+    model.check_dimensions(columns.next, schema.vector_dimensions)
+    max_rows = _rows_within(model, lock_budget)
     backfill = backfill or (lambda enc: _catch_up_pass(enc, using))
-    encoder.check_dimensions(swapping.NEW, embedding_schema(using).vector_dimensions)
-    max_rows = _rows_within(encoder, lock_budget)
+    return _rounds(using, rounds, lambda: backfill(model), lambda: swapping.SwapInputs(
+        catch_up=swapping.CatchUp(model, max_rows)), f"the lock budget ({max_rows} rows in {lock_budget:.1f} s)")
+
+
+def _swap_beside(running, using, columns, rounds):
+    """The swap with followers writing the next column: wait for them to catch up, then swap,
+    leaving them what arrives meanwhile."""
+    rate = sum(rate or 0 for _, rate in running)
+    allowance = max(FOLLOWER_ALLOWANCE, int(rate))
+
+    def wait():
+        deadline = time.monotonic() + FOLLOWER_WAIT_SECONDS
+        while count_pending(using, columns.next) > allowance and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    result = _rounds(using, rounds, wait, lambda: swapping.SwapInputs(allow_pending=allowance),
+                     f"the follower's allowance ({allowance} rows)")
+    names = ", ".join(name for name, _ in running)
+    result.message += f" Followers embedding what was left: {names}."
+    result.details["followers"] = [name for name, _ in running]
+    return result
+
+
+def _rounds(using, rounds, before, inputs, budget):
     raced = []
     for round_number in range(1, rounds + 1):
-        report = backfill(encoder)
-        record = swapping.SwapRecord()
-        catch_up = swapping.CatchUp(encoder, max_rows, VectorWriter)
+        report = before()
+        attempt = inputs()
         started = time.perf_counter()
         try:
-            with swapping.catching_up(catch_up, record):
-                _migrate("swap", using, stdout, verbosity=0)
+            gate.apply_step("swap", using, attempt)
         except swapping.SwapRaced as exc:
             raced.append(exc.pending)
             continue
-        commit_ms = (time.perf_counter() - started) * 1000
-        details = {**asdict(record), "rounds": round_number, "raced": raced, "lock_budget_rows": max_rows,
+        record = attempt.record
+        details = {**asdict(record), "rounds": round_number, "raced": raced,
+                   "lock_budget_rows": attempt.catch_up.max_rows if attempt.catch_up else None,
+                   "left_to_follower_allowed": attempt.allow_pending or None,
                    "rows_embedded_by_last_pass": getattr(report, "rows_embedded", None),
-                   "migrate_command_ms": round(commit_ms, 1)}
+                   "apply_ms": round((time.perf_counter() - started) * 1000, 1)}
+        late = (f"{record.embedded_under_lock} late segment(s) embedded under the lock" if attempt.catch_up else
+                f"{record.left_to_follower} segment(s) left to the follower, none embedded under the lock")
         return StepResult(
             "swap", True,
             f"Swapped: `embedding` now holds the new vectors. Writes waited {record.writes_blocked_ms:.1f} ms "
-            f"(reads {record.reads_blocked_ms:.1f} ms); {record.embedded_under_lock} late segment(s) embedded "
-            f"under the lock; round {round_number}.", details)
+            f"(reads {record.reads_blocked_ms:.1f} ms); {late}; round {round_number}.", details)
     raise StepRefused(
-        f"Swap gave up after {rounds} rounds, nothing changed: segments kept arriving faster than the lock "
-        f"budget ({max_rows} rows in {lock_budget:.1f} s) allows (pending at each try: "
-        f"{', '.join(map(str, raced))}). Run `manage.py embedding_switch swap` again at a quieter moment."
+        f"Swap gave up after {rounds} rounds, nothing changed: segments kept arriving faster than {budget} "
+        f"allows (pending at each try: {', '.join(map(str, raced))}). Run `manage.py embedding_switch swap` again "
+        "at a quieter moment."
     )
 
 
@@ -174,24 +205,25 @@ def _rows_within(encoder, seconds):
     return max(1, int(seconds / max(per_text, 1e-6)))
 
 
-def undo(using="default", stdout=None):
-    """Reverse the swap (migration 0007 backwards): the legacy column is searched again."""
-    phase = _phase(using)
-    if phase == "expanded":
+def undo(using="default"):
+    """Reverse the swap (the swap migration backwards): the replaced model's column is searched again."""
+    schema = embedding_schema(using)
+    if schema.phase == "expanded":
         return StepResult("undo", False, "Nothing to undo: the swap has not happened (phase expanded).")
-    if phase != "swapped" or _contract_started(using):
+    if schema.phase != "swapped" or _contract_started(using):
         raise StepRefused("The swap can no longer be undone: the contract has started and the legacy "
                           "vectors are gone.")
     with connections[using].cursor() as cursor:
         lacking = swapping.legacy_vectors_lacking(cursor)
-    record = swapping.SwapRecord()
-    with swapping.catching_up(None, record):
-        _migrate("undo", using, stdout, verbosity=0)
+    inputs = swapping.SwapInputs()
+    gate.apply_step("undo", using, inputs)
+    record = inputs.record
     return StepResult(
         "undo", True,
-        f"Undone: `embedding` is the legacy 1536-dim column again (writes waited {record.writes_blocked_ms:.1f} ms). "
-        f"{lacking:,} segment(s) with text have no legacy vector (edited or added after the swap): the legacy "
-        "search does not find them until the old model embeds them.", {**asdict(record), "legacy_lacking": lacking})
+        f"Undone: `embedding` holds the replaced model's vectors again ({schema.legacy_dimensions} dims; writes "
+        f"waited {record.writes_blocked_ms:.1f} ms). {lacking:,} segment(s) with text have no vector of that model "
+        "(edited or added after the swap): its search does not find them until that model embeds them.",
+        {**asdict(record), "legacy_lacking": lacking})
 
 
 def _contract_started(using):
@@ -202,29 +234,49 @@ def _contract_started(using):
     return started.exists()
 
 
-def contract(using="default", stdout=None, confirmed=False, batch_size=None, progress_factory=None, out=None):
-    """Clear the legacy vectors online, vacuum, then drop the column (migration 0008). Irreversible."""
+def contract(using="default", out=None, confirmed=False, rows_per_transaction=None, progress_factory=None):
+    """Clear the legacy vectors online, vacuum, then drop the column (the switch's contract migration).
+    Irreversible."""
     from segments.switch import contract as contracting
 
-    phase = _phase(using)
-    if phase == "final":
+    schema = embedding_schema(using)
+    if schema.phase == "final":
         return StepResult("contract", False, "The contract is done already: the legacy column is gone.")
-    if phase != "swapped":
-        raise StepRefused(f"The contract follows the swap; the table is in phase {phase}.")
+    if schema.phase != "swapped":
+        raise StepRefused(f"The contract follows the swap; the table is in phase {schema.phase}.")
     if not confirmed:
         raise StepRefused("The contract drops the legacy vectors for good (the swap can no longer be undone "
                           "after it). Run it with --confirm once the new search has served long enough.")
     with connections[using].cursor() as cursor:
         contracting.refuse_dependent_views(cursor)
-    SwitchEvent.objects.using(using).create(step="contract-started", details={})
-    figures = contracting.run(using, batch_size or contracting.DEFAULT_BATCH_SIZE, out=out or (lambda line: None),
-                              progress_factory=progress_factory)
+    raw = contracting.raw_connection(using)  # before anything changes: behind a pooler, it may refuse
+    try:
+        _start_contract(using)
+        figures = contracting.run(raw, rows_per_transaction or contracting.DEFAULT_ROWS_PER_TRANSACTION,
+                                  out=out or (lambda line: None), progress_factory=progress_factory)
+    finally:
+        raw.close()
     started = time.perf_counter()
-    _migrate("contract", using, stdout, verbosity=0)
+    gate.apply_step("contract", using)
     figures["drop_column_ms"] = round((time.perf_counter() - started) * 1000, 1)
     with connections[using].cursor() as cursor:
         figures["total_bytes"] = contracting.table_size(cursor)
-    before = SwitchEvent.objects.using(using).filter(step="before").order_by("at", "id").first()
+    before = SwitchEvent.objects.using(using).filter(step="before").order_by("-at", "-id").first()
     figures["total_bytes_before_switch"] = before.details.get("total_bytes") if before else None
     SwitchEvent.objects.using(using).create(step="contract", details=figures)
     return StepResult("contract", True, "Contracted: the legacy column is gone and its space given back.", figures)
+
+
+def _start_contract(using):
+    """Retire the legacy column in the model ledger, so that no writer fills it again (a follower of
+    the replaced model would refill what the contract clears), and record that the contract began
+    (the undo is refused from now on). Under a SHARE lock, briefly: the writers that checked the
+    ledger before have committed, and every later one sees the column retired."""
+    from segments.operations import giving_up_on_lock_timeout
+
+    with giving_up_on_lock_timeout("The contract's start"), transaction.atomic(using=using), \
+            connections[using].cursor() as cursor:
+        postgres.set_local(cursor, lock_timeout=settings.MIGRATION_LOCK_TIMEOUT)
+        cursor.execute(f"LOCK TABLE {TABLE} IN SHARE MODE")
+        ledger.retire(cursor, TABLE, PREVIOUS)
+        SwitchEvent.objects.using(using).create(step="contract-started", details={})

@@ -1,43 +1,44 @@
-"""Phase 3b: make the new vectors the live `embedding` column, in one short locked step.
+"""Phase 3b: make the next model's vectors the live `embedding` column, in one short locked step.
 
-`swap()` (migration 0007, run by `manage.py embedding_switch swap`) refuses, changing nothing,
-unless the HNSW index is valid and nothing pending is quarantined. Then, in one transaction:
+`swap()` (each switch's swap migration, run by `manage.py embedding_switch swap`) refuses, changing
+nothing, unless the HNSW index on the next column is valid and nothing pending is quarantined.
+Then, in one transaction:
 
 1. `LOCK TABLE segments IN EXCLUSIVE MODE`, under lock_timeout: the application's writes wait,
-   its reads go on. Segments that arrived or changed since the last backfill pass are embedded
-   here, with the model the command loaded beforehand, when they are few enough to take no
-   longer than the lock budget (`catch_up`); otherwise the swap gives up, changing nothing, and
-   says how many rows it was racing (the command then runs another backfill pass and tries
-   again).
-2. Completeness is checked again: under this lock no writer can add a row without a vector.
-3. `ACCESS EXCLUSIVE` for the renames: `embedding` -> `embedding_legacy`, `embedding_384` ->
-   `embedding`, their indexes, the staleness trigger (which from now on also clears the
-   legacy vector of an edited text, so an undo never serves a stale one), and the views that
-   select `embedding` are created again so that they serve the new column (a view binds its
-   columns by position, and would otherwise go on serving the legacy vectors).
+   its reads go on. What is still pending is counted: with a follower running
+   (`backfill_embeddings --follow`), the few segments it has not embedded yet are left to it (it
+   embeds them into the renamed column a moment later); without one, they are embedded here, with
+   the model the command loaded beforehand, when they are few enough to take no longer than the
+   lock budget (`SwapInputs.catch_up`). Either way, more than allowed makes the swap give up,
+   changing nothing, saying how many rows it was racing.
+2. `ACCESS EXCLUSIVE` for the renames: `embedding` -> `embedding_legacy`, the next column ->
+   `embedding`, their indexes (`segments_<column>_...` names follow their column), their entries
+   in the model ledger, the staleness trigger (which from now on also clears the legacy vector of
+   an edited text, so an undo never serves a stale one), and the views that select `embedding`,
+   created again so that they serve the new column (a view binds its columns by position, and
+   would otherwise go on serving the legacy vectors).
 
-The undo (`unswap`) is the same in reverse. Both report how long they held their locks.
+The undo (`unswap`) is the same in reverse. Both report how long they held their locks. The
+columns are a `Columns`, given by the migration (segments.operations.SwapEmbedding); what the
+operator's command adds (the catch-up, the follower's allowance, the record to fill) comes as
+`SwapInputs`.
 """
+import json
 import logging
 import time
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+import numpy as np
 from django.core.management.base import CommandError
 from django.db import connections
 
+from askdrchaffee.postgres import index_valid, quote_ident
+from embeddings import ledger
 from segments import triggers
-from segments.schema import blank_sql, pending_sql
+from segments.schema import FIRST_NEXT, LIVE, PREVIOUS, TABLE, blank_sql, embedding_schema, pending_sql
 from segments.switch import catalog
 
 logger = logging.getLogger(__name__)
-
-NEW, OLD = "embedding_384", "embedding"  # before the swap
-LIVE, LEGACY = "embedding", "embedding_legacy"  # after it
-HNSW = ("segments_embedding_384_hnsw", "segments_embedding_hnsw")
-TODO = ("segments_embedding_384_todo", "segments_embedding_todo")
-LEGACY_INDEX = "segments_embedding_legacy_idx"  # the legacy vector index's name while swapped
 
 
 class SwapRefused(CommandError):
@@ -45,20 +46,44 @@ class SwapRefused(CommandError):
 
 
 class SwapRaced(SwapRefused):
-    """More segments arrived than the lock budget allows embedding under the lock."""
+    """More segments arrived than may be left pending (or embedded) under the lock."""
 
     def __init__(self, message, pending):
         super().__init__(message)
         self.pending = pending
 
 
+@dataclass(frozen=True)
+class Columns:
+    """The columns one switch swaps: its next model's column (`embedding_384` in the first switch,
+    `embedding_next` in later ones) into `embedding`, and `embedding` into `embedding_legacy`."""
+
+    next: str
+    live: str = LIVE
+    previous: str = PREVIOUS
+
+    @property
+    def expanded_trigger(self):
+        """The columns the staleness trigger clears before the swap (and after an undo): the first
+        switch leaves the original project's column to its own writer; later ones keep both."""
+        return (self.next,) if self.next == FIRST_NEXT else (self.live, self.next)
+
+    @property
+    def swapped_trigger(self):
+        return (self.live, self.previous)
+
+    def index(self, column, kind):
+        """The project's name of `column`'s index of `kind` (hnsw, todo)."""
+        return f"segments_{column}_{kind}"
+
+
 @dataclass
 class CatchUp:
-    """What the swap may do under its lock: embed up to `max_rows` pending segments with `encoder`."""
+    """What the swap may do under its lock without a follower: embed up to `max_rows` pending
+    segments with `encoder`."""
 
     encoder: object
     max_rows: int
-    writer: object = None  # VectorWriter factory; set by the caller (embeddings.writer.VectorWriter)
 
 
 @dataclass
@@ -68,23 +93,19 @@ class SwapRecord:
     writes_blocked_ms: float = 0.0  # EXCLUSIVE or stronger held: the application's writes waited
     reads_blocked_ms: float = 0.0  # ACCESS EXCLUSIVE held: its reads waited too
     embedded_under_lock: int = 0
+    left_to_follower: int = 0  # segments pending at the swap, which a running follower embeds
     views_recreated: list = field(default_factory=list)
-    legacy_indexes: dict = field(default_factory=dict)  # name during the swap: name before it
+    indexes_renamed: dict = field(default_factory=dict)  # name before: name after
 
 
-_catch_up = ContextVar("swap_catch_up", default=None)
-_record = ContextVar("swap_record", default=None)
+@dataclass
+class SwapInputs:
+    """What the operator's command gives the swap: `catch_up` (embed late rows under the lock), or
+    `allow_pending` (rows a running follower will embed), and the record to fill."""
 
-
-@contextmanager
-def catching_up(catch_up, record):
-    """Run a swap in this block with `catch_up` allowed under its lock, filling `record`."""
-    tokens = _catch_up.set(catch_up), _record.set(record)
-    try:
-        yield record
-    finally:
-        _catch_up.reset(tokens[0])
-        _record.reset(tokens[1])
+    catch_up: CatchUp | None = None
+    allow_pending: int = 0
+    record: SwapRecord = field(default_factory=SwapRecord)
 
 
 def missing_vectors(cursor, column):
@@ -99,66 +120,68 @@ def missing_vectors(cursor, column):
     return cursor.fetchone()
 
 
-def refusal(using="default", column=NEW):
+def refusal(using="default"):
     """Why the swap would be refused now, or None if it would be accepted (pending rows that
-    are not quarantined are not a reason: the swap embeds them)."""
-    connection = connections[using]
-    with connection.cursor() as cursor:
+    are not quarantined are not a reason: the swap, or a follower, embeds them)."""
+    with connections[using].cursor() as cursor:
         cursor.execute("SELECT to_regclass('segments') IS NOT NULL")
         if not cursor.fetchone()[0]:
             return "There is no segments table: run `manage.py migrate`."
-        from segments.schema import embedding_schema
-
-        phase = embedding_schema(using).phase
-        if phase != "expanded":
-            return f"The table is in phase {phase}: the swap applies to the expanded phase only."
-        _missing, quarantined = missing_vectors(cursor, column)
-        valid = catalog.index_valid(cursor, HNSW[0])
+        schema = embedding_schema(cursor=cursor)
+        if schema.phase != "expanded":
+            return f"The table is in phase {schema.phase}: the swap applies to the expanded phase only."
+        columns = Columns(schema.vector_column)
+        _missing, quarantined = missing_vectors(cursor, columns.next)
+        valid = index_valid(cursor, columns.index(columns.next, "hnsw"))
     if quarantined:
         return (f"{quarantined} segment(s) with text are quarantined (the model could not embed them): "
                 "`manage.py embedding_quarantine` lists them; fix or retry them with "
                 "`manage.py backfill_embeddings --retry-quarantined`.")
     if valid is not True:
         state = "INVALID" if valid is False else "missing"
-        return f"The HNSW index {HNSW[0]} is {state}: run `manage.py embedding_switch index`."
+        return f"The HNSW index {columns.index(columns.next, 'hnsw')} is {state}: run `manage.py embedding_switch index`."
     return None
 
 
-def check_ready(schema_editor, allow_pending=0):
-    """SwapRefused unless the swap can go ahead with at most `allow_pending` rows left to embed."""
-    with schema_editor.connection.cursor() as cursor:
-        missing, quarantined = missing_vectors(cursor, NEW)
+def check_ready(cursor, columns, inputs):
+    """SwapRefused unless the swap can go ahead; SwapRaced when more rows are pending than it may
+    embed (`inputs.catch_up`) or leave to a follower (`inputs.allow_pending`). The pending count."""
+    missing, quarantined = missing_vectors(cursor, columns.next)
     if quarantined:
         raise SwapRefused(
             f"Swap refused, nothing changed: {quarantined} segment(s) with text are quarantined "
             "(`manage.py embedding_quarantine` lists them; `manage.py backfill_embeddings "
             "--retry-quarantined` tries them again)."
         )
-    if missing > allow_pending:
-        if _catch_up.get() is not None:
+    allowed = inputs.catch_up.max_rows if inputs.catch_up else inputs.allow_pending
+    if missing > allowed:
+        if inputs.catch_up is not None or inputs.allow_pending:
+            what = "embedded under the lock" if inputs.catch_up else "left to the running follower"
             raise SwapRaced(
                 f"Swap gave up, nothing changed: {missing} segment(s) arrived or changed since the last "
-                f"backfill pass, more than can be embedded under the lock ({allow_pending}).", missing)
+                f"backfill pass, more than can be {what} ({allowed}).", missing)
         raise SwapRefused(
-            f"Swap refused, nothing changed: {missing} segment(s) with text have no 384-dim vector yet. "
-            "Run `manage.py embedding_switch swap`: it embeds them first."
+            f"Swap refused, nothing changed: {missing} segment(s) with text have no vector of the new model "
+            "yet. Run `manage.py embedding_switch swap`: it embeds them first."
         )
-    with schema_editor.connection.cursor() as cursor:
-        valid = catalog.index_valid(cursor, HNSW[0])
-    if valid is not True:
+    if index_valid(cursor, columns.index(columns.next, "hnsw")) is not True:
         raise SwapRefused(
-            f"Swap refused, nothing changed: the HNSW index {HNSW[0]} is missing or INVALID. "
-            "Run `manage.py embedding_switch index` first."
+            f"Swap refused, nothing changed: the HNSW index {columns.index(columns.next, 'hnsw')} is missing or "
+            "INVALID. Run `manage.py embedding_switch index` first."
         )
+    return missing
 
 
-def _embed_pending(schema_editor, catch_up):
+def _embed_pending(schema_editor, columns, catch_up):
     """Embed the pending segments inside the swap's transaction (the table is locked against
     writes); returns how many. Any segment the model cannot embed refuses the swap."""
+    from embeddings.writer import VectorWriter
     from segments.switch.backfill.encode import encode_texts
+    from segments.switch.user_triggers import quiet_user_triggers
 
     with schema_editor.connection.cursor() as cursor:
-        cursor.execute(f"SELECT s.id, s.text, md5(s.text)::uuid FROM segments s WHERE {pending_sql(NEW)} ORDER BY s.id")
+        cursor.execute(f"SELECT s.id, s.text, md5(s.text)::uuid FROM segments s WHERE {pending_sql(columns.next)} "
+                       "ORDER BY s.id")
         rows = cursor.fetchall()
     if not rows:
         return 0
@@ -172,32 +195,21 @@ def _embed_pending(schema_editor, catch_up):
             f"arrived meanwhile (segment {failed[0][0]}: {failed[0][1]}). Run `manage.py backfill_embeddings` "
             "(it quarantines them with the reason), then `manage.py embedding_switch swap` again."
         )
-    import numpy as np
-
-    from segments.switch.user_triggers import quiet_user_triggers
-
     with schema_editor.connection.cursor() as cursor:
-        quiet_user_triggers(cursor, local=True)  # for this transaction: the renames follow in it
-    writer = catch_up.writer(schema_editor.connection, NEW, dims)
-    return writer.write(list(ids), list(md5s), np.stack(vectors))
+        quiet_user_triggers(cursor)  # for this transaction, which the renames follow
+    writer = VectorWriter(schema_editor.connection, columns.next, dims,
+                          identity=ledger.identity_of(catch_up.encoder))
+    written = writer.write(list(ids), list(md5s), np.stack(vectors))
+    if writer.column != columns.next:
+        raise SwapRefused(f"Swap refused, nothing changed: the model loaded for the catch-up writes "
+                          f"segments.{writer.column}, not segments.{columns.next}.")
+    return written
 
 
-def _rename_columns(schema_editor, pairs):
-    for old, new in pairs:
-        schema_editor.execute(f"ALTER TABLE segments RENAME COLUMN {old} TO {new}")
-
-
-def _rename_indexes(schema_editor, pairs):
-    for old, new in pairs:
-        if old != new:
-            schema_editor.execute(f"ALTER INDEX {schema_editor.quote_name(old)} RENAME TO {schema_editor.quote_name(new)}")
-
-
-def _views_on(schema_editor, column):
+def _views_on(cursor, column):
     """The views selecting segments.`column`, which must be created again after the rename.
     SwapRefused, before anything changes, for those that cannot be."""
-    with schema_editor.connection.cursor() as cursor:
-        views = catalog.dependent_views(cursor, column)
+    views = catalog.dependent_views(cursor, column)
     blocked = [view for view in views if view.kind != "view" or view.has_dependents]
     if blocked:
         names = ", ".join(f"{view.name} ({view.kind}{', with views built on it' if view.has_dependents else ''})"
@@ -210,27 +222,57 @@ def _views_on(schema_editor, column):
     return views
 
 
-def _locked_steps(schema_editor, record, *, forward, catch_up, columns, trigger_columns, index_pairs):
-    """The swap or its undo, under EXCLUSIVE then ACCESS EXCLUSIVE; fills `record`."""
-    views = _views_on(schema_editor, columns[0][0])
+def _renamed_indexes(cursor, moves):
+    """{index name: its name after the step} for the indexes of the moving columns ({column: the
+    column's next name}), in an order with no clash. An index named `segments_<column>_<kind>`
+    belongs to that column (the longest column name that fits: `segments_embedding_384_todo` is
+    embedding_384's, though its key is `id`) and follows it; any other index keeps its name."""
+    columns = sorted({column for move in moves for column in move}, key=len, reverse=True)
+    cursor.execute("SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                   "WHERE i.indrelid = to_regclass(%s)", [TABLE])
+    names = [name for (name,) in cursor.fetchall()]
+    renames = {}
+    for old, new in moves:
+        for name in names:
+            owner = next((column for column in columns if name.startswith(f"segments_{column}_")), None)
+            if owner == old:
+                renames[name] = f"segments_{new}_{name[len(f'segments_{old}_'):]}"[:63]
+    return renames
+
+
+def _locked_steps(schema_editor, columns, inputs, *, moves, trigger_columns, forward):
+    """The swap or its undo, under EXCLUSIVE then ACCESS EXCLUSIVE; fills `inputs.record`."""
+    record = inputs.record
+    with schema_editor.connection.cursor() as cursor:
+        views = _views_on(cursor, moves[0][0])
     schema_editor.execute("LOCK TABLE segments IN EXCLUSIVE MODE")
     writes_from = time.perf_counter()
     if forward:
-        if catch_up is not None:
-            check_ready(schema_editor, allow_pending=catch_up.max_rows)
-            record.embedded_under_lock = _embed_pending(schema_editor, catch_up)
-        check_ready(schema_editor)  # again: under this lock no writer can add a row without a vector
+        with schema_editor.connection.cursor() as cursor:
+            pending = check_ready(cursor, columns, inputs)
+        if inputs.catch_up is not None:
+            record.embedded_under_lock = _embed_pending(schema_editor, columns, inputs.catch_up)
+            with schema_editor.connection.cursor() as cursor:
+                check_ready(cursor, columns, SwapInputs())  # again: under this lock no writer adds a row
+        else:
+            record.left_to_follower = pending
     schema_editor.execute("LOCK TABLE segments IN ACCESS EXCLUSIVE MODE")
     reads_from = time.perf_counter()
-    for view in views:
-        schema_editor.execute(f"DROP VIEW {view.name}")
-    _rename_columns(schema_editor, columns)
-    _rename_indexes(schema_editor, index_pairs)
-    schema_editor.execute(triggers.create_sql(*trigger_columns))
-    for view in views:
-        for statement in catalog.recreate_view_sql(view):
-            schema_editor.execute(statement)
+    with schema_editor.connection.cursor() as cursor:
+        index_renames = _renamed_indexes(cursor, moves)
+        for view in views:
+            cursor.execute(f"DROP VIEW {view.name}")
+        for old, new in moves:
+            cursor.execute(f"ALTER TABLE segments RENAME COLUMN {quote_ident(old)} TO {quote_ident(new)}")
+        for old, new in index_renames.items():
+            cursor.execute(f"ALTER INDEX {quote_ident(old)} RENAME TO {quote_ident(new)}")
+        ledger.rename(cursor, TABLE, dict(moves))
+        cursor.execute(triggers.create_sql(*trigger_columns))
+        for view in views:
+            for statement in catalog.recreate_view_sql(view):
+                cursor.execute(statement)
     record.views_recreated = [view.name for view in views]
+    record.indexes_renamed = index_renames
     done = time.perf_counter()
     # The commit follows at once (the migration is atomic); the command adds its time.
     record.writes_blocked_ms = (done - writes_from) * 1000
@@ -240,52 +282,25 @@ def _locked_steps(schema_editor, record, *, forward, catch_up, columns, trigger_
     return record
 
 
-def _legacy_index_names(schema_editor, column, rename):
-    """{current name: name after the step} for the vector indexes on the legacy column."""
+def swap(schema_editor, columns, inputs=None):
+    """The next column becomes `embedding`, `embedding` becomes `embedding_legacy`."""
+    inputs = inputs or SwapInputs()
     with schema_editor.connection.cursor() as cursor:
-        indexes = [index.name for index in catalog.column_indexes(cursor, column) if index.method != "btree"]
-    return {name: rename(name) for name in indexes}
+        check_ready(cursor, columns, inputs)
+    _locked_steps(schema_editor, columns, inputs, forward=True, trigger_columns=columns.swapped_trigger,
+                  moves=[(columns.live, columns.previous), (columns.next, columns.live)])
+    _log_event(schema_editor, "swap", inputs.record)
 
 
-def swap(apps, schema_editor):
-    catch_up = _catch_up.get()
-    check_ready(schema_editor, allow_pending=catch_up.max_rows if catch_up else 0)
-    record = _record.get() or SwapRecord()
-    legacy = _legacy_index_names(schema_editor, OLD, lambda name: LEGACY_INDEX)
-    if len(legacy) > 1:  # more than one: keep each name recognisable
-        legacy = {name: f"{name}_legacy"[:63] for name in legacy}
-    record.legacy_indexes = {new: old for old, new in legacy.items()}
-    _locked_steps(schema_editor, record, forward=True, catch_up=catch_up, columns=[(OLD, LEGACY), (NEW, LIVE)],
-                  trigger_columns=(LIVE, LEGACY), index_pairs=[*legacy.items(), HNSW, TODO])
-    _log_event(schema_editor, "swap", record)
-
-
-def unswap(apps, schema_editor):
-    record = _record.get() or SwapRecord()
-    before = _last_swap_indexes(schema_editor)
-    legacy = _legacy_index_names(schema_editor, LEGACY, lambda name: before.get(name, name))
-    _locked_steps(schema_editor, record, forward=False, catch_up=None, columns=[(LIVE, NEW), (LEGACY, OLD)],
-                  trigger_columns=(NEW,), index_pairs=[*legacy.items(), HNSW[::-1], TODO[::-1]])
-    record.legacy_indexes = legacy
-    _log_event(schema_editor, "undo", record)
-
-
-def _last_swap_indexes(schema_editor):
-    with schema_editor.connection.cursor() as cursor:
-        cursor.execute("SELECT details FROM segments_switch_event WHERE step = 'swap' ORDER BY at DESC, id DESC LIMIT 1")
-        row = cursor.fetchone()
-    details = row[0] if row else {}
-    if isinstance(details, str):
-        import json
-
-        details = json.loads(details)
-    return details.get("legacy_indexes", {})
+def unswap(schema_editor, columns, inputs=None):
+    """The undo: `embedding` becomes the next column again, `embedding_legacy` becomes `embedding`."""
+    inputs = inputs or SwapInputs()
+    _locked_steps(schema_editor, columns, inputs, forward=False, trigger_columns=columns.expanded_trigger,
+                  moves=[(columns.live, columns.next), (columns.previous, columns.live)])
+    _log_event(schema_editor, "undo", inputs.record)
 
 
 def _log_event(schema_editor, step, record):
-    import json
-    from dataclasses import asdict
-
     with schema_editor.connection.cursor() as cursor:
         cursor.execute("INSERT INTO segments_switch_event (step, at, details) VALUES (%s, now(), %s)",
                        [step, json.dumps(asdict(record))])
@@ -294,5 +309,5 @@ def _log_event(schema_editor, step, record):
 def legacy_vectors_lacking(cursor):
     """Segments with text whose legacy vector is missing (cleared by an edit after the swap, or
     inserted after it): what an undo of the swap would not serve."""
-    cursor.execute(f"SELECT count(*) FROM segments s WHERE s.{LEGACY} IS NULL AND NOT ({blank_sql()})")
+    cursor.execute(f"SELECT count(*) FROM segments s WHERE s.{PREVIOUS} IS NULL AND NOT ({blank_sql()})")
     return cursor.fetchone()[0]

@@ -4,23 +4,25 @@ A table the original project built may carry triggers of its own, such as a BEFO
 trigger stamping `updated_at = now()`. The switch's write sessions (the backfill writer, the
 swap's catch-up, the contract's clearing) change nothing but vector columns; firing such a
 trigger on each row they write would rewrite data the application owns (every segment's
-`updated_at` would become the time of the backfill). So each of those sessions calls
-`quiet_user_triggers(cursor)` first: where user triggers fire on its writes, it sets
-`session_replication_role = replica`, under which triggers in their default state (ENABLE, or
-`tgenabled = 'O'`) do not fire. The application's own sessions are untouched: its writes fire
-them as before.
+`updated_at` would become the time of the backfill). So each of their transactions starts with
+`quiet_user_triggers(cursor)`: where user triggers fire on its writes, it sets
+`session_replication_role = replica` for that transaction only (`SET LOCAL`: on a connection a
+pooler shares, a session setting would reach the application's transactions), under which
+triggers in their default state (ENABLE, or `tgenabled = 'O'`) do not fire. The application's
+own sessions are untouched: its writes fire them as before.
 
 Setting it needs a superuser or, on PostgreSQL 15 and later, `GRANT SET ON PARAMETER
 session_replication_role TO <role>`; `quiet_user_triggers` refuses with that fix rather than
-let the triggers fire. Replica mode also stops foreign-key checks in that session, which is why
+let the triggers fire. Replica mode also stops foreign-key checks in that transaction, which is why
 only sessions that write nothing but vectors may use it.
 """
 from dataclasses import dataclass
 
 from django.core.management.base import CommandError
 
+from askdrchaffee.postgres import set_local
 from segments import triggers
-from segments.schema import TABLE
+from segments.schema import FIRST_NEXT, LIVE, NEXT, PREVIOUS, TABLE
 
 PARAMETER = "session_replication_role"
 PARAMETER_ACL_SINCE = 150000  # GRANT SET ON PARAMETER (PostgreSQL 15)
@@ -29,7 +31,7 @@ PARAMETER_ACL_SINCE = 150000  # GRANT SET ON PARAMETER (PostgreSQL 15)
 _ROW, _BEFORE, _INSERT, _DELETE, _UPDATE, _TRUNCATE, _INSTEAD = 1, 2, 4, 8, 16, 32, 64
 
 # The vector columns the switch writes at one phase or another.
-SWITCH_COLUMNS = frozenset({"embedding", "embedding_384", "embedding_legacy"})
+SWITCH_COLUMNS = frozenset({LIVE, FIRST_NEXT, NEXT, PREVIOUS})
 
 
 class TriggersNotQuieted(CommandError):
@@ -74,10 +76,10 @@ def user_triggers(cursor):
                      WHERE a.attrelid = t.tgrelid AND a.attnum = ANY (t.tgattr::int2[]) ORDER BY a.attnum),
                pg_get_triggerdef(t.oid)
         FROM pg_trigger t
-        WHERE t.tgrelid = to_regclass(%s) AND NOT t.tgisinternal AND t.tgname <> %s
+        WHERE t.tgrelid = to_regclass(%s) AND NOT t.tgisinternal AND t.tgname <> ALL(%s)
         ORDER BY t.tgname
         """,
-        [TABLE, triggers.FUNCTION],
+        [TABLE, list(triggers.PROJECT_TRIGGERS)],
     )
     return [UserTrigger(name, enabled, bits, tuple(columns), definition)
             for name, enabled, bits, columns, definition in cursor.fetchall()]
@@ -118,14 +120,9 @@ def replication_role_privilege(cursor):
     return Privilege(cursor.fetchone()[0], role, version)
 
 
-def quiet_user_triggers(cursor, local=False):
-    """Keep the application's triggers on `segments` from firing on this session's writes.
-
-    Call it at the start of every session (or, with `local=True`, transaction) of the switch
-    that writes only vector columns. Does nothing when no user trigger would fire; returns the
-    names of the triggers quieted. Raises TriggersNotQuieted, naming the GRANT to run, when the
-    session's role may not set session_replication_role.
-    """
+def triggers_to_quiet(cursor):
+    """The user triggers that would fire on the switch's writes; TriggersNotQuieted, naming the GRANT
+    to run, when some would and the session's role may not set session_replication_role."""
     quiet = to_quiet(cursor)
     if not quiet:
         return []
@@ -136,5 +133,23 @@ def quiet_user_triggers(cursor, local=False):
             f"writes (and change the application's data, such as updated_at), and role {privilege.role} may not "
             f"set {PARAMETER} to keep them quiet. Nothing was written. Fix: {privilege.fix}"
         )
-    cursor.execute("SELECT set_config(%s, 'replica', %s)", [PARAMETER, local])
+    return quiet
+
+
+def quiet_for_this_transaction(cursor):
+    """`session_replication_role = replica` until the end of the current transaction only: on a
+    connection a pooler shares, a session setting would reach the application's transactions."""
+    set_local(cursor, session_replication_role="replica")
+
+
+def quiet_user_triggers(cursor):
+    """Keep the application's triggers on `segments` from firing on this transaction's writes.
+
+    Call it at the start of every transaction of the switch that writes only vector columns. Does
+    nothing when no user trigger would fire; returns the names of the triggers quieted. Raises
+    TriggersNotQuieted, naming the GRANT to run, when the role may not set session_replication_role.
+    """
+    quiet = triggers_to_quiet(cursor)
+    if quiet:
+        quiet_for_this_transaction(cursor)
     return [t.name for t in quiet]

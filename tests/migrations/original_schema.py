@@ -11,7 +11,7 @@ from segments import demo_data
 from segments.demo import drop_segments
 
 ORIGINAL_SQL = (Path(__file__).parent / "original_project_schema.sql").read_text()
-VECTOR_COLUMNS = ("embedding", "embedding_384", "embedding_legacy")
+VECTOR_COLUMNS = ("embedding", "embedding_384", "embedding_next", "embedding_legacy")
 BLANK_AT = 17  # the row whose text is blank
 
 

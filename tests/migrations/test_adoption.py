@@ -29,7 +29,7 @@ STEPS = [readme.manage_args(argv) for argv in readme.adoption()]  # the README's
 def adopt_and_expand():
     """What `migrate --fake-initial` does, in-process: 0001 recorded, phase 1 applied."""
     execute("INSERT INTO django_migrations (app, name, applied) VALUES ('segments', '0001_initial', now())")
-    migrate_segments("0005_unmapped_legacy_columns")
+    migrate_segments("0009_embedding_on_arrival")
 
 
 def run(*args):
@@ -39,6 +39,7 @@ def run(*args):
     return out
 
 
+@pytest.mark.end_to_end
 @pytest.mark.slow
 def test_the_operators_sequence_adopts_and_switches_the_original_table_leaving_its_data_untouched(
         original_table, schema_dump, client, admin_user, use_minilm):

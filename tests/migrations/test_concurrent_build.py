@@ -12,7 +12,8 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from segments import demo_data
-from segments.operations import WATCHER_NAME, index_validity, watching_build
+from askdrchaffee.postgres import index_valid
+from segments.operations import WATCHER_NAME, watching
 from tests.conftest import migrate_segments
 
 HNSW = "segments_embedding_384_hnsw"
@@ -107,8 +108,8 @@ def wait_for(condition, seconds=10):
 
 
 def validity(name):
-    with connection.schema_editor(atomic=False) as editor:
-        return index_validity(editor, name)
+    with connection.cursor() as cursor:
+        return index_valid(cursor, name)
 
 
 def test_an_older_snapshot_makes_the_hnsw_build_wait_and_name_it_despite_timeouts_then_succeed(
@@ -123,7 +124,7 @@ def test_an_older_snapshot_makes_the_hnsw_build_wait_and_name_it_despite_timeout
         sql("SET lock_timeout = '1s'; SET statement_timeout = '2s'")
         try:
             with caplog.at_level(logging.WARNING, logger="segments.operations"):
-                migrate_segments("0006_embedding_384_hnsw", verbosity=1, stdout=out)
+                migrate_segments("0006_embedding_384_hnsw", out=out.write)
             finished_after_snapshot = holder.ended.is_set()
             timeouts_after = sql("SELECT current_setting('lock_timeout'), current_setting('statement_timeout')")
         finally:
@@ -145,7 +146,7 @@ def test_an_uncommitted_write_makes_the_todo_index_build_wait_and_name_it_then_s
     out = io.StringIO()
     write = "UPDATE segments SET speaker_label = speaker_label WHERE id = (SELECT min(id) FROM segments)"
     with held(4, write) as writer:
-        migrate_segments("0004_embedding_384_todo_index", verbosity=1, stdout=out)
+        migrate_segments("0004_embedding_384_todo_index", out=out.write)
         assert writer.ended.is_set()
 
     assert validity("segments_embedding_384_todo") is True
@@ -177,10 +178,9 @@ def test_a_build_cancelled_while_waiting_leaves_an_invalid_index_that_the_next_r
 
 @pytest.mark.django_db(transaction=True)
 def test_the_watcher_stops_and_closes_its_connection_on_keyboard_interrupt(sql):
-    with connection.schema_editor(atomic=False) as editor:
-        with pytest.raises(KeyboardInterrupt):
-            with watching_build(editor, "Building index nothing"):
-                assert wait_for(lambda: watcher_sessions(sql) == 1)
-                raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        with watching("default", sql("SELECT pg_backend_pid()")[0][0], "Building index nothing", lambda *said: None):
+            assert wait_for(lambda: watcher_sessions(sql) == 1)
+            raise KeyboardInterrupt
     assert not [t for t in threading.enumerate() if t.name.startswith(WATCHER_NAME)]
     assert wait_for(lambda: watcher_sessions(sql) == 0)

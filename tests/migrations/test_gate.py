@@ -30,13 +30,14 @@ def test_plain_migrate_expands_and_stops_before_the_index_even_when_the_backfill
 
     out = migrate()
     assert embedding_schema().phase == "expanded"
-    assert applied()[-1] == "0005_unmapped_legacy_columns"
-    assert "embedding_switch index" not in applied()
+    assert applied()[-1] == "0009_embedding_on_arrival"
+    assert "0006_embedding_384_hnsw" not in applied()
     assert "phase: expanded" in out and "next:" in out
 
     run_backfill(HashingEncoder())
     migrate()
-    assert applied()[-1] == "0005_unmapped_legacy_columns"  # no index, no swap, no drop
+    assert applied()[-1] == "0009_embedding_on_arrival"  # no index, no swap, no drop
+    assert not {"0006_embedding_384_hnsw", "0007_swap_embedding", "0008_drop_embedding_legacy"} & set(applied())
 
 
 def test_plain_migrate_after_the_swap_leaves_the_legacy_column(segments_at):

@@ -3,7 +3,7 @@ project cannot serve: what it reports, and `migrate` and `check` refusing before
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
+from django.db import connection, transaction
 
 from segments.demo import drop_segments
 from segments.switch import preflight
@@ -192,12 +192,14 @@ def test_user_triggers_need_the_right_to_set_session_replication_role(original_t
 
     execute(f"RESET ROLE; GRANT SET ON PARAMETER session_replication_role TO {app_role}; SET ROLE {app_role}")
     report = preflight.inspect()
-    with connection.cursor() as cursor:
+    with transaction.atomic(), connection.cursor() as cursor:
         quieted = quiet_user_triggers(cursor)
+        during = execute("SHOW session_replication_role")
 
     assert report.blocking == [] and one(report, "trigger").level == INFO
     assert quieted == ["segments_set_updated_at"]
-    assert execute("SHOW session_replication_role") == [("replica",)]
+    assert during == [("replica",)]  # for the transaction that writes,
+    assert execute("SHOW session_replication_role") == [("origin",)]  # and no longer: nothing stays on the session
 
 
 @pytest.mark.parametrize("change, level, quieted", [

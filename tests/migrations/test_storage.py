@@ -77,7 +77,7 @@ def test_the_whole_switch_with_each_storage(storage, segments_at):
     assert f"USING hnsw (embedding_384 {opclass})" in index_definition("segments_embedding_384_hnsw")
     report = verify(sample=30, encoder=encoder)
     assert {check.name: check.ok for check in report.checks if check.ok is not None} == {
-        "coverage": True, "dimensions": True, "unit_norms": True, "finite": True, "stale": True,
+        "coverage": True, "dimensions": True, "unit_norms": True, "finite": True, "model": True, "stale": True,
         "index": True, "index_used": True, "recall": True}, [c.message for c in report.checks]
 
     late = add_segments(["a segment that arrived after the backfill: fasting and ketones"])
@@ -117,7 +117,8 @@ def test_halfvec_on_a_pgvector_without_it_is_refused_before_phase_1(settings):
 
 
 def test_a_setting_that_differs_from_the_existing_column_is_a_warning(segments_at, settings):
-    segments_at("expanded")  # created as vector(384), the default
+    settings.EMBEDDING_STORAGE = "vector"
+    segments_at("expanded")  # created as vector(384)
     settings.EMBEDDING_STORAGE = "halfvec"
 
     found = preflight.storage_findings("0.8.1", embedding_schema())

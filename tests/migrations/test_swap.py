@@ -25,7 +25,7 @@ def test_swap_refuses_while_a_segment_lacks_its_vector_and_changes_nothing(segme
     sql("UPDATE segments SET embedding_384 = NULL WHERE id IN (SELECT id FROM segments ORDER BY id LIMIT 3)")
     before = schema_dump()
 
-    with pytest.raises(SwapRefused, match=r"3 segment\(s\) with text have no 384-dim vector.*embedding_switch swap"):
+    with pytest.raises(SwapRefused, match=r"3 segment\(s\) with text have no vector of the new model.*embedding_switch swap"):
         migrate_segments(PHASES["swapped"])
 
     assert schema_dump() == before

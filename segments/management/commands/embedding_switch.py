@@ -9,10 +9,12 @@
 """
 import json
 import sys
-from io import StringIO
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS
+
+from askdrchaffee.postgres import PoolerRefused
 
 from segments.schema import SchemaNotReady
 from segments.switch import steps
@@ -29,18 +31,19 @@ class Command(BaseCommand):
         parser.add_argument("--database", default=DEFAULT_DB_ALIAS)
         parser.add_argument("--confirm", action="store_true", help="contract, drop-legacy-index: yes, do it.")
         parser.add_argument("--force", action="store_true", help="index: build even while many rows are pending.")
-        parser.add_argument("--batch-size", type=int, default=None, help="contract: the most legacy vectors cleared per transaction.")
+        parser.add_argument("--rows-per-transaction", type=int, default=None,
+                            help="contract: the most legacy vectors cleared in one transaction (default 100).")
         parser.add_argument("--json", action="store_true", dest="as_json", help="Print the result as JSON on stdout.")
 
-    def handle(self, *args, step, database, confirm, force, batch_size, as_json, **options):
-        if batch_size is not None and batch_size < 1:
-            raise CommandError("--batch-size must be at least 1.")
+    def handle(self, *args, step, database, confirm, force, rows_per_transaction, as_json, **options):
+        if rows_per_transaction is not None and rows_per_transaction < 1:
+            raise CommandError("--rows-per-transaction must be at least 1.")
         quiet = options["verbosity"] < 1 or as_json
         progress = None if (quiet or not sys.stderr.isatty()) else _progress_bar
-        migrate_out = StringIO() if quiet else self.stdout  # call_command would fall back to sys.stdout
+        say = (lambda line: None) if quiet else self.stdout.write
         try:
-            result = self._run(step, database, confirm, force, batch_size, migrate_out, progress, options)
-        except SchemaNotReady as exc:
+            result = self._run(step, database, confirm, force, rows_per_transaction, say, progress, options)
+        except (SchemaNotReady, ImproperlyConfigured, PoolerRefused) as exc:
             raise CommandError(str(exc)) from exc
         if as_json:
             self.stdout.write(_json(result.as_dict()))
@@ -52,19 +55,16 @@ class Command(BaseCommand):
         for line in status.brief(using=database):
             self.stdout.write(f"  {line}")
 
-    def _run(self, step, database, confirm, force, batch_size, migrate_out, progress, options):
+    def _run(self, step, database, confirm, force, rows_per_transaction, say, progress, options):
         if step == "index":
-            return steps.index(database, migrate_out, force=force)
+            return steps.index(database, say, force=force)
         if step == "swap":
-            from embeddings.encoder import get_service
-
-            return steps.swap(database, migrate_out, encoder=options.get("encoder") or get_service())
+            return steps.swap(database, encoder=options.get("encoder"))
         if step == "undo":
-            return steps.undo(database, migrate_out)
-        say = migrate_out.write
+            return steps.undo(database)
         if step == "contract":
-            return steps.contract(database, migrate_out, confirmed=confirm, batch_size=batch_size,
-                                  progress_factory=progress, out=say)
+            return steps.contract(database, say, confirmed=confirm, rows_per_transaction=rows_per_transaction,
+                                  progress_factory=progress)
         from segments.switch import legacy_index
 
         if step == "drop-legacy-index":

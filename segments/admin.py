@@ -11,7 +11,8 @@ loaded, the box falls back to Django's plain text search (`text` contains the wo
 message says why and what to do. Vectors are never loaded into the list or the form.
 
 The "Embedding switch" page (EmbeddingSwitchAdmin) shows segments.switch.status as a panel:
-phase, progress, counts, workers, index build, swap readiness and the next command.
+phase, progress, counts, workers, index build, swap readiness and the next command. Its
+"Compare searches" page (segments/compare_admin.py) asks the old and the new search one question.
 """
 from urllib.parse import urlencode
 
@@ -26,8 +27,9 @@ from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils.html import format_html
 
+from segments.compare_admin import compare_view
 from segments.models import EmbeddingSwitch, QuarantinedSegment, Segment, SwitchEvent
-from segments.schema import BLANK_TEXT_PATTERN, TABLE, SchemaNotReady, embedding_schema
+from segments.schema import BLANK_TEXT_PATTERN, LIVE, TABLE, SchemaNotReady, embedding_schema
 from segments.search import SearchError, format_timestamp, search
 from segments.switch import status as switch_status
 from segments.switch.admin import ReadOnlyAdmin
@@ -36,6 +38,17 @@ EMBEDDED, PENDING, BLANK, QUARANTINED = "embedded", "pending", "blank", "quarant
 NO_COLUMN = "no new column yet"
 EXCERPT_CHARS = 400
 YOUTUBE_WATCH = "https://www.youtube.com/watch"
+
+
+def _written_here(column):
+    """Whether the model ledger records vectors this project wrote (or adopted) in segments.`column`,
+    which the search can then embed questions for; not the original project's declared model."""
+    from embeddings import ledger
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('embeddings_vector_column') IS NOT NULL")
+        recorded = ledger.entry(cursor, TABLE, column) if cursor.fetchone()[0] else None
+    return recorded is not None and recorded.source not in ("declared", "simulated")
 
 
 def youtube_url(video_id, start_sec):
@@ -139,7 +152,7 @@ class SegmentAdmin(admin.ModelAdmin):
 
     def _run_search(self, request, term):
         schema = self._schema(request)
-        if not schema.is_live:
+        if not schema.is_live and not _written_here(LIVE):
             self.message_user(request, (
                 f"The new embeddings are not live yet (phase: {schema.phase}), so this is a plain text "
                 "search: segments whose text contains the words. Semantic search starts after the swap: "
@@ -148,7 +161,8 @@ class SegmentAdmin(admin.ModelAdmin):
             return None
         rerank = settings.ENABLE_RERANKER
         try:
-            results = search(term, k=settings.RETURN_TOP_K if rerank else self.semantic_results, rerank=rerank)
+            results = search(term, k=settings.RETURN_TOP_K if rerank else self.semantic_results, rerank=rerank,
+                             column=LIVE)
         except (ImproperlyConfigured, SchemaNotReady, SearchError) as exc:
             self.message_user(request, (
                 f"Semantic search is unavailable, so this is a plain text search: {exc}"
@@ -196,6 +210,10 @@ def _detail(value):
     return _number(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+def _rate(value):
+    return "–" if value is None else f"{value:,.1f}"
+
+
 def _percent(part, whole):
     return None if not whole or part is None else 100.0 * part / whole
 
@@ -214,9 +232,16 @@ def switch_panel(status):
             ("total", "total"), ("with_text", "with text"), ("embedded", "embedded"), ("pending", "pending"),
             ("quarantined", "quarantined"), ("blank", "blank"))],
         "workers": [{**worker, "rows_done": f"{worker['rows_done']:,}",
-                     "rate": "–" if worker["rows_per_s"] is None else f"{worker['rows_per_s']:,.1f}",
-                     "idle": switch_status.human_duration(worker["seconds_since_update"])}
+                     "rate": _rate(worker.get("recent_rows_per_s") or worker["rows_per_s"]),
+                     "last_batch": "none yet" if worker.get("seconds_since_last_batch") is None else
+                     switch_status.human_duration(worker["seconds_since_last_batch"]) + " ago"}
                     for worker in backfill["workers"]],
+        "columns": [{**column, "role": role, "model": status["models"].get(column["name"])}
+                    for role, column in (("new", status["columns"]["vector"]), ("legacy", status["columns"]["legacy"]))
+                    if column],
+        "waiting": [(column, {"shown": "none" if age is None else switch_status.human_duration(age),
+                              "late": age is not None and age > settings.PENDING_WARNING_SECONDS})
+                    for column, age in status["pending_age"].items()],
         "rate": None if backfill["rows_per_s"] is None else f"{backfill['rows_per_s']:,.1f}",
         "eta": switch_status.human_duration(backfill["eta_seconds"]),
         "build_percent": None if build_percent is None else f"{build_percent:.1f}",
@@ -243,7 +268,12 @@ class EmbeddingSwitchAdmin(ReadOnlyAdmin):
 
     def get_urls(self):
         info = self.opts.app_label, self.opts.model_name
-        return [path("", self.admin_site.admin_view(self.changelist_view), name="%s_%s_changelist" % info)]
+        return [path("compare/", self.admin_site.admin_view(self.compare_view), name="%s_%s_compare" % info),
+                path("", self.admin_site.admin_view(self.changelist_view), name="%s_%s_changelist" % info)]
+
+    def compare_view(self, request):
+        """The "Compare searches" page: the old and the new search side by side (same permission)."""
+        return compare_view(self, request)
 
     def changelist_view(self, request, extra_context=None):
         if not self.has_view_permission(request):

@@ -5,6 +5,7 @@ It works only on a database whose name ends in `_demo` (the Makefile uses the em
 state: running it twice gives the same result twice.
 """
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,10 +14,13 @@ from django.core.management import call_command
 from django.core.management.base import CommandError, OutputWrapper
 from django.db import connection
 
-from segments.schema import embedding_schema
+from embeddings import ledger
+from segments import triggers
+from segments.schema import LIVE, TABLE, embedding_schema
 from segments.switch import gate
 
 DEMO_SUFFIX = "_demo"
+ARRIVAL = "A listener asked whether bone broth counts as a carnivore food, and the answer was yes."
 QUERIES = [
     "Does red meat raise LDL cholesterol?",
     "how long does it take to adapt to ketosis",
@@ -44,24 +48,28 @@ def require_demo_database():
 
 
 def drop_segments():
-    """Drop `segments` and all the switch built for it, and record its migrations as unapplied."""
+    """Drop `segments` and every table of the switch built for it (the backfill's bookkeeping, the
+    model ledger), and record their migrations as unapplied; the backfill's first tables (the
+    embeddings app's 0001, which does not depend on segments) come back empty."""
     with connection.cursor() as cursor:
         cursor.execute(
             "DROP TABLE IF EXISTS segments CASCADE;"
-            "DROP FUNCTION IF EXISTS segments_clear_stale_embedding() CASCADE;"
-            "DROP TABLE IF EXISTS segments_switch_event, segments_backfill_worker;"
-            "TRUNCATE embeddings_quarantine, embeddings_backfill_claim;"
+            f"DROP FUNCTION IF EXISTS {triggers.FUNCTION}() CASCADE;"
+            f"DROP FUNCTION IF EXISTS {triggers.ARRIVAL}() CASCADE;"
+            f"DROP FUNCTION IF EXISTS {triggers.NOTIFY}() CASCADE;"
+            "DROP TABLE IF EXISTS segments_switch_event, segments_backfill_worker, segments_pending_since, "
+            "embeddings_quarantine, embeddings_backfill_claim, embeddings_vector_column;"
         )
-    with gate.allow(*gate.STEPS):
-        call_command("migrate", "segments", "zero", fake=True, verbosity=0)
+    gate.migrate_to(None, fake=True)
+    gate.migrate_to(None, app="embeddings", fake=True)
+    gate.migrate_to("0001_initial", app="embeddings")
 
 
 def reset_to_legacy():
     """Recreate the legacy table (migration 0001), empty, with everything else at head."""
     call_command("migrate", verbosity=0)
     drop_segments()
-    with gate.allow(*gate.STEPS):
-        call_command("migrate", "segments", "0001", verbosity=0)
+    gate.migrate_to("0001_initial")
 
 
 def storage(column, index):
@@ -144,17 +152,59 @@ class Demo:
         self.step("Phase 4: `manage.py embedding_switch contract --confirm` gives the legacy space back")
         call_command("embedding_switch", "contract", confirm=True, stdout=self.stream)
 
-        self.summary(embedded, seconds, before, after)
+        self.step("After the switch: `manage.py backfill_embeddings --follow` keeps new segments searchable")
+        arrival = self.follow_an_arrival()
 
-    def summary(self, embedded, seconds, before, after):
+        self.summary(embedded, seconds, before, after, arrival)
+
+    def follow_an_arrival(self):
+        """Start a follower, as a service would, insert a segment as the application does, and time
+        until the search finds it; the milliseconds."""
+        from embeddings.encoder import get_service
+        from segments.switch.backfill import Tuning
+        from segments.switch.backfill.follow import Follower
+
+        stop = threading.Event()
+        follower = Follower(get_service(), batch_size=100, tuning=Tuning(), poll_seconds=2.0, stop=stop,
+                            say=lambda line: self.out.write(f"  follower: {line}"))
+        thread = threading.Thread(target=follower.run, daemon=True)
+        thread.start()
+        try:
+            time.sleep(1.0)  # it has started and waits for arrivals
+            with connection.cursor() as cursor:
+                cursor.execute("INSERT INTO segments (video_id, start_sec, end_sec, speaker_label, text) VALUES "
+                               "('demo-arrival', 0, 9, 'Chaffee', %s) RETURNING id, clock_timestamp()", [ARRIVAL])
+                segment_id, committed = cursor.fetchone()
+            while not self._embedded(segment_id) and thread.is_alive():
+                time.sleep(0.02)
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT extract(epoch FROM clock_timestamp() - %s) * 1000", [committed])
+                waited = float(cursor.fetchone()[0])
+            self.out.write(f"  a new segment was searchable {waited:,.0f} ms after its commit:")
+            call_command("search_segments", ARRIVAL, k=1, stdout=self.stream)
+            return waited
+        finally:
+            stop.set()
+            thread.join(10)
+
+    @staticmethod
+    def _embedded(segment_id):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT embedding IS NOT NULL FROM segments WHERE id = %s", [segment_id])
+            return cursor.fetchone()[0]
+
+    def summary(self, embedded, seconds, before, after, arrival=None):
         from segments.models import SwitchEvent
 
         schema = embedding_schema()
         sizes = SwitchEvent.objects.filter(step="contract").order_by("-at").first().details
         total_before, total_after = sizes["total_bytes_before_switch"], sizes["total_bytes"]
         swap = SwitchEvent.objects.filter(step="swap").order_by("-at").first().details
+        with connection.cursor() as cursor:
+            recorded = ledger.entry(cursor, TABLE, LIVE)
         self.step("Summary")
         self.out.write(
+            f"segments.embedding holds (the model ledger): {recorded}\n"
             f"rows embedded: {embedded:,} in {seconds:.1f} s ({embedded / seconds:,.1f} rows/s, model load included)\n"
             f"vectors before: {before} (1536 dims)\n"
             f"vectors after:  {after} ({schema.vector_dimensions} dims), "
@@ -163,5 +213,7 @@ class Demo:
             f"{total_after / 2**20:,.1f} MB after the contract ({total_after / total_before:.0%} of before)\n"
             f"the swap blocked writes for {swap['writes_blocked_ms']:.1f} ms and reads for "
             f"{swap['reads_blocked_ms']:.1f} ms\n"
-            f"phase now: {schema.phase}"
+            + (f"a segment inserted after the switch was searchable {arrival:,.0f} ms after its commit (the follower)\n"
+               if arrival is not None else "")
+            + f"phase now: {schema.phase}"
         )

@@ -4,7 +4,8 @@ The texts are assembled from phrases about the show's subjects (diet, metabolism
 the loose style of spoken transcripts, at realistic and varied lengths, with the edge cases real
 data has: a very long segment, a blank one, emoji and non-ASCII text. The legacy 1536-dim
 vectors are random unit vectors (the old model cannot run here): they take the space real ones
-take, and mean nothing.
+take, and mean nothing. Or, with an encoder (`load_demo_segments --legacy-model PATH`), a model's
+vectors of the texts, so that the old column can be searched (a blank text gets none).
 
 Rows are written with one binary COPY, so 100,000 segments load in seconds.
 """
@@ -151,8 +152,9 @@ def _field(name, value):
     return struct.pack(">i", len(data)) + data
 
 
-def copy_payload(rows, legacy_vectors=None):
-    """Binary COPY data for `rows` (plus an `embedding` column when legacy vectors are given)."""
+def copy_payload(rows, legacy_vectors=None, type_name="vector"):
+    """Binary COPY data for `rows` (plus a vector column when legacy vectors are given: one per
+    row, None for none; float16 values for a `halfvec` column)."""
     out = io.BytesIO()
     out.write(b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0))
     fields = len(COLUMNS) + (legacy_vectors is not None)
@@ -161,11 +163,27 @@ def copy_payload(rows, legacy_vectors=None):
         for name in COLUMNS:
             out.write(_field(name, row[name]))
         if legacy_vectors is not None:
-            vector = legacy_vectors[i].astype(">f4").tobytes()
-            out.write(struct.pack(">ihh", 4 + len(vector), legacy_vectors.shape[1], 0) + vector)
+            out.write(_vector(legacy_vectors[i], type_name))
     out.write(struct.pack(">h", -1))
     out.seek(0)
     return out
+
+
+def _vector(vector, type_name):
+    if vector is None:
+        return struct.pack(">i", -1)
+    data = np.asarray(vector).astype(">f2" if type_name == "halfvec" else ">f4").tobytes()
+    return struct.pack(">ihh", 4 + len(data), len(vector), 0) + data
+
+
+def model_vectors(encoder, rows):
+    """`encoder`'s vectors of the rows' texts, None for a blank text (nothing to embed)."""
+    texts = [row["text"] for row in rows]
+    written = [i for i, text in enumerate(texts) if text.strip()]
+    vectors = [None] * len(texts)
+    for i, vector in zip(written, encoder.encode_documents([texts[i] for i in written])):
+        vectors[i] = vector
+    return vectors
 
 
 def legacy_vectors(count, seed=0):
@@ -175,15 +193,21 @@ def legacy_vectors(count, seed=0):
     return vectors
 
 
-def load(cursor, count, seed=0, legacy_column=None, chunk=20_000):
+def load(cursor, count, seed=0, legacy_column=None, chunk=20_000, encoder=None, type_name="vector"):
     """Insert `count` demo segments through `cursor` (psycopg2), in chunks of binary COPY.
 
-    With `legacy_column`, each row also gets a simulated legacy vector in that column.
+    With `legacy_column`, each row also gets a legacy vector in that column (of SQL type
+    `type_name`): a simulated one, or `encoder`'s vector of its text when an encoder is given.
     """
     rows = generate_segments(count, seed)
     columns = COLUMNS + ([legacy_column] if legacy_column else [])
     sql = f"COPY segments ({', '.join(columns)}) FROM STDIN WITH (FORMAT binary)"
     for start in range(0, count, chunk):
         batch = [next(rows) for _ in range(min(chunk, count - start))]
-        vectors = legacy_vectors(len(batch), seed + start) if legacy_column else None
-        cursor.copy_expert(sql, copy_payload(batch, vectors))
+        if not legacy_column:
+            vectors = None
+        elif encoder is not None:
+            vectors = model_vectors(encoder, batch)
+        else:
+            vectors = legacy_vectors(len(batch), seed + start)
+        cursor.copy_expert(sql, copy_payload(batch, vectors, type_name))

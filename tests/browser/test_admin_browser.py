@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from django.db import connection, connections
 
+from embeddings import ledger
 from segments.models import Segment
+from segments.schema import vector_column_types
 from segments.switch.backfill import run_backfill
 from tests.conftest import ROOT
 from tests.embeddings.conftest import add_segments, sentences
@@ -122,12 +124,14 @@ def running_backfill(segments_at):
     (stopped when the test ends)."""
     segments_at("expanded")
     ids = add_segments(sentences(1000))
-    with connection.cursor() as cursor:
-        cursor.execute("UPDATE segments SET embedding_384 = array_fill(0.5::real, ARRAY[384])::vector "
-                       "WHERE id = ANY(%s)", [ids[:600]])
     stop = threading.Event()
     encoder = RecordingEncoder(delay=1.0)
     encoder.device = "cpu"
+    with connection.cursor() as cursor:  # as if this encoder had written them: the ledger records it
+        ledger.record(cursor, "segments", "embedding_384", encoder.model_identity(),
+                      vector_column_types()["embedding_384"][0], "first write")
+        cursor.execute("UPDATE segments SET embedding_384 = array_fill(0.5::real, ARRAY[384])::vector "
+                       "WHERE id = ANY(%s)", [ids[:600]])
 
     def backfill():
         try:
@@ -151,7 +155,7 @@ def test_the_embedding_switch_page_reads_at_a_glance_during_a_backfill(live_serv
     page.click("text=Embedding switch")
     page.wait_for_selector("#switch-phase")
     for _ in range(60):  # until the worker has written a batch
-        rows = page.locator("#switch-backfill tbody td:nth-child(3)")
+        rows = page.locator("#switch-backfill tbody td:nth-child(5)")  # rows done
         if rows.count() and rows.first.inner_text() != "0":
             break
         page.wait_for_timeout(500)
@@ -163,7 +167,9 @@ def test_the_embedding_switch_page_reads_at_a_glance_during_a_backfill(live_serv
     assert page.locator("#switch-phase").inner_text() == "expanded"
     assert page.locator("#switch-next code").inner_text() == "python manage.py embedding_switch index"
     assert page.locator("#switch-backfill tbody tr").count() == 1
-    assert page.locator("#switch-backfill tbody td").nth(1).inner_text() == "cpu"
+    headers = [header.strip().lower() for header in page.locator("#switch-backfill thead th").all_text_contents()]
+    cells = dict(zip(headers, page.locator("#switch-backfill tbody td").all_inner_texts()))
+    assert (cells["mode"], cells["device"], cells["column"]) == ("backfill", "cpu", "embedding_384")
     progress = float(page.locator("#switch-progress [role=progressbar]").get_attribute("aria-valuenow"))
     assert 60.0 < progress < 100.0
     assert page.locator("#switch-steps li.current").inner_text().endswith("Backfill")

@@ -164,6 +164,7 @@ def fill(column, ids, dims=384):
 
 def test_the_index_step_says_what_it_chose_and_warns_before_a_build_that_will_not_fit(segments_at, settings):
     settings.INDEX_MAINTENANCE_WORK_MEM, settings.INDEX_PARALLEL_WORKERS = MB, 0
+    settings.EMBEDDING_STORAGE = "vector"  # the figures below are vector(384)'s (halfvec's are checked above)
     segments_at("expanded")
     fill("embedding_384", add_segments([f"segment {i}" for i in range(600)]))  # 1.3 MB of graph
 
@@ -181,6 +182,7 @@ def test_the_index_step_says_what_it_chose_and_warns_before_a_build_that_will_no
 
 def test_embedding_status_shows_the_build_plan_and_warns_before_the_index(segments_at, settings):
     settings.INDEX_MAINTENANCE_WORK_MEM = MB
+    settings.EMBEDDING_STORAGE = "vector"  # the figures below are vector(384)'s
     segments_at("expanded")
     add_segments([f"segment {i}" for i in range(600)])  # none embedded yet: sized for all 600
 

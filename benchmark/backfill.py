@@ -13,8 +13,8 @@ is made again (the next run may use another encoder).
 
 1. With the model: `--texts` segments of the scratch shape. The same non-blank texts go through
    raw `encode_documents()` in the engine's batches (rows per claim and transaction:
-   `--batch-size`, default the engine's DEFAULT_BATCH_SIZE) with the same model batch size
-   (EMBEDDING_BATCH_SIZE), and through the backfill, which embeds and writes them. The model
+   `--batch-size`, default the engine's DEFAULT_BATCH_SIZE) with the same texts per model call
+   (EMBEDDING_TEXTS_PER_CALL), and through the backfill, which embeds and writes them. The model
    does the same work both times, so the ratio of the two rates is the share of the model's
    speed the engine keeps.
 2. The production case, `--rows` segments, each run on a fresh table (PRODUCTION_RUNS):
@@ -36,7 +36,7 @@ from django.db import connections
 
 from benchmark.encoders import SimulatedGpuEncoder
 from benchmark.measure import per_second, timed
-from benchmark.scratch import copy_table, create_from_model
+from benchmark.scratch import create_from_model
 from benchmark.shapes import DESCRIPTIONS
 from benchmark.source import segments_copy
 from embeddings.fakes import HashingEncoder
@@ -90,12 +90,9 @@ def prepare_tables(ctx, rows, shape="scratch", vector_sql=None):
 
 
 def side_table(ctx, cursor, name):
-    """Scratch table `name` shaped like public.`name`, or, where the live database has none yet (the
-    legacy phase), created from its model."""
-    cursor.execute("SELECT to_regclass(%s)", [f"public.{name}"])
-    if cursor.fetchone()[0] is not None:
-        copy_table(cursor, ctx.scratch, name)
-        return
+    """Scratch table `name` created from its model, as the engine this code runs expects it (a live
+    database at the legacy phase has older bookkeeping tables, or none: its `migrate` brings them up
+    to date before any backfill)."""
     model = next(model for model in apps.get_app_config("segments").get_models() if model._meta.db_table == name)
     create_from_model(cursor, ctx.scratch, model)
 
@@ -184,7 +181,7 @@ def with_model(ctx):
     table = prepare_tables(ctx, ctx.texts_count)
     texts = texts_to_embed(ctx, table)
     batch_size = engine_batch_size(ctx)
-    ctx.service.encode_documents(texts[: ctx.service.batch_size])  # warm-up
+    ctx.service.encode_documents(texts[: ctx.service.texts_per_call])  # warm-up
     encode_seconds, runs = [], []
     for round_number in range(1, ROUNDS + 1):
         ctx.progress(f"backfill: round {round_number}: raw encode_documents() of {len(texts):,} texts")
@@ -229,7 +226,7 @@ def run(ctx):
     figures = {
         "model": ctx.model_label,
         "device": ctx.device,
-        "batch_size": ctx.service.batch_size,
+        "texts_per_call": ctx.service.texts_per_call,
         "engine_batch_size": model_run["engine_batch_size"],
         "rows_source": ctx.source().description,
         "encode_texts_per_s": encode_rate,

@@ -1,35 +1,35 @@
-"""The encode suite: texts/s and tokens/s of the embedding service for a sweep of batch sizes.
+"""The encode suite: texts/s and tokens/s of the embedding service for a sweep of texts per call.
 
 Each configuration encodes the same texts through `EmbeddingsService.encode_documents` (the
 encode pipeline of embeddings/pipeline.py, the path the backfill uses), on the configured device:
-fp32 on the CPU, fp16 and fp32 on CUDA. Side by side, at each batch size, the service's former
+fp32 on the CPU, fp16 and fp32 on CUDA. Side by side, at each number of texts per call, the service's former
 path: one `SentenceTransformer.encode(texts, batch_size=N)` call. The baseline is the plain
-`SentenceTransformer.encode(texts)` call (its default batch size of 32, fp32) on the same texts
+`SentenceTransformer.encode(texts)` call (its default of 32 texts per call, fp32) on the same texts
 and the same model object, timed once before and once after the sweep; the pipeline's vectors
 are compared with it text by text (cosine). Every figure is the best of REPEATS runs, the two
 paths alternating: on a shared machine, other work only ever slows a run down, so the fastest
 run is the truest.
 
-On CUDA the service chooses its batch size by measuring 64-1024 on the device
-(EmbeddingsService.measure_batch_size); the suite reports the size it chose and the sweep.
+On CUDA the service chooses its texts per call by measuring 64-1024 on the device
+(EmbeddingsService.measure_texts_per_call); the suite reports the number it chose and the sweep.
 """
 import contextlib
 
 import numpy as np
 
 from benchmark.measure import per_second, timed
-from embeddings.pipeline import CUDA_BATCH_SIZES
+from embeddings.pipeline import CUDA_TEXTS_PER_CALL_CANDIDATES
 
 REPEATS = 3
-CPU_BATCH_SIZES = (16, 32, 64)
-BASELINE_BATCH_SIZE = 32  # SentenceTransformer.encode()'s default
+CPU_TEXTS_PER_CALL_CANDIDATES = (16, 32, 64)
+BASELINE_TEXTS_PER_CALL = 32  # SentenceTransformer.encode()'s default batch_size
 MIN_COSINE = 0.999  # the pipeline's vectors against plain encode()'s, text by text (fp32)
 # The target for an H100-class GPU with the bge-small shape.
 GPU_TARGET_TEXTS_PER_S = 10_000
 
 
-def default_batch_sizes(device):
-    return CUDA_BATCH_SIZES if device == "cuda" else CPU_BATCH_SIZES
+def default_texts_per_call(device):
+    return CUDA_TEXTS_PER_CALL_CANDIDATES if device == "cuda" else CPU_TEXTS_PER_CALL_CANDIDATES
 
 
 def dtypes_for(device):
@@ -67,9 +67,9 @@ def _baseline(model, texts, device):
         return timed(lambda: model.encode(texts, show_progress_bar=False), device)
 
 
-def st_encode(model, texts, batch_size):
+def st_encode(model, texts, texts_per_call):
     """The service's former path: one SentenceTransformer.encode() call, normalised."""
-    return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+    return model.encode(texts, batch_size=texts_per_call, convert_to_numpy=True, normalize_embeddings=True,
                         show_progress_bar=False)
 
 
@@ -91,20 +91,21 @@ def _alternating(first, second, device):
     return min(run[0] for run in firsts), max(run[1] for run in firsts), min(seconds)
 
 
-def _sweep(service, texts, tokens, batch_sizes, device, progress, plain):
+def _sweep(service, texts, tokens, candidates, device, progress, plain):
     runs = []
     for dtype in dtypes_for(device):
         with model_dtype(service.model, dtype):
-            service.encode_documents(texts[: max(batch_sizes)], batch_size=max(batch_sizes))  # warm-up
-            st_encode(service.model, texts[: max(batch_sizes)], max(batch_sizes))
-            for batch_size in batch_sizes:
-                progress(f"encode: {dtype}, batch size {batch_size}: the pipeline and SentenceTransformer.encode()")
-                vectors = service.encode_documents(texts, batch_size=batch_size)
+            service.encode_documents(texts[: max(candidates)], texts_per_call=max(candidates))  # warm-up
+            st_encode(service.model, texts[: max(candidates)], max(candidates))
+            for texts_per_call in candidates:
+                progress(f"encode: {dtype}, {texts_per_call} texts per call: the pipeline and "
+                         "SentenceTransformer.encode()")
+                vectors = service.encode_documents(texts, texts_per_call=texts_per_call)
                 seconds, memory, former = _alternating(
-                    lambda: service.encode_documents(texts, batch_size=batch_size),
-                    lambda: st_encode(service.model, texts, batch_size), device)
+                    lambda: service.encode_documents(texts, texts_per_call=texts_per_call),
+                    lambda: st_encode(service.model, texts, texts_per_call), device)
                 runs.append({
-                    "dtype": dtype, "batch_size": batch_size, "seconds": seconds,
+                    "dtype": dtype, "texts_per_call": texts_per_call, "seconds": seconds,
                     "texts_per_s": per_second(len(texts), seconds),
                     "tokens_per_s": per_second(tokens, seconds),
                     "peak_memory_mb": memory,
@@ -115,13 +116,13 @@ def _sweep(service, texts, tokens, batch_sizes, device, progress, plain):
     return runs
 
 
-def _chosen_batch_size(service, texts, device):
-    """On CUDA, the batch size the service measures and keeps (and its measurements), else None."""
+def _chosen_texts_per_call(service, texts, device):
+    """On CUDA, the texts per call the service measures and keeps (and its measurements), else None."""
     if device != "cuda":
         return None
-    chosen = service.measure_batch_size(texts)
-    return {"batch_size": chosen, "texts_per_s": service.measured_batch_sizes,
-            "how": "EmbeddingsService.measure_batch_size: the fastest of these on this device, fp16"}
+    chosen = service.measure_texts_per_call(texts)
+    return {"texts_per_call": chosen, "texts_per_s": service.measured_texts_per_call,
+            "how": "EmbeddingsService.measure_texts_per_call: the fastest of these on this device, fp16"}
 
 
 def run(ctx):
@@ -129,15 +130,15 @@ def run(ctx):
     service, device = ctx.service, ctx.device
     sample = ctx.texts()
     texts = sample.texts
-    batch_sizes = ctx.options.batch_sizes or default_batch_sizes(device)
+    candidates = ctx.options.texts_per_call or default_texts_per_call(device)
     tokens = count_tokens(service.model, texts)
 
     ctx.progress("encode: warming up, then plain SentenceTransformer.encode() as the baseline")
     with model_dtype(service.model, "fp32"):
-        service.model.encode(texts[:BASELINE_BATCH_SIZE], show_progress_bar=False)
+        service.model.encode(texts[:BASELINE_TEXTS_PER_CALL], show_progress_bar=False)
         plain = service.model.encode(texts, show_progress_bar=False, normalize_embeddings=True)
     before, memory_before = _baseline(service.model, texts, device)
-    runs = _sweep(service, texts, tokens, batch_sizes, device, ctx.progress, plain)
+    runs = _sweep(service, texts, tokens, candidates, device, ctx.progress, plain)
     ctx.progress("encode: the baseline again")
     after, memory_after = _baseline(service.model, texts, device)
 
@@ -147,7 +148,7 @@ def run(ctx):
     best = max(runs, key=lambda entry: entry["texts_per_s"])
     best_former = max(entry["st_encode_texts_per_s"] for entry in runs)
     fp32_cosine = min(entry["min_cosine_to_plain"] for entry in runs if entry["dtype"] == "fp32")
-    chosen = _chosen_batch_size(service, texts, device)
+    chosen = _chosen_texts_per_call(service, texts, device)
     figures = {
         "model": ctx.model_label,
         "device": device,
@@ -155,7 +156,7 @@ def run(ctx):
         "texts_source": sample.source,
         "mean_tokens_per_text": tokens / len(texts),
         "max_seq_length": service.max_seq_length,
-        "baseline": f"plain SentenceTransformer.encode(texts) (batch size {BASELINE_BATCH_SIZE}, fp32), "
+        "baseline": f"plain SentenceTransformer.encode(texts) ({BASELINE_TEXTS_PER_CALL} texts per call, fp32), "
                     "same model and texts, best of a run before and a run after the sweep",
         "repeats": REPEATS,
         "baseline_texts_per_s": baseline,
@@ -163,14 +164,14 @@ def run(ctx):
         "baseline_peak_memory_mb": max(memory_before, memory_after),
         "best_texts_per_s": best["texts_per_s"],
         "best_tokens_per_s": best["tokens_per_s"],
-        "best_batch_size": best["batch_size"],
+        "best_texts_per_call": best["texts_per_call"],
         "best_dtype": best["dtype"],
         "ratio_to_baseline": best["texts_per_s"] / baseline,
         "best_st_encode_texts_per_s": best_former,
         "ratio_to_st_encode": best["texts_per_s"] / best_former,
         "min_cosine_to_plain": min(entry["min_cosine_to_plain"] for entry in runs),
         "min_cosine_to_plain_fp32": fp32_cosine,
-        "chosen_batch_size": chosen,
+        "chosen_texts_per_call": chosen,
         "peak_memory_kind": "CUDA peak allocated" if device == "cuda" else "process RSS peak",
         "runs": runs,
         "targets": {"not_slower_than_baseline": best["texts_per_s"] >= baseline,

@@ -157,7 +157,7 @@ class SimulatedGpuEncoder:
         if column_dimensions is not None and column_dimensions != self.dimensions:
             raise ValueError(f"SimulatedGpuEncoder({self.dimensions}) cannot fill {column_dimensions}-dim {column}")
 
-    def encode_documents(self, texts, batch_size=None):
+    def encode_documents(self, texts, texts_per_call=None):
         """float32 (n, dims) unit vectors, after n / texts_per_second seconds of (simulated) device time."""
         texts = list(texts)
         with self._lock:

@@ -1,4 +1,4 @@
-"""`--plot FILE.png`: throughput against batch size, and recall against latency, side by side."""
+"""`--plot FILE.png`: throughput against texts per call, and recall against latency, side by side."""
 
 
 def _encode_panel(axes, figures):
@@ -8,17 +8,17 @@ def _encode_panel(axes, figures):
         return
     for dtype in sorted({run["dtype"] for run in figures["runs"]}):
         runs = [run for run in figures["runs"] if run["dtype"] == dtype]
-        axes.plot([run["batch_size"] for run in runs], [run["texts_per_s"] for run in runs], marker="o",
+        axes.plot([run["texts_per_call"] for run in runs], [run["texts_per_s"] for run in runs], marker="o",
                   label=f"EmbeddingsService (pipeline), {dtype}")
         if all("st_encode_texts_per_s" in run for run in runs):
-            axes.plot([run["batch_size"] for run in runs], [run["st_encode_texts_per_s"] for run in runs], marker=".",
+            axes.plot([run["texts_per_call"] for run in runs], [run["st_encode_texts_per_s"] for run in runs], marker=".",
                       linestyle=":", label=f"SentenceTransformer.encode(batch_size), {dtype}")
     axes.axhline(figures["baseline_texts_per_s"], color="grey", linestyle="--", label="plain encode(), fp32")
-    batch_sizes = sorted({run["batch_size"] for run in figures["runs"]})
+    candidates = sorted({run["texts_per_call"] for run in figures["runs"]})
     axes.set_xscale("log", base=2)
-    axes.set_xticks(batch_sizes, [str(size) for size in batch_sizes])
+    axes.set_xticks(candidates, [str(size) for size in candidates])
     axes.minorticks_off()
-    axes.set_xlabel("batch size")
+    axes.set_xlabel("texts per call")
     axes.set_ylabel("texts/s")
     axes.set_ylim(bottom=0)
     axes.set_title(f"encode on {figures['device']}: {figures['texts']:,} texts", fontsize=10)

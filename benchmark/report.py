@@ -37,28 +37,28 @@ def render_machine(machine):
 
 
 def render_encode(figures):
-    rows = [[run["dtype"], run["batch_size"], _n(run["texts_per_s"], 1), _n(run["st_encode_texts_per_s"], 1),
+    rows = [[run["dtype"], run["texts_per_call"], _n(run["texts_per_s"], 1), _n(run["st_encode_texts_per_s"], 1),
              f"{run['ratio_to_st_encode']:.2f}x", _n(run["tokens_per_s"]), _n(run["peak_memory_mb"]),
              f"{run['ratio_to_baseline']:.2f}x", f"{run['min_cosine_to_plain']:.5f}"] for run in figures["runs"]]
-    chosen = figures.get("chosen_batch_size")
+    chosen = figures.get("chosen_texts_per_call")
     lines = [
         f"encode: {figures['model']} on {figures['device']}",
         f"  {figures['texts']:,} texts from {figures['texts_source']}, "
         f"{figures['mean_tokens_per_text']:.0f} tokens each on average",
-        *_table(["dtype", "batch", "pipeline/s", "ST encode/s", "ratio", "tokens/s", "peak MB", "vs plain",
+        *_table(["dtype", "texts/call", "pipeline/s", "ST encode/s", "ratio", "tokens/s", "peak MB", "vs plain",
                  "min cosine"], rows),
         "  pipeline: EmbeddingsService.encode_documents (embeddings/pipeline.py); ST encode: the former path, "
         "one SentenceTransformer.encode(batch_size=N) call; min cosine: the pipeline's vectors against plain "
         "encode()'s",
         f"  plain encode() baseline: {_n(figures['baseline_texts_per_s'], 1)} texts/s ({figures['baseline']})",
-        f"  best: {_n(figures['best_texts_per_s'], 1)} texts/s at batch size {figures['best_batch_size']} "
+        f"  best: {_n(figures['best_texts_per_s'], 1)} texts/s at {figures['best_texts_per_call']} texts per call "
         f"({figures['best_dtype']}), {figures['ratio_to_baseline']:.2f}x plain encode(), "
         f"{figures['ratio_to_st_encode']:.2f}x the best ST encode; "
         f"each figure the best of {figures['repeats']} runs; memory is {figures['peak_memory_kind']}",
     ]
     if chosen:
         measured = ", ".join(f"{size}: {rate:,.0f}" for size, rate in chosen["texts_per_s"].items())
-        lines.append(f"  batch size the service chose on this device: {chosen['batch_size']} ({measured} texts/s)")
+        lines.append(f"  texts per call the service chose on this device: {chosen['texts_per_call']} ({measured} texts/s)")
     return lines + _targets(figures)
 
 
@@ -133,7 +133,7 @@ def render_production(figures):
 def render_backfill(figures):
     model = figures["with_model"]
     return [
-        f"backfill: {figures['model']} on {figures['device']}, batch size {figures['batch_size']}",
+        f"backfill: {figures['model']} on {figures['device']}, {figures['texts_per_call']} texts per model call",
         *render_production(figures),
         "  with the model, on the scratch copy:",
         f"    raw encode_documents(): {_n(figures['encode_texts_per_s'], 1)} texts/s (in the engine's batches of "
@@ -267,7 +267,7 @@ def render_rerank(figures):
     if figures.get("skipped"):
         return [f"rerank: skipped: {figures['skipped']}"]
     return [
-        f"rerank: {figures['model']} on {figures['device']}, batch size {figures['batch_size']}",
+        f"rerank: {figures['model']} on {figures['device']}, {figures['batch_size']} pairs per call",
         f"  {_n(figures['pairs_per_s'], 1)} pairs/s: {figures['ms_per_query']:,.0f} ms to rerank "
         f"{figures['top_k']} candidates ({figures['rerankings']} reranking(s) timed)",
         *[f"  note: {note}" for note in figures.get("notes", [])],
@@ -353,7 +353,7 @@ def figures_of(results):
 
 def better(name, old, new):
     """'better', 'worse' or '' (no direction: a setting, or no change)."""
-    if new == old or name.endswith(("ef_search", "batch_size", "rows", "texts", "queries", "dimensions",
+    if new == old or name.endswith(("ef_search", "batch_size", "texts_per_call", "rows", "texts", "queries", "dimensions",
                                     "table_rows", "top_k", "pairs", "rerankings", "max_seq_length",
                                     "mean_tokens_per_text", "with_encoding_queries", "simulated_gpu_texts_per_s",
                                     "production_rounds", "rounds", "legacy_column_bytes", "shared_buffers_mb",

@@ -41,8 +41,8 @@ class Options:
     suites: tuple = DEFAULT_SUITES
     rows: int = 100_000  # size of the scratch tables (db-write, the backfill's fake-encoder run, search)
     texts: int | None = None  # texts run through the model (encode, the backfill's model run, rerank)
-    batch_sizes: tuple | None = None  # the encode sweep; None: by device
-    backfill_batch_size: int | None = None  # None: settings.EMBEDDING_BATCH_SIZE
+    texts_per_call: tuple | None = None  # the encode sweep's texts per model call; None: by device
+    backfill_batch_size: int | None = None  # rows per engine claim; None: the engine's DEFAULT_BATCH_SIZE
     simulated_gpu_rate: float = 20_000  # texts/s of the backfill suite's simulated GPU
     model_shape: str | None = None
     ef_search: tuple = search.DEFAULT_EF_SEARCH

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from embeddings.writer import VALUE_TYPES, copy_rows
+from askdrchaffee.postgres import human_bytes
 from segments import index_build
 from segments.schema import HNSW_EF_CONSTRUCTION, HNSW_M
 from segments.storage import STORAGES
@@ -64,8 +65,8 @@ class BuildSettings:
     graph_estimate_bytes: int  # segments/index_build.py's estimate of the graph
 
     def as_dict(self):
-        return {**asdict(self), "maintenance_work_mem_human": index_build.human(self.maintenance_work_mem),
-                "graph_estimate_human": index_build.human(self.graph_estimate_bytes)}
+        return {**asdict(self), "maintenance_work_mem_human": human_bytes(self.maintenance_work_mem),
+                "graph_estimate_human": human_bytes(self.graph_estimate_bytes)}
 
 
 def build_settings(cursor, table, rows, type_name, memory=None, workers=None):
@@ -79,7 +80,7 @@ def build_settings(cursor, table, rows, type_name, memory=None, workers=None):
     if memory is None:
         memory, memory_why = plan.maintenance_work_mem, f"as the live build plans it: {plan.maintenance_work_mem_why}"
     else:
-        memory_why = f"--index-memory (the live build would use {index_build.human(plan.maintenance_work_mem)})"
+        memory_why = f"--index-memory (the live build would use {human_bytes(plan.maintenance_work_mem)})"
     return BuildSettings(memory, memory_why, workers, workers_why, plan.estimate.bytes)
 
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 # The keys the JSON output promises to scripts.
 PROMISED_KEYS = {
-    "encode": ["baseline_texts_per_s", "best_texts_per_s", "best_batch_size"],
+    "encode": ["baseline_texts_per_s", "best_texts_per_s", "best_texts_per_call"],
     "db_write": ["per_row_update_rows_per_s", "bulk_update_rows_per_s", "backfill_path_rows_per_s",
                  "raw_copy_rows_per_s", "live_backfill_path_rows_per_s",
                  "live_without_legacy_index_backfill_path_rows_per_s"],
@@ -29,7 +29,7 @@ PROMISED_KEYS = {
     "search": ["p50_ms", "p95_ms", "recall_at_10", "ef_search"],
     "rerank": ["pairs_per_s"],
 }
-TINY = ["--rows", "200", "--texts", "8", "--batch-sizes", "4,8", "--queries", "10", "--ef-search", "10,40"]
+TINY = ["--rows", "200", "--texts", "8", "--texts-per-call", "4,8", "--queries", "10", "--ef-search", "10,40"]
 LIVE_TEXTS = [f"live segment {i}: the patient's insulin came down on a meat-only diet" for i in range(12)] + ["  "]
 
 
@@ -85,7 +85,7 @@ def test_every_suite_in_a_tiny_run_gives_its_figures_and_leaves_the_live_tables_
     assert results["machine"]["cpu"] and "gpu" in results["machine"]
     assert results["machine"]["pgvector"] and results["machine"]["torch"]
     assert "meaningless" in results["encode"]["model"] and results["run"]["vectors_meaningful"] is False
-    assert [run["batch_size"] for run in results["encode"]["runs"]] == [4, 8]
+    assert [run["texts_per_call"] for run in results["encode"]["runs"]] == [4, 8]
     assert results["encode"]["texts_source"] == "the segments table (8 random segments)"
     for method in ("per_row_update", "bulk_update", "backfill_path", "raw_copy", "live_backfill_path",
                    "live_without_legacy_index_backfill_path"):

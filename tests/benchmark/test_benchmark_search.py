@@ -12,6 +12,7 @@ from django.db import connection
 from benchmark import derived, filtered, search_sets, search_tables
 from benchmark.scratch import scratch_schema, scratch_schemas
 from segments.demo_data import generate_texts
+from tests.conftest import as_stored
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -68,7 +69,7 @@ def test_live_vectors_are_read_by_binary_copy_as_the_table_holds_them():
         ids, found = search_sets.read_live(cursor, "embedding", 384, 5)
 
     assert ids.tolist() == expected_ids[:5]  # the first rows with a vector
-    assert np.array_equal(found, vectors[:5])
+    assert np.array_equal(found, as_stored(vectors[:5]))
 
 
 @pytest.mark.slow

@@ -63,7 +63,7 @@ def test_perturbed_queries_stay_near_their_row():
 
 def results(texts_per_s, p50_ms):
     return {"machine": {"cpu": "x", "gpu": None},
-            "encode": {"best_texts_per_s": texts_per_s, "best_batch_size": 32, "runs": []},
+            "encode": {"best_texts_per_s": texts_per_s, "best_texts_per_call": 32, "runs": []},
             "search": {"p50_ms": p50_ms, "ef_search": 40, "recall_at_10": 0.97}}
 
 
@@ -81,15 +81,15 @@ def test_the_comparison_names_each_figure_with_both_values():
     assert "encode.best_texts_per_s" in lines and "100.00" in lines and "50.00" in lines and "-50.0%" in lines
 
 
-def test_batch_size_lists_are_parsed_and_bad_ones_refused():
+def test_texts_per_call_lists_are_parsed_and_bad_ones_refused():
     assert positive_ints("16,32, 64") == (16, 32, 64)
     for bad in ("", "0,8", "x"):
         with pytest.raises(ValueError):
             positive_ints(bad)
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch-sizes", type=positive_ints)
+    parser.add_argument("--texts-per-call", type=positive_ints)
     with pytest.raises(SystemExit):
-        parser.parse_args(["--batch-sizes", "-4"])
+        parser.parse_args(["--texts-per-call", "-4"])
 
 
 @pytest.mark.slow

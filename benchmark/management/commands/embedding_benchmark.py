@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from benchmark import report
 from benchmark.arrival import ArrivalFailed
-from benchmark.encode import CPU_BATCH_SIZES, CUDA_BATCH_SIZES
+from benchmark.encode import CPU_TEXTS_PER_CALL_CANDIDATES, CUDA_TEXTS_PER_CALL_CANDIDATES
 from benchmark.encoders import SHAPES, BenchmarkModelUnavailable
 from benchmark.interrupts import Terminated
 from benchmark.runner import DEFAULT_SUITES, DEFAULT_TEXTS, DEFAULT_TEXTS_CPU, SUITES, Options, run
@@ -66,9 +66,10 @@ class Command(BaseCommand):
         parser.add_argument("--texts", type=int,
                             help="Texts run through the model: encode, the backfill's model run, rerank candidates "
                                  f"(default {DEFAULT_TEXTS_CPU} on a CPU, {DEFAULT_TEXTS['cuda']} on CUDA).")
-        parser.add_argument("--batch-sizes", type=positive_ints, metavar="N,N,...",
-                            help=f"Batch sizes of the encode sweep (default {_listed(CPU_BATCH_SIZES)} on a CPU, "
-                                 f"{_listed(CUDA_BATCH_SIZES)} on CUDA).")
+        parser.add_argument("--texts-per-call", type=positive_ints, metavar="N,N,...",
+                            help="Texts per model call of the encode sweep (default "
+                                 f"{_listed(CPU_TEXTS_PER_CALL_CANDIDATES)} on a CPU, "
+                                 f"{_listed(CUDA_TEXTS_PER_CALL_CANDIDATES)} on CUDA).")
         parser.add_argument("--batch-size", type=int, dest="backfill_batch_size", metavar="N",
                             help="Rows per backfill engine batch in the backfill suite (default: the engine's, fewer for a small run).")
         parser.add_argument("--simulated-gpu-rate", type=float, default=Options.simulated_gpu_rate,
@@ -122,7 +123,7 @@ class Command(BaseCommand):
         parser.add_argument("--database", default="default", help="Database alias (default 'default').")
         parser.add_argument("--json", action="store_true", help="Print one JSON object instead of the table.")
         parser.add_argument("--plot", type=Path, metavar="FILE.png",
-                            help="Draw throughput against batch size and recall against latency into FILE.png.")
+                            help="Draw throughput against texts per call and recall against latency into FILE.png.")
         parser.add_argument("--compare", type=Path, metavar="OLD.json",
                             help="Show the change against an earlier run's --json output.")
 
@@ -163,7 +164,7 @@ class Command(BaseCommand):
         suites = options["suites"] or list(DEFAULT_SUITES)
         return Options(
             suites=tuple(name for name in SUITES if name in suites), rows=options["rows"], texts=options["texts"],
-            batch_sizes=options["batch_sizes"], backfill_batch_size=options["backfill_batch_size"],
+            texts_per_call=options["texts_per_call"], backfill_batch_size=options["backfill_batch_size"],
             model_shape=options["model_shape"], simulated_gpu_rate=options["simulated_gpu_rate"],
             ef_search=options["ef_search"], queries=options["queries"],
             search_vectors=options["search_vectors"], search_types=options["search_types"],

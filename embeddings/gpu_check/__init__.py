@@ -5,7 +5,7 @@ BAAI/bge-small-en-v1.5's exact shape (random weights from a fixed seed: the real
 meaningless vectors), side by side in one run:
 
 - plain `SentenceTransformer.encode` against the project's pipeline (`embeddings.pipeline.encode`),
-  texts/s and tokens/s, over a sweep of batch sizes, in fp32 and (on CUDA) fp16, with the peak
+  texts/s and tokens/s, over a sweep of texts per model call, in fp32 and (on CUDA) fp16, with the peak
   GPU memory of each configuration;
 - the stages alone at the best configuration: tokenization (the pipeline's own tokenizer thread),
   the host-to-device copy, the model's forward pass on tensors already on the device; the slowest

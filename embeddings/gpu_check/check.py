@@ -29,8 +29,8 @@ def suggested_out(result):
 def _best(rows, baseline):
     """The pipeline's fastest configuration, against the fastest `encode` and the baseline."""
     top, st_top = compare.best(rows), compare.best(rows, "st_encode")
-    return {"dtype": top["dtype"], "batch_size": top["batch_size"], "pipeline": top["pipeline"],
-            "st_encode": {"dtype": st_top["dtype"], "batch_size": st_top["batch_size"], **st_top["st_encode"]},
+    return {"dtype": top["dtype"], "texts_per_call": top["texts_per_call"], "pipeline": top["pipeline"],
+            "st_encode": {"dtype": st_top["dtype"], "texts_per_call": st_top["texts_per_call"], **st_top["st_encode"]},
             "ratio_to_st_encode": round(top["pipeline"]["texts_per_s"] / st_top["st_encode"]["texts_per_s"], 3),
             "ratio_to_baseline": round(top["pipeline"]["texts_per_s"] / baseline["texts_per_s"], 3)}
 
@@ -82,6 +82,6 @@ def run_check(plan, quiet=False):
 
 
 def plan_description(plan):
-    return {"texts_per_call": plan.texts, "batch_sizes": list(plan.batch_sizes), "dtypes": list(plan.dtypes),
+    return {"texts": plan.texts, "texts_per_call": list(plan.texts_per_call), "dtypes": list(plan.dtypes),
             "seconds_per_measurement": plan.seconds, "warmup_texts": plan.warmup_texts,
             "deadline_s": plan.deadline_s, "devices": list(plan.devices), "seed": plan.seed}

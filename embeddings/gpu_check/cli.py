@@ -5,17 +5,18 @@ import json
 from pathlib import Path
 
 from embeddings.devices import parse_devices
-from embeddings.gpu_check.run import CPU_BATCH_SIZES, CUDA_BATCH_SIZES, QUICK_BATCH_SIZES, Plan
+from embeddings.gpu_check.run import CPU_TEXTS_PER_CALL, CUDA_TEXTS_PER_CALL, QUICK_TEXTS_PER_CALL, Plan
 
-# Defaults by kind of run: texts per call, seconds per measurement, warm-up texts, deadline.
+# Defaults by kind of run: texts per measurement, seconds per measurement, warm-up texts, deadline, the
+# sweep's texts per model call.
 DEFAULTS = {
-    "cuda": {"texts": 16384, "seconds": 3.0, "warmup": 2048, "deadline": 300.0, "batch_sizes": CUDA_BATCH_SIZES},
-    "cpu": {"texts": 128, "seconds": 3.0, "warmup": 16, "deadline": 300.0, "batch_sizes": CPU_BATCH_SIZES},
-    "quick": {"texts": 32, "seconds": 0.0, "warmup": 4, "deadline": 120.0, "batch_sizes": QUICK_BATCH_SIZES},
+    "cuda": {"texts": 16384, "seconds": 3.0, "warmup": 2048, "deadline": 300.0, "texts_per_call": CUDA_TEXTS_PER_CALL},
+    "cpu": {"texts": 128, "seconds": 3.0, "warmup": 16, "deadline": 300.0, "texts_per_call": CPU_TEXTS_PER_CALL},
+    "quick": {"texts": 32, "seconds": 0.0, "warmup": 4, "deadline": 120.0, "texts_per_call": QUICK_TEXTS_PER_CALL},
 }
 DESCRIPTION = ("GPU throughput of the encode pipeline with a bge-small-en-v1.5-shaped model: "
-               "SentenceTransformer.encode against the pipeline, fp32 and fp16, a batch-size sweep, the limiting "
-               "stage, each GPU and all together. See docs/gpu-check.md.")
+               "SentenceTransformer.encode against the pipeline, fp32 and fp16, a sweep of texts per model call, "
+               "the limiting stage, each GPU and all together. See docs/gpu-check.md.")
 NEEDS = ("python -m embeddings.gpu_check needs torch, transformers and sentence-transformers "
          "(pip install torch transformers sentence-transformers numpy)")
 
@@ -46,13 +47,14 @@ def parser():
                    help="a few texts on the CPU, in seconds: the same figures, for tests")
     p.add_argument("--seconds", type=float,
                    help="each measurement's budget after its warm-up (default 3; 0 in --quick)")
-    p.add_argument("--batch-sizes", type=positive_ints, help="batch sizes of the sweep (default 64-1024 on CUDA, "
-                   "16,32,64 on the CPU, 8,16 with --quick)")
+    p.add_argument("--texts-per-call", type=positive_ints, help="texts per model call of the sweep (default "
+                   "64-1024 on CUDA, 16,32,64 on the CPU, 8,16 with --quick)")
     p.add_argument("--devices", type=devices_option, help="CUDA device indices to measure, alone then together "
                    "(default: every visible one; the sweep runs on the first); 'cpu' runs the worker path on "
                    "the CPU")
     p.add_argument("--texts", type=int,
-                   help="texts per encode call (default 16384 on CUDA, 128 on the CPU, 32 with --quick)")
+                   help="texts each measurement encodes, in one pipeline.encode call (default 16384 on "
+                   "CUDA, 128 on the CPU, 32 with --quick)")
     p.add_argument("--deadline", type=float, help="seconds after which the remaining measurements are skipped "
                    "(default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the texts")
@@ -92,7 +94,8 @@ def quick_devices(option):
 def _plan(kind, device, devices, args):
     defaults = DEFAULTS[kind]
     return Plan(
-        device=device, texts=args.texts or defaults["texts"], batch_sizes=args.batch_sizes or defaults["batch_sizes"],
+        device=device, texts=args.texts or defaults["texts"],
+        texts_per_call=args.texts_per_call or defaults["texts_per_call"],
         dtypes=("fp32", "fp16") if kind == "cuda" else ("fp32",),
         seconds=defaults["seconds"] if args.seconds is None else args.seconds, warmup_texts=defaults["warmup"],
         deadline_s=args.deadline or defaults["deadline"], devices=devices[0], devices_skipped=devices[1],

@@ -32,14 +32,14 @@ def _header(result):
 
 
 def _sweep(result):
-    rows = [(row["dtype"], row["batch_size"], _number(row["st_encode"]["texts_per_s"], 1),
+    rows = [(row["dtype"], row["texts_per_call"], _number(row["st_encode"]["texts_per_s"], 1),
              _number(row["pipeline"]["texts_per_s"], 1), _number(row["pipeline"]["tokens_per_s"]),
              f"{row['ratio']:.2f}x", _number(row["pipeline"]["peak_memory_mb"]))
             for row in result["sweep"]]
     base = result["baseline"]
     lines = ["", "SentenceTransformer.encode against the pipeline (texts/s, tokens/s)"]
-    lines += table(("dtype", "batch", "encode texts/s", "pipeline texts/s", "tokens/s", "ratio", "peak MiB"), rows)
-    lines.append(f"baseline, plain encode(texts) (batch {base['batch_size']}, fp32): "
+    lines += table(("dtype", "texts/call", "encode texts/s", "pipeline texts/s", "tokens/s", "ratio", "peak MiB"), rows)
+    lines.append(f"baseline, plain encode(texts) ({base['texts_per_call']} texts per call, fp32): "
                  f"{_number(base['texts_per_s'], 1)} texts/s, {_number(base['tokens_per_s'])} tokens/s")
     return lines
 
@@ -50,8 +50,9 @@ def _best(result):
         return []
     pipe = best["pipeline"]
     met = {True: "met", False: "NOT met", None: "not applicable here"}[target["met"]]
-    return [f"best: the pipeline, {best['dtype']}, batch {best['batch_size']}: {_number(pipe['texts_per_s'], 1)} "
-            f"texts/s, {_number(pipe['tokens_per_s'])} tokens/s ({best['ratio_to_st_encode']:.2f}x the best encode, "
+    return [f"best: the pipeline, {best['dtype']}, {best['texts_per_call']} texts per call: "
+            f"{_number(pipe['texts_per_s'], 1)} texts/s, {_number(pipe['tokens_per_s'])} tokens/s "
+            f"({best['ratio_to_st_encode']:.2f}x the best encode, "
             f"{best['ratio_to_baseline']:.2f}x the baseline)",
             f"target: {target['texts_per_s']:,} texts/s on one H100-class GPU: {met}"]
 
@@ -68,7 +69,8 @@ def _stages(result):
         return []
     rows = [_stage_row(name, figures) for name, figures in section["stages"].items()]
     rows.append(("pipeline, end to end", _number(section["pipeline_texts_per_s"], 1), "", ""))
-    return (["", f"stages alone ({section['dtype']}, batch {section['batch_size']}, {section['batches']} batches)"]
+    return (["", f"stages alone ({section['dtype']}, {section['texts_per_call']} texts per call, "
+                  f"{section['batches']} batches)"]
             + table(("stage", "texts/s", "tokens/s", ""), rows)
             + [f"limiting stage: {section['limiting']}; {section['reading']}"])
 
@@ -90,7 +92,7 @@ def _devices(result):
     elif both:
         rows.append(("all together", _number(both["texts_per_s"], 1), _number(both["tokens_per_s"]),
                      f"failed: {', '.join(both['failed'])}" if both["failed"] else "summed"))
-    return (["", f"devices, one worker process each ({section['dtype']}, batch {section['batch_size']})"]
+    return (["", f"devices, one worker process each ({section['dtype']}, {section['texts_per_call']} texts per call)"]
             + table(("device", "texts/s", "tokens/s", ""), rows))
 
 
@@ -98,7 +100,7 @@ def _extras(result):
     lines = [""]
     calls = result.get("backfill_calls")
     if calls:
-        lines.append(f"in calls of {calls['texts_per_call']} texts (a backfill batch): "
+        lines.append(f"in calls of {calls['rows_per_claim']} texts (a backfill claim): "
                      f"{_number(calls['texts_per_s'], 1)} texts/s, {calls['against_one_call']:.2f}x one call")
     cosines = result["agreement"]["min_cosine_to_st_encode_fp32"]
     lines.append("pipeline vectors against fp32 encode's, smallest cosine: "

@@ -4,9 +4,10 @@ from dataclasses import dataclass, field
 
 from embeddings.gpu_check.measure import Clock, rate
 
-CUDA_BATCH_SIZES = (64, 128, 256, 512, 1024)
-CPU_BATCH_SIZES = (16, 32, 64)
-QUICK_BATCH_SIZES = (8, 16)
+# Texts per model call of the sweep, by kind of run.
+CUDA_TEXTS_PER_CALL = (64, 128, 256, 512, 1024)
+CPU_TEXTS_PER_CALL = (16, 32, 64)
+QUICK_TEXTS_PER_CALL = (8, 16)
 
 
 @dataclass(frozen=True)
@@ -14,8 +15,8 @@ class Plan:
     """What to measure: on which device, over how many texts, for how long."""
 
     device: str  # "cpu" or "cuda:<index>": the device of the sweep and the stages
-    texts: int  # texts per encode call
-    batch_sizes: tuple
+    texts: int  # texts each measurement encodes, in one pipeline.encode call
+    texts_per_call: tuple  # the sweep: texts per model call
     dtypes: tuple
     seconds: float  # each measurement runs this long after its warm-up (at least one call)
     warmup_texts: int

@@ -87,15 +87,15 @@ def reading(limiting, share, cuda):
 def limiting_stage(run, row):
     """The stages alone at `row`'s configuration (a sweep row), the slowest named, against the
     pipeline's end-to-end rate there."""
-    run.progress(f"{row['dtype']}, batch size {row['batch_size']}: tokenization, copy and model alone")
+    run.progress(f"{row['dtype']}, {row['texts_per_call']} texts per call: tokenization, copy and model alone")
     set_dtype(run.model, row["dtype"])
-    batches = pipeline.plan_batches(run.texts, row["batch_size"], run.model.max_seq_length or 512)
+    batches = pipeline.plan_batches(run.texts, row["texts_per_call"], run.model.max_seq_length or 512)
     figures = _rates(run, batches, pin=is_cuda(run.device))
     rates = measured(figures)
     slowest = min(rates, key=lambda name: rates[name]["texts_per_s"])
     end_to_end, top = row["pipeline"]["texts_per_s"], ceiling(rates)
     share = end_to_end / top
-    return {"dtype": row["dtype"], "batch_size": row["batch_size"], "batches": len(batches), "stages": figures,
+    return {"dtype": row["dtype"], "texts_per_call": row["texts_per_call"], "batches": len(batches), "stages": figures,
             "pipeline_texts_per_s": end_to_end, "ceiling_texts_per_s": round(top, 1),
             "share_of_ceiling": round(share, 3), "limiting": STAGE_NAMES[slowest],
             "reading": reading(STAGE_NAMES[slowest], share, is_cuda(run.device))}

@@ -1,7 +1,7 @@
 """Each GPU alone, then all of them together: one worker process per device, started with spawn.
 
 A worker builds the same model (same seed) on its device, in the sweep's best dtype, embeds the
-same texts through the pipeline at the best batch size, warms up, waits at a barrier for the other
+same texts through the pipeline at the best number of texts per call, warms up, waits at a barrier for the other
 workers, then measures for the run's budget of seconds. Together, the workers' windows overlap,
 so their texts/s add up to the machine's. A worker that fails reports its error instead of figures.
 """
@@ -19,7 +19,7 @@ START_TIMEOUT_S = 300  # a worker's imports, model and warm-up, before it measur
 @dataclass(frozen=True)
 class WorkerSpec:
     texts: int
-    batch_size: int
+    texts_per_call: int
     dtype: str
     seconds: float
     warmup_texts: int
@@ -34,11 +34,11 @@ def measure_on(device, spec, barrier):
     set_dtype(model, spec.dtype)
     texts = segment_texts(spec.texts, spec.seed)
     tokens = sum(token_counts(model, texts))
-    pipeline.encode(model, texts[: spec.warmup_texts], spec.batch_size)
+    pipeline.encode(model, texts[: spec.warmup_texts], spec.texts_per_call)
     barrier.wait(timeout=START_TIMEOUT_S)
-    figures = rate(lambda: pipeline.encode(model, texts, spec.batch_size), len(texts), tokens, device, spec.seconds)
+    figures = rate(lambda: pipeline.encode(model, texts, spec.texts_per_call), len(texts), tokens, device, spec.seconds)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-    return {"device": device, "name": name, "dtype": spec.dtype, "batch_size": spec.batch_size, **figures}
+    return {"device": device, "name": name, "dtype": spec.dtype, "texts_per_call": spec.texts_per_call, **figures}
 
 
 def worker(device, spec, barrier, results):
@@ -94,15 +94,15 @@ def devices_section(run, row):
     plan = run.plan
     if not plan.devices:
         return {"skipped": plan.devices_skipped}
-    spec = WorkerSpec(len(run.texts), row["batch_size"], row["dtype"], plan.seconds, plan.warmup_texts, plan.seed)
+    spec = WorkerSpec(len(run.texts), row["texts_per_call"], row["dtype"], plan.seconds, plan.warmup_texts, plan.seed)
     free_cuda_memory(run.device)  # the sweep's cached blocks, for the workers sharing its device
     each = []
     for device in plan.devices:
         if run.out_of_time(f"{device} alone"):
             break
-        run.progress(f"{device} alone: a worker process, {row['dtype']}, batch size {row['batch_size']}")
+        run.progress(f"{device} alone: a worker process, {row['dtype']}, {row['texts_per_call']} texts per call")
         each.extend(run_workers([device], spec, START_TIMEOUT_S + plan.seconds))
-    section = {"dtype": row["dtype"], "batch_size": row["batch_size"], "each": each}
+    section = {"dtype": row["dtype"], "texts_per_call": row["texts_per_call"], "each": each}
     if len(plan.devices) < 2:
         section["together"] = {"skipped": "one device: it alone is the whole machine"}
     elif not run.out_of_time("all devices together"):

@@ -12,7 +12,7 @@ TEXTS = ["Red meat and LDL cholesterol.", "How long does keto adaptation take?",
 @pytest.mark.gpu
 def test_cuda_fp16_vectors_match_the_cpu(minilm):
     service = EmbeddingsService(model_name=MINILM_PATH, device="cuda", query_instruction="")
-    vectors = service.encode_documents(TEXTS, batch_size=2)
+    vectors = service.encode_documents(TEXTS, texts_per_call=2)
     assert service.device.startswith("cuda")
     assert next(service.model.parameters()).dtype.itemsize == 2  # fp16 weights
     assert vectors.dtype == np.float32

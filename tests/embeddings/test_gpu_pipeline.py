@@ -1,5 +1,5 @@
 """The encode pipeline and the service on CUDA: fp16, pinned asynchronous copies, one device per
-worker, the batch size measured on the device. Skipped where torch sees no CUDA device."""
+worker, texts per call measured on the device. Skipped where torch sees no CUDA device."""
 import numpy as np
 import pytest
 import torch
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 def test_fp16_pipeline_vectors_match_plain_encode_on_the_cpu(minilm):
     texts = generate_texts(300, seed=5) + ["", "🥩 " * 50, "x" * 5000]
     service = EmbeddingsService(model_name=MINILM_PATH, device="cuda", query_instruction="")
-    vectors = service.encode_documents(texts, batch_size=64)
+    vectors = service.encode_documents(texts, texts_per_call=64)
     assert next(service.model.parameters()).dtype == torch.float16
     reference = minilm.model.encode(texts, normalize_embeddings=True, show_progress_bar=False)
     assert np.min(np.sum(vectors * reference, axis=1)) > 0.99
@@ -28,8 +28,8 @@ def test_a_worker_device_places_the_model_on_that_gpu():
     assert service.device == f"cuda:{last}"
 
 
-def test_the_cuda_batch_size_is_measured_on_the_first_large_call():
+def test_the_cuda_texts_per_call_are_measured_on_the_first_large_call():
     service = EmbeddingsService(model_name=MINILM_PATH, device="cuda", query_instruction="")
     service.encode_documents(generate_texts(MEASURE_TEXTS, seed=6))
-    assert set(service.measured_batch_sizes) <= set(pipeline.CUDA_BATCH_SIZES)
-    assert service.batch_size == max(service.measured_batch_sizes, key=service.measured_batch_sizes.get)
+    assert set(service.measured_texts_per_call) <= set(pipeline.CUDA_TEXTS_PER_CALL_CANDIDATES)
+    assert service.texts_per_call == max(service.measured_texts_per_call, key=service.measured_texts_per_call.get)

@@ -48,10 +48,10 @@ def quick():
 @pytest.mark.slow
 def test_quick_measures_encode_against_the_pipeline_on_the_cpu(quick):
     assert quick["device"] == "cpu" and quick["quick"] is True and "mean nothing" in quick["note"]
-    assert [(row["dtype"], row["batch_size"]) for row in quick["sweep"]] == [("fp32", 8), ("fp32", 16)]
+    assert [(row["dtype"], row["texts_per_call"]) for row in quick["sweep"]] == [("fp32", 8), ("fp32", 16)]
     for row in quick["sweep"]:
         assert positive(row["st_encode"]) and positive(row["pipeline"]) and row["ratio"] > 0
-    assert positive(quick["baseline"]) and quick["baseline"]["batch_size"] == 32
+    assert positive(quick["baseline"]) and quick["baseline"]["texts_per_call"] == 32
     best = quick["best"]
     assert positive(best["pipeline"]) and best["ratio_to_st_encode"] > 0 and best["ratio_to_baseline"] > 0
     assert quick["agreement"]["min_cosine_to_st_encode_fp32"]["fp32"] >= 0.999
@@ -88,7 +88,7 @@ def test_the_tokenizer_travels_with_the_module():
 
 def test_quick_plans_a_few_texts_on_the_cpu_and_refuses_cuda_devices():
     plan = cli.plan_from(cli.parser().parse_args(["--quick"]))
-    assert (plan.device, plan.batch_sizes, plan.dtypes, plan.devices) == ("cpu", (8, 16), ("fp32",), ())
+    assert (plan.device, plan.texts_per_call, plan.dtypes, plan.devices) == ("cpu", (8, 16), ("fp32",), ())
     assert plan.devices_skipped
     with pytest.raises(SystemExit, match="--quick measures the CPU"):
         cli.plan_from(cli.parser().parse_args(["--quick", "--devices", "0"]))
@@ -101,7 +101,7 @@ def test_chosen_devices_are_cuda_indices_that_torch_sees():
     assert devices == () and "no CUDA device" in why
     with pytest.raises(SystemExit, match=r"CUDA device\(s\) 3 not visible"):
         cli.chosen_devices((3,), 1)
-    for bad in (["--devices", "0,0"], ["--batch-sizes", "0"]):
+    for bad in (["--devices", "0,0"], ["--texts-per-call", "0"]):
         with pytest.raises(SystemExit):
             cli.parser().parse_args(bad)
 
@@ -144,7 +144,7 @@ def test_tables_align_numbers_right_and_notes_left():
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_on_cuda_the_check_measures_fp16_and_fp32_and_the_device_memory():
-    done = run_check("--json", "--quiet", "--seconds", "0.5", "--texts", "2048", "--batch-sizes", "64,256",
+    done = run_check("--json", "--quiet", "--seconds", "0.5", "--texts", "2048", "--texts-per-call", "64,256",
                      "--deadline", "120")
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout)

@@ -58,6 +58,7 @@ class EmbeddingSchema:
     legacy_column: str | None  # the old model's vectors, while they exist
     legacy_dimensions: int | None
     vector_storage: str | None = None  # the new column's SQL type: vector or halfvec
+    legacy_storage: str | None = None  # the replaced column's SQL type
 
     @property
     def storage(self):
@@ -114,12 +115,13 @@ def embedding_schema(using="default", cursor=None):
     for next_column in NEXT_COLUMNS:
         if next_column in columns:
             return EmbeddingSchema("expanded", next_column, columns[next_column], LIVE, columns[LIVE],
-                                   types[next_column][0])
+                                   types[next_column][0], types[LIVE][0])
     if PREVIOUS in columns:
-        return EmbeddingSchema("swapped", LIVE, columns[LIVE], PREVIOUS, columns[PREVIOUS], types[LIVE][0])
+        return EmbeddingSchema("swapped", LIVE, columns[LIVE], PREVIOUS, columns[PREVIOUS], types[LIVE][0],
+                               types[PREVIOUS][0])
     if expanded_before(cursor):
         return EmbeddingSchema("final", LIVE, columns[LIVE], None, None, types[LIVE][0])
-    return EmbeddingSchema("legacy", None, None, LIVE, columns[LIVE])
+    return EmbeddingSchema("legacy", None, None, LIVE, columns[LIVE], None, types[LIVE][0])
 
 
 def expanded_before(cursor):

@@ -7,6 +7,7 @@ by the project's own migrations, taken through the operator steps to the final p
 """
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,21 @@ def stored_distance(a, b, column="embedding"):
     a, b = (np.asarray(as_stored(v, column), dtype=np.float64) for v in (a, b))
     return float(1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
+
+MIGRATIONS_COPY = "switching_migrations"
+
+
+@pytest.fixture
+def migrations_copy(tmp_path, settings):
+    """The segments app's migrations, copied into a package of the test's own (MIGRATION_MODULES)
+    that `makeswitch` writes into; the written switches' records are removed after the test."""
+    shutil.copytree(ROOT / "segments" / "migrations", tmp_path / MIGRATIONS_COPY, ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, str(tmp_path))
+    settings.MIGRATION_MODULES = {"segments": MIGRATIONS_COPY}
+    ours = {path.stem for path in (ROOT / "segments" / "migrations").glob("0*.py")}
+    yield tmp_path / MIGRATIONS_COPY
+    sys.path.remove(str(tmp_path))
+    for name in [name for name in sys.modules if name.startswith(MIGRATIONS_COPY)]:
+        del sys.modules[name]
+    with connection.cursor() as cursor:  # the written switches' records go with their files
+        cursor.execute("DELETE FROM django_migrations WHERE app = 'segments' AND NOT name = ANY(%s)", [list(ours)])

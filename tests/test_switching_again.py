@@ -4,13 +4,11 @@ adoption block), then "Switching again" twice (-> another 384-dim model, MiniLM 
 -> a 768-dim model, MiniLM projected), with a plain `migrate` between every two steps.
 
 `makeswitch` writes its migrations where the segments app's migrations are: here a copy of them
-in a package of this test's own (MIGRATION_MODULES), as they would be in a checkout. The commands
+(the `migrations_copy` fixture), as they would be in a checkout. The commands
 run in this process (call_command), so each model loads once.
 """
 import importlib
 import json
-import shutil
-import sys
 from io import StringIO
 
 import numpy as np
@@ -22,28 +20,12 @@ from embeddings import ledger
 from embeddings.encoder import EmbeddingsService
 from segments.schema import embedding_schema, vector_column_types
 from tests import readme
-from tests.conftest import MINILM_PATH, ROOT
+from tests.conftest import MINILM_PATH
 from tests.migrations.original_schema import (  # noqa: F401 (fixture)
     checksums, data_columns, execute, load_rows, original_table,
 )
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.end_to_end]
-PACKAGE = "switching_migrations"
-
-
-@pytest.fixture
-def migrations_copy(tmp_path, settings):
-    """The segments app's migrations, copied into a package that makeswitch writes into."""
-    shutil.copytree(ROOT / "segments" / "migrations", tmp_path / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
-    sys.path.insert(0, str(tmp_path))
-    settings.MIGRATION_MODULES = {"segments": PACKAGE}
-    ours = {path.stem for path in (ROOT / "segments" / "migrations").glob("0*.py")}
-    yield tmp_path / PACKAGE
-    sys.path.remove(str(tmp_path))
-    for name in [name for name in sys.modules if name.startswith(PACKAGE)]:
-        del sys.modules[name]
-    with connection.cursor() as cursor:  # the written switches' records go with their files
-        cursor.execute("DELETE FROM django_migrations WHERE app = 'segments' AND NOT name = ANY(%s)", [list(ours)])
 
 
 def command(*args):

@@ -5,13 +5,15 @@ The column is `vector(384)` or `halfvec(384)` as settings.EMBEDDING_STORAGE says
 
 Both are instant whatever the table size (a nullable column without a default is a catalogue
 change), and both run under lock_timeout. The application's existing INSERTs and UPDATEs keep
-working unchanged.
+working unchanged. The table's size as the switch begins is recorded for the saving the contract
+reports (0002 records one when it is applied, which may be before the table was filled: the
+latest counts).
 """
 from django.db import migrations
 
 import segments.fields
 from segments import triggers
-from segments.operations import LockTimeoutMigration
+from segments.operations import LockTimeoutMigration, RecordSizeBefore
 
 
 class Migration(LockTimeoutMigration):
@@ -26,4 +28,5 @@ class Migration(LockTimeoutMigration):
             field=segments.fields.EmbeddingField(blank=True, dimensions=384, editable=False, null=True),
         ),
         migrations.RunSQL(triggers.create_sql("embedding_384"), reverse_sql=triggers.DROP_SQL),
+        RecordSizeBefore(switch=1),
     ]

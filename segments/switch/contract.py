@@ -17,7 +17,10 @@ file, so `run()` also sees to it that nothing live is left there:
    still stored out of line (the new vectors of longer segments, long texts) so that it moves
    to the front of the TOAST table (segments/switch/out_of_line.py), and VACUUMs again, which
    truncates the TOAST table and the heap after their last live page (ACCESS EXCLUSIVE only for
-   the moment of the truncation, and only if it can have it at once);
+   the moment of the truncation, and only if it can have it at once). The rewrite needs room at
+   the front: it is skipped when the values still out of line fill over half the TOAST table
+   (replaced vectors that were held in the rows, as a 384-dim halfvec is, freed none there), as
+   it would then add a copy of them at its end;
 4. drops the column (migration 0008: ACCESS EXCLUSIVE for milliseconds, under lock_timeout).
 
 Steps 1-3 can be interrupted and run again: they resume with what is left. From step 1 on the
@@ -176,11 +179,21 @@ def clear_legacy_vectors(connection, rows_per_transaction, progress=None):
     return cleared
 
 
-def move_out_of_line_values(connection, rows_per_transaction, progress_factory=None):
+# The values still stored out of line are moved only when they fill at most this share of the TOAST
+# table: the rest is free space at its front for their new copies.
+MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST = 0.5
+
+
+def move_out_of_line_values(connection, rows_per_transaction, progress_factory=None, out=print):
     """Rewrite the values stored out of line, `rows_per_transaction` rows a transaction, so that they move
-    to the front of the TOAST table; how many rows were rewritten."""
+    to the front of the TOAST table; how many rows were rewritten (0 without room to move them into)."""
     with connection.cursor() as cursor:
         rewrite = out_of_line.Rewrite(cursor, skip={LEGACY})
+        stored, toast = rewrite.stored_bytes(cursor), relation_sizes(cursor)["toast_bytes"]
+        if stored > MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST * toast:
+            out(f"the values stored out of line fill {stored / max(toast, 1):.0%} of the TOAST table: no room "
+                "to move them to its front, left where they are")
+            return 0
         bar = progress_factory(rewrite.count(cursor)) if progress_factory else None
     if bar is not None and hasattr(bar, "set_description"):
         bar.set_description("moving out-of-line values")
@@ -262,7 +275,7 @@ def run(raw, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=print, progr
         sizes["cleared"] = relation_sizes(cursor)
     out(f"cleared {cleared:,} legacy vectors; segments is {_megabytes(sizes['cleared'])}; "
         "moving the values stored out of line to the front of the TOAST table")
-    moved = move_out_of_line_values(raw, rows_per_transaction, progress_factory)
+    moved = move_out_of_line_values(raw, rows_per_transaction, progress_factory, out)
     vacuum_after_writes(raw, out, wait_seconds, held_back, analyze=True)
     with raw.cursor() as cursor:
         sizes["moved"] = relation_sizes(cursor)

@@ -70,6 +70,8 @@ class Rewrite:
         found = columns(cursor, skip)
         tests = [stored_out_of_line_sql(*column, server_version) for column in found]
         self.where = " OR ".join(f"({test})" for test in tests) or "false"
+        self.sizes = [f"CASE WHEN {test} THEN pg_column_size({quote_ident(column[0])}) ELSE 0 END"
+                      for column, test in zip(found, tests)]
         self.assignments = ", ".join(
             f"{quote_ident(column[0])} = CASE WHEN {test} THEN {fresh_sql(*column)} "
             f"ELSE {quote_ident(column[0])} END"
@@ -79,6 +81,13 @@ class Rewrite:
     def count(self, cursor):
         cursor.execute(f"SELECT count(*) FROM {TABLE} WHERE {self.where}")
         return cursor.fetchone()[0]
+
+    def stored_bytes(self, cursor):
+        """The bytes of the values stored out of line (as stored: compressed where they are)."""
+        if not self.sizes:
+            return 0
+        cursor.execute(f"SELECT coalesce(sum({' + '.join(self.sizes)}), 0) FROM {TABLE} WHERE {self.where}")
+        return int(cursor.fetchone()[0])
 
     def batch(self, cursor, after, size):
         """Rewrite the out-of-line values of the next `size` rows holding any, by id after

@@ -123,7 +123,7 @@ def _collect(using, scan):
         status = {
             "phase": schema.phase,
             "columns": {"vector": _column(schema.vector_column, schema.vector_dimensions, schema.vector_storage),
-                        "legacy": _column(schema.legacy_column, schema.legacy_dimensions, "vector")},
+                        "legacy": _column(schema.legacy_column, schema.legacy_dimensions, schema.legacy_storage)},
             "rows": rows,
             # Workers and their leased claims come with migration 0009 (whose pending_since table marks it).
             "backfill": _backfill(cursor, rows, heartbeats=PendingSince._meta.db_table in tables,

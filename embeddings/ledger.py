@@ -53,6 +53,17 @@ class ModelMismatch(ImproperlyConfigured):
     """A model was asked to write into, or search, a column that holds another model's vectors."""
 
 
+class LedgerMissing(ImproperlyConfigured):
+    """The ledger's table does not exist yet: this code runs on a database its migrations never reached."""
+
+
+def _require_ledger(cursor):
+    cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [LEDGER])
+    if not cursor.fetchone()[0]:
+        raise LedgerMissing(f"The model ledger ({LEDGER}) does not exist in this database: "
+                            "run `python manage.py migrate`.")
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     """What the ledger knows of a model: its name as configured, what it is, its width, its
@@ -140,7 +151,9 @@ def _entry(row):
 
 
 def entries(cursor, table):
-    """{column: Entry} of the active rows for `table` (as the search_path resolves it)."""
+    """{column: Entry} of the active rows for `table` (as the search_path resolves it); LedgerMissing
+    before the ledger's migration."""
+    _require_ledger(cursor)
     cursor.execute(
         f"SELECT {FIELDS} FROM {LEDGER} WHERE retired_at IS NULL AND table_name = %(name)s "
         f"AND table_schema = {SCHEMA_OF} ORDER BY column_name",
@@ -155,6 +168,7 @@ def entry(cursor, table, column):
 
 def history(cursor, table):
     """Every row for `table`, retired ones included, oldest first: (Entry, retired_at)."""
+    _require_ledger(cursor)
     cursor.execute(
         f"SELECT {FIELDS}, retired_at FROM {LEDGER} WHERE table_name = %(name)s AND table_schema = {SCHEMA_OF} "
         "ORDER BY recorded_at, id",

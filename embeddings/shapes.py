@@ -103,8 +103,12 @@ def _write_random_model(shape, tokenizer, directory, seed):
 
 
 def _modules():
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-
+    """sentence-transformers' Transformer, Pooling and Normalize modules: from where 6.2 and later keep
+    them, else from `sentence_transformers.models` (6.0-6.1, which a GPU machine's image may hold)."""
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:
+        from sentence_transformers.models import Normalize, Pooling, Transformer
     return Transformer, Pooling, Normalize
 
 

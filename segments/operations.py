@@ -388,7 +388,9 @@ class DropLegacyColumn(Operation):
 
 class RecordSizeBefore(Operation):
     """The table's total size (heap, TOAST, indexes) as a switch begins, recorded as a SwitchEvent
-    ("before"), so the saving is reported against what the operator paid for before it."""
+    ("before"), so the saving is reported against what the operator paid for before it. It replaces
+    an earlier record of the same switch (migration 0002's, taken when the bookkeeping was created,
+    perhaps before the table was filled)."""
 
     reversible = True
     reduces_to_sql = False
@@ -407,6 +409,8 @@ class RecordSizeBefore(Operation):
             cursor.execute("SELECT pg_total_relation_size(c.oid), c.reltuples::bigint FROM pg_class c "
                            "WHERE c.oid = to_regclass('segments')")
             total_bytes, estimated_rows = cursor.fetchone()
+            cursor.execute("DELETE FROM segments_switch_event WHERE step = 'before' AND "
+                           "coalesce(details->>'switch', '1') = %s", [str(self.switch)])
             cursor.execute("INSERT INTO segments_switch_event (step, at, details) VALUES ('before', now(), %s)",
                            [json.dumps({"total_bytes": total_bytes, "estimated_rows": max(estimated_rows, 0),
                                         "switch": self.switch})])

@@ -6,8 +6,8 @@ The column is `vector(384)` or `halfvec(384)` as settings.EMBEDDING_STORAGE says
 Both are instant whatever the table size (a nullable column without a default is a catalogue
 change), and both run under lock_timeout. The application's existing INSERTs and UPDATEs keep
 working unchanged. The table's size as the switch begins is recorded for the saving the contract
-reports (0002 records one when it is applied, which may be before the table was filled: the
-latest counts).
+reports, in place of 0002's record (taken when 0002 was applied, perhaps before the table was
+filled).
 """
 from django.db import migrations
 

@@ -140,13 +140,20 @@ def apply_step(step, using="default", inputs=None, out=None):
     return migration
 
 
+def plain_migrate_waiting(using="default", executor=None):
+    """["app.name", ...] of the migrations a plain `migrate` would apply now (operator steps left out)."""
+    executor = executor or MigrationExecutor(connections[using])
+    plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    waiting = _without(plan, [(migration, backwards) for migration, backwards in plan if step_of(migration, backwards)])
+    return [f"{migration.app_label}.{migration.name}" for migration, _ in waiting]
+
+
 def _require_plain_migrate_done(executor):
     """CommandError, before anything changes, while a plain `migrate` has work left: the operator steps
     run on a schema whose harmless migrations (the project's bookkeeping among them) are applied."""
-    plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
-    waiting = _without(plan, [(migration, backwards) for migration, backwards in plan if step_of(migration, backwards)])
+    waiting = plain_migrate_waiting(executor=executor)
     if waiting:
-        names = ", ".join(f"{migration.app_label}.{migration.name}" for migration, _ in waiting)
+        names = ", ".join(waiting)
         raise CommandError(f"`manage.py migrate` has migrations to apply first ({names}): run it, then this step "
                            "again. Nothing was changed.")
 

@@ -20,6 +20,8 @@ switch" page and the end of `migrate`.
     undo_lacks       (swapped) segments with text and no legacy vector: what an undo would not find
     legacy_writes    (expanded) segments added since the switch began that carry a 1536-dim vector
     preflight        the pre-flight findings (segments.switch.preflight)
+    migrations_waiting  the migrations a plain `migrate` would apply now ("app.name"; the operator
+                     steps are not among them): code deployed ahead of its `migrate`
     steps            expand, backfill, index, swap, contract: each "done", "current" or "todo"
     warnings         sentences for the operator
     next             the next command ("command", None when there is nothing to run) and why
@@ -44,7 +46,7 @@ from segments import index_build
 from segments.models import PendingSince, SwitchEvent
 from segments.schema import HNSW_M, TABLE, SchemaNotReady, blank_sql, embedding_schema, pending_sql
 from segments.storage import COSINE_OPCLASSES
-from segments.switch import catalog, preflight, swap
+from segments.switch import catalog, gate, preflight, swap
 from segments.switch.backfill import sql as backfill_sql
 from segments.switch.backfill.heartbeat import ALIVE
 
@@ -141,6 +143,7 @@ def _collect(using, scan):
     status["swap"] = {"done": schema.is_live, "accepted": reason is None, "refusal": reason}
     status["preflight"] = _preflight(using)
     status["adopted"] = _adopted(using)
+    status["migrations_waiting"] = gate.plain_migrate_waiting(using)
     status["steps"] = steps(status)
     status["warnings"] = warnings(status)
     status["next"] = next_step(status)
@@ -168,7 +171,7 @@ def _without_table(using, problem):
               "size": {"now_bytes": None, "before_bytes": None, "after_contract_bytes": None},
               "undo_lacks": None, "legacy_writes": None, "preflight": {"findings": [], "blocking": 0},
               "models": {}, "pending_age": {},
-              "adopted": False}
+              "adopted": False, "migrations_waiting": gate.plain_migrate_waiting(using)}
     status["steps"] = steps(status)
     status["warnings"] = []
     status["next"] = _next("migrate", "creates the segments table and applies phase 1 (expand)")
@@ -299,7 +302,10 @@ def _backfill(cursor, rows, heartbeats=True, claims=True):
     rate = round(sum(rates), 1) if rates else None
     open_rows = None if rows["pending"] is None else rows["pending"] - rows["quarantined"]
     eta = round(open_rows / rate) if rate and open_rows is not None else None
-    return {"running": bool(workers), "workers": workers, "rows_per_s": rate, "eta_seconds": eta}
+    # A follower runs for good: the switch waits for it only while it has rows to catch up on.
+    catching_up = bool(open_rows) and any((worker["mode"] or "").startswith("follow") for worker in workers)
+    running = catching_up or any(not (worker["mode"] or "").startswith("follow") for worker in workers)
+    return {"running": running, "workers": workers, "rows_per_s": rate, "eta_seconds": eta}
 
 
 def _percent(done, total):
@@ -416,6 +422,8 @@ def next_step(status):
         if not status["adopted"]:
             return _next("adopt", "adopts the existing table and applies phase 1 (expand)")
         return _next("migrate", "applies phase 1 (expand): the new column; nothing else changes")
+    if status["migrations_waiting"]:
+        return _next("migrate", f"applies {_names(status['migrations_waiting'])}, which this code needs")
     if backfill["running"]:
         after = _after_backfill(status)
         return {**after, "why": f"once the running backfill finishes (ETA {human_duration(backfill['eta_seconds'])}); "
@@ -455,6 +463,12 @@ def _next(key, why):
     return {"command": COMMANDS[key], "why": why}
 
 
+def _names(migrations, shown=3):
+    """The first `shown` of `migrations`, and how many more."""
+    more = len(migrations) - shown
+    return ", ".join(migrations[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def _width(status):
     column = status["columns"]["vector"]
     return column["dimensions"] if column else "new"
@@ -463,6 +477,9 @@ def _width(status):
 def warnings(status):
     """Sentences for the operator: what needs looking at now."""
     found = []
+    if status["phase"] not in (None, "legacy") and status["migrations_waiting"]:
+        found.append(f"`{COMMANDS['migrate']}` has not applied {_names(status['migrations_waiting'])}: "
+                     "the commands that need them refuse until it has.")
     if status.get("legacy_writes"):
         found.append(
             f"{status['legacy_writes']:,} segment(s) added since the switch began carry a "

@@ -5,8 +5,10 @@ import json
 import threading
 import time
 import uuid
+from io import StringIO
 
 import pytest
+from django.core.management import call_command
 from django.db import connection, connections
 from django.db.migrations.recorder import MigrationRecorder
 
@@ -124,6 +126,19 @@ def test_the_table_size_now_and_before_the_switch(segments_at):
     assert size["after_contract_bytes"] is None
 
 
+def test_the_size_before_the_switch_is_the_filled_tables_when_phase_1_begins(segments_at):
+    segments_at("legacy")
+    # The load records its simulated vectors in the model ledger, whose migrations (and 0002, with
+    # its first size record) it applies first: on a table still empty.
+    call_command("load_demo_segments", count=300, stdout=StringIO())
+    loaded = scalar("SELECT pg_total_relation_size('segments')")
+    call_command("migrate", verbosity=0)  # phase 1
+
+    before, = SwitchEvent.objects.filter(step="before")
+    assert before.details["total_bytes"] >= loaded > 2 * 2**20  # the 300 legacy vectors and their index
+    assert status.collect()["size"]["before_bytes"] == before.details["total_bytes"]
+
+
 def test_in_the_final_phase_new_rows_call_for_the_backfill_and_then_nothing(db):
     assert status.collect()["next"]["command"] is None
 
@@ -169,6 +184,28 @@ def test_in_the_legacy_phase_the_next_command_adopts_or_migrates(segments_at):
     lines = status.brief()
     assert 2 <= len(lines) <= 4
     assert lines[0] == "phase: legacy" and lines[1].startswith("next: python manage.py migrate --fake-initial")
+
+
+def test_code_deployed_before_its_migrate_is_told_to_migrate_and_writes_nothing(segments_at, use_minilm):
+    from django.core.management.base import CommandError
+
+    from segments.switch.gate import migrate_to
+
+    segments_at("0005_unmapped_legacy_columns")
+    migrate_to("0002_bookkeeping_moved_to_segments", app="embeddings")  # no model ledger yet
+    ids = add_segments(["one", "two"])
+
+    found = status.collect()
+    assert {"segments.0009_embedding_on_arrival", "embeddings.0003_vector_column"} <= set(found["migrations_waiting"])
+    assert found["next"]["command"] == "python manage.py migrate"
+    assert any("has not applied" in warning for warning in found["warnings"])
+    for args in (["backfill_embeddings"], ["search_segments", "one"]):
+        with pytest.raises(CommandError, match=r"model ledger .* does not exist.*run `python manage\.py migrate`"):
+            command(*args)
+    assert scalar("SELECT count(*) FROM segments WHERE id = ANY(%s) AND embedding_384 IS NOT NULL", [ids]) == 0
+
+    call_command("migrate", verbosity=0)
+    assert status.collect()["migrations_waiting"] == []
 
 
 # --- Backfill workers --------------------------------------------------------------------------
@@ -272,7 +309,7 @@ def test_embedding_status_json_prints_the_whole_status(segments_at):
     found = json.loads(command("embedding_status", "--json")[0])
 
     assert set(found) == {"phase", "columns", "rows", "backfill", "index_build", "indexes", "index_plan", "swap",
-                          "size", "undo_lacks", "legacy_writes", "preflight", "adopted", "steps", "warnings", "next",
+                          "size", "undo_lacks", "legacy_writes", "preflight", "adopted", "migrations_waiting", "steps", "warnings", "next",
                           "models", "pending_age"}
     assert found["phase"] == "expanded" and found["rows"] == KNOWN_ROWS
     assert found["swap"] == {"done": False, "accepted": False, "refusal": swap.refusal()}

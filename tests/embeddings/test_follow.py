@@ -10,8 +10,10 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from io import StringIO
 
 import pytest
+from django.core.management import call_command
 from django.db import connection
 
 from askdrchaffee import postgres
@@ -20,7 +22,7 @@ from segments.schema import embedding_schema
 from segments.switch import steps, status
 from segments.switch.backfill import count_pending, run_backfill
 from segments.switch.backfill.follow import Follower
-from tests.conftest import ROOT, database_url
+from tests.conftest import PHASES, ROOT, database_url, migrate_segments
 from tests.embeddings.conftest import FAKE_BACKFILL, add_segments, scalar, segment_texts, sentences, stored_vectors
 from tests.embeddings.test_server_restart import PrivateServer, private_server, query  # noqa: F401 (fixture)
 from tests.migrations.test_live_swap import Writer
@@ -166,6 +168,35 @@ def test_a_follower_of_the_replaced_model_stops_at_the_contract_and_waits(segmen
     assert any("this follower uses" in line for line in lines if line.startswith("Waiting:")), lines
 
 
+def test_started_before_phase_1_it_waits_for_the_migration_then_follows(segments_at):
+    segments_at("legacy")
+    add_segments(sentences(20))
+    lines, stop, failures = [], threading.Event(), []
+    follower = Follower(HashingEncoder(), batch_size=100, poll_seconds=0.2, say=lines.append, stop=stop)
+
+    def run():
+        try:
+            follower.run()
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: lines, 10) and "run `python manage.py migrate`" in lines[0], lines
+        time.sleep(1.0)
+        assert len(lines) == 1 and not failures  # it says why once, and waits
+        migrate_segments(PHASES["expanded"])  # a deploy's `migrate`, while it waits
+        assert wait_until(lambda: any(line.startswith("Following") for line in lines), 20), (lines, failures)
+        assert wait_until(lambda: count_pending() == 0, 20), lines
+    finally:
+        stop.set()
+        thread.join(10)
+        connection.close()
+    assert not failures and not thread.is_alive()
+    assert current()
+
+
 def test_status_shows_each_follower_and_the_oldest_waiting_segment(segments_at, settings):
     segments_at("expanded")
     add_segments(sentences(10))
@@ -176,10 +207,16 @@ def test_status_shows_each_follower_and_the_oldest_waiting_segment(segments_at, 
         add_segments(sentences(3, seed=4))
         assert wait_until(lambda: count_pending() == 0, 5), lines
         found = status.collect()
+        shown = StringIO()
+        call_command("embedding_status", stdout=shown)
     follower, = found["backfill"]["workers"]
     assert follower["mode"] == "follow (listen)" and follower["column"] == "embedding"
     assert follower["model"] == "hashing-384" and follower["last_batch_rows"] >= 1
     assert found["pending_age"] == {"embedding": None}
+    # caught up, it runs for good: the next step does not wait for it to finish
+    assert found["backfill"]["running"] is False and found["next"]["command"].endswith("contract --confirm")
+    assert "once the running backfill finishes" not in found["next"]["why"]
+    assert "(1 following)" in shown.getvalue() and "follow (listen)" in shown.getvalue()
 
     with connection.cursor() as cursor:  # a segment nobody embeds: it waits, and the status says for how long
         cursor.execute("INSERT INTO segments (video_id, start_sec, end_sec, text) VALUES ('v', 0, 1, 'waiting')")

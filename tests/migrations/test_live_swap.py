@@ -263,8 +263,7 @@ def test_contract_gives_the_disk_back_online_while_the_application_writes(segmen
     with connection.cursor() as cursor:
         demo_data.load(cursor.cursor, 20_000, seed=3, legacy_column="embedding")
     call_command("migrate", verbosity=0)  # phase 1, as a deploy runs it; records the size before
-    (before,), = sql("SELECT (details->>'total_bytes')::bigint FROM segments_switch_event WHERE step = 'before' "
-                     "ORDER BY at DESC, id DESC LIMIT 1")
+    (before,), = sql("SELECT (details->>'total_bytes')::bigint FROM segments_switch_event WHERE step = 'before'")
     encoder = HashingEncoder()
     run_backfill(encoder)
     steps.index()

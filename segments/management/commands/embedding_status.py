@@ -69,12 +69,13 @@ class Command(BaseCommand):
 
     def _backfill(self, status):
         backfill = status["backfill"]
-        if not backfill["running"]:
-            yield "Backfill: not running."
+        if not backfill["workers"]:
+            yield "Backfill: not running; no follower."
             return
         rate = "unknown" if backfill["rows_per_s"] is None else f"{backfill['rows_per_s']:,.1f}"
+        followers = sum((worker["mode"] or "").startswith("follow") for worker in backfill["workers"])
         yield self.style.MIGRATE_HEADING(
-            f"Backfill: {len(backfill['workers'])} worker(s), {rate} rows/s, "
+            f"Backfill: {len(backfill['workers'])} worker(s) ({followers} following), {rate} rows/s, "
             f"ETA {human_duration(backfill['eta_seconds'])}")
         for worker in backfill["workers"]:
             ids, rate = worker["claimed_ids"], worker.get("recent_rows_per_s") or worker["rows_per_s"]

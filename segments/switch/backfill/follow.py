@@ -139,6 +139,9 @@ class Follower:
     def run(self):
         """Follow until stopped."""
         self.listener = Listener(self.using)
+        if not self._wait_for_phase_1():
+            self.listener.close()
+            return
         self.worker = Worker(self.encoder, self.connect, self.tuning, mode=self.mode, stop=self.stop, forever=True)
         try:
             self.worker.start(None)
@@ -157,6 +160,41 @@ class Follower:
         finally:
             self.listener.close()
             self.worker.close()
+
+    def _wait_for_phase_1(self):
+        """Wait, saying why once, until the table has what a follower needs (migration 0009: the arrival
+        trigger and the workers' bookkeeping), as a follower started before a deploy's `migrate` must;
+        False when stopped meanwhile."""
+        said = None
+        while not self.stop.is_set():
+            try:
+                missing = self._missing()
+            except psycopg2.OperationalError as exc:  # the database is not there yet either
+                missing = f"the database cannot be reached ({str(exc).strip().splitlines()[0]})"
+            if missing is None:
+                return True
+            if missing != said:
+                self.say(f"Waiting: {missing}.")
+                said = missing
+            self.stop.wait(self.poll_seconds)
+        return False
+
+    def _missing(self):
+        """What the table lacks for a follower (None: nothing)."""
+        connection = self.connect("follow check")
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT to_regclass(%s) IS NOT NULL, to_regclass('segments_pending_since') IS NOT NULL",
+                               [TABLE])
+                table, arrival = cursor.fetchone()
+        finally:
+            connection.close()
+        if not table:
+            return f"there is no {TABLE} table yet: run `python manage.py migrate`"
+        if not arrival:
+            return (f"{TABLE} has no arrival trigger yet (phase 1, migration segments.0009): run "
+                    "`python manage.py migrate`")
+        return None
 
     def _started(self):
         identity = self.worker.identity

@@ -4,6 +4,8 @@ The commands are read from README.md itself (its first `sh` block after "## The 
 the block after "**Undo.**"), so the README cannot drift from what works. Between every two
 steps a plain `manage.py migrate` runs, as a deploy would: it must exit 0 and change nothing.
 """
+import json
+
 import numpy as np
 import pytest
 from django.core.management import call_command
@@ -59,6 +61,10 @@ def test_the_runbook_as_written_completes_the_switch(legacy_table_with_data, min
         outputs[" ".join(argv[2:])] = run(argv)
 
     assert embedding_schema().phase == "final"
+    # The last step left nothing for a deploy's plain migrate, and the status nothing to run.
+    plain_migrate_changes_nothing()
+    found = json.loads(run(["python", "manage.py", "embedding_status", "--json"]))
+    assert found["migrations_waiting"] == [] and found["next"]["command"] is None, found["next"]
     with connection.cursor() as cursor:
         cursor.execute("SELECT id, text, embedding::real[] FROM segments WHERE text ~ '[^[:space:]]' ORDER BY id")
         rows = cursor.fetchall()

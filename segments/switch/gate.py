@@ -11,7 +11,8 @@ swap and its undo, the contract) are marked on their migration with `operator_st
   before anything changes;
 - `apply_step(step)`, which `manage.py embedding_switch STEP` calls, applies the one migration of
   that step for the switch under way, with Django's own executor and an explicit plan, handing
-  the migration's operation the inputs the command prepared (the swap's catch-up, say).
+  the migration's operation the inputs the command prepared (the swap's catch-up, say), then
+  the harmless migrations that waited for it (a plain `migrate` has nothing left to do after a step).
 
 Each switch's migrations carry its number (`switch = N`): the first switch is 0003-0008, a later
 one is written by `manage.py makeswitch`. The switch under way is the latest whose expand
@@ -137,7 +138,21 @@ def apply_step(step, using="default", inputs=None, out=None):
         return False
     bind(migration, inputs=inputs, out=out)
     executor.migrate([(APP, migration.name)], plan=[(migration, backwards)])
+    if not backwards:
+        _apply_what_waited_for(migration, using)
     return migration
+
+
+def _apply_what_waited_for(step_migration, using):
+    """Apply the harmless migrations that waited for `step_migration` (those a plain `migrate` would now
+    apply and that depend on it: 0010, which joins the end of the first switch to later migrations), so
+    that the step leaves nothing for a plain `migrate` to do, as it found it."""
+    executor = GatedMigrationExecutor(connections[using])
+    after = set(executor.loader.graph.backwards_plan((APP, step_migration.name)))  # what depends on it
+    plan = [(migration, backwards) for migration, backwards in executor.migration_plan(executor.loader.graph.leaf_nodes())
+            if (migration.app_label, migration.name) in after and not backwards]
+    if plan:
+        executor.migrate([(m.app_label, m.name) for m, _ in plan], plan=plan)
 
 
 def plain_migrate_waiting(using="default", executor=None):

@@ -50,6 +50,11 @@ def pending_sql(column, alias="s"):
     return f"{alias}.{column} IS NULL AND NOT ({blank_sql(alias)})"
 
 
+# Since when a pending segment (alias `s`, its segments_pending_since row `p` LEFT JOINed) has waited:
+# its text's last change as the arrival trigger stamped it (migration 0009), else its creation.
+WAITING_SINCE = "coalesce(p.since, s.created_at AT TIME ZONE 'UTC')"
+
+
 @dataclass(frozen=True)
 class EmbeddingSchema:
     phase: str

@@ -44,7 +44,9 @@ from askdrchaffee.postgres import human_bytes  # noqa: F401 (the panel and the c
 from embeddings import ledger
 from segments import index_build
 from segments.models import PendingSince, SwitchEvent
-from segments.schema import HNSW_M, TABLE, SchemaNotReady, blank_sql, embedding_schema, pending_sql
+from segments.schema import (
+    HNSW_M, TABLE, WAITING_SINCE, SchemaNotReady, blank_sql, embedding_schema, pending_sql,
+)
 from segments.storage import COSINE_OPCLASSES
 from segments.switch import catalog, gate, preflight, swap
 from segments.switch.backfill import sql as backfill_sql
@@ -236,7 +238,7 @@ def _models(cursor, tables):
 
 PENDING_AGE_READ_UP_TO = 100_000
 PENDING_AGE = f"""
-    SELECT extract(epoch FROM now() - min(coalesce(p.since, s.created_at AT TIME ZONE 'UTC')))
+    SELECT extract(epoch FROM now() - min({WAITING_SINCE}))
     FROM {TABLE} s LEFT JOIN segments_pending_since p ON p.segment_id = s.id WHERE {{pending}}
 """
 

@@ -113,6 +113,30 @@ def test_a_missing_vector_fails_coverage(complete, minilm):
     assert "manage.py backfill_embeddings" in report["checks"]["coverage"]["message"]
 
 
+def test_with_a_follower_running_a_segment_that_just_arrived_is_arriving_and_an_older_one_missing(complete, minilm):
+    from django.utils import timezone
+
+    from segments.models import BackfillWorker, PendingSince
+
+    now = timezone.now()
+    BackfillWorker.objects.create(worker_name="host:4242", started=now, updated=now, mode="follow (listen)",
+                                  column="embedding")
+    arrived = Segment.objects.create(video_id="v1", start_sec=50, end_sec=51, text="A segment that just arrived.")
+
+    report, error = run(minilm)
+
+    assert error is None, report["checks"]["coverage"]
+    coverage = report["checks"]["coverage"]
+    assert (coverage["missing"], coverage["arriving"]) == (0, 1)
+    assert "the follower (host:4242) embeds them" in coverage["message"]
+
+    PendingSince.objects.filter(segment_id=arrived.pk).update(since=now - timezone.timedelta(minutes=1))
+    report, error = run(minilm)
+
+    assert str(error) == "1 check(s) failed: coverage."
+    assert (report["checks"]["coverage"]["missing"], report["checks"]["coverage"]["arriving"]) == (1, 0)
+
+
 def test_a_quarantined_segment_fails_coverage(complete, minilm):
     Segment.objects.filter(pk=complete[3].pk).update(embedding=None)
     QuarantinedSegment.objects.create(segment_id=complete[3].pk, text_md5="0" * 32, reason="tokenizer failed")

@@ -80,7 +80,16 @@ def test_two_machines_with_different_models_never_fill_one_column_with_both(segm
     add_segments(sentences(120))
     runs = [manage("backfill_embeddings", "--batch-size", "20", env={"EMBEDDING_MODEL": model})
             for model in (MINILM_PATH, standin("cls"))]
-    outcomes = [(run.wait(120), run.communicate()[1]) for run in runs]
+    try:
+        outcomes = []
+        for run in runs:
+            _, err = run.communicate(timeout=120)
+            outcomes.append((run.returncode, err))
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
 
     winner = recorded("embedding_384").identity.name
     loser = 1 - [MINILM_PATH, standin("cls")].index(winner)

@@ -20,7 +20,7 @@
 - **Sizes and names**: `parse_size` and `human_bytes`, `quote_ident` and `quote_literal`,
   `index_valid`.
 
-Nothing here imports the project's apps: settings.py, `embeddings` and `segments` all use it.
+Nothing here imports the project's apps: settings.py, `segments` and `benchmark` use it.
 """
 import logging
 import re
@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 LOCK_NOT_AVAILABLE = "55P03"
 QUERY_CANCELED = "57014"
-UNDEFINED_COLUMN = "42703"
 TRANSIENT_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 DIRECT_URL_SETTING = "DATABASE_DIRECT_URL"
 
@@ -40,7 +39,6 @@ DIRECT_URL_SETTING = "DATABASE_DIRECT_URL"
 # --- sizes and names --------------------------------------------------------------------------
 
 SIZE_UNITS = {"b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40}
-MB = 2**20
 
 
 def parse_size(raw):

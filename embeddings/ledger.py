@@ -232,12 +232,6 @@ def retire(cursor, table, column):
     )
 
 
-def forget(cursor, table):
-    """Drop every row for `table` (the table itself is being dropped)."""
-    cursor.execute(f"DELETE FROM {LEDGER} WHERE table_name = %(name)s AND table_schema = {SCHEMA_OF}",
-                   {"table": table, "name": table.split(".")[-1]})
-
-
 def mismatch(table, column, recorded, identity, cosine, doing):
     """The ModelMismatch for `identity` meeting another model's column, naming both and the fix."""
     measured = f" (their vectors of the same texts agree only to cosine {cosine:.3f})" if cosine is not None else ""
@@ -267,10 +261,9 @@ def column_for_writer(cursor, table, column, identity, storage_of):
     return found.column
 
 
-def check_reader(cursor, table, column, identity, doing="this search"):
-    """The column's Entry (None when none is recorded); ModelMismatch when `identity` is not the
-    model recorded for it, or puts another prefix before questions."""
-    found = entry(cursor, table, column)
+def check_reader(table, column, found, identity, doing="this search"):
+    """`found` (the column's Entry, None when none is recorded); ModelMismatch when `identity` is not
+    the model recorded for it, or puts another prefix before questions."""
     if found is None:
         return None
     matched, cosine = same_model(identity, found.identity)

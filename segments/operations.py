@@ -35,7 +35,7 @@ from django.db.utils import DatabaseError, OperationalError, ProgrammingError
 from pgvector.django import HnswIndex, VectorExtension
 
 from askdrchaffee import postgres
-from askdrchaffee.postgres import LOCK_NOT_AVAILABLE, QUERY_CANCELED
+from askdrchaffee.postgres import QUERY_CANCELED
 from segments import index_build
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def giving_up_on_lock_timeout(what):
     try:
         yield
     except OperationalError as exc:
-        if postgres.pgcode(exc) != LOCK_NOT_AVAILABLE:
+        if not postgres.is_lock_timeout(exc):
             raise
         raise MigrationLocked(
             f"{what} gave up after lock_timeout={settings.MIGRATION_LOCK_TIMEOUT}: another "

@@ -27,9 +27,6 @@ FIRST_EXPAND = "0003_embedding_384"  # the migration that first expanded the tab
 
 # The original project's vectors: GTE-Qwen2-1.5B, 1536 dimensions.
 LEGACY_DIMENSIONS = 1536
-# The legacy columns the project never reads (the model does not map them; migration 0005).
-UNMAPPED_LEGACY_COLUMNS = ("speaker_confidence", "avg_logprob", "compression_ratio", "no_speech_prob",
-                           "temperature_used", "metadata")
 
 # HNSW build parameters (pgvector's defaults, documented in the README's runbook).
 HNSW_M = 16

@@ -32,12 +32,12 @@ from django.db import connections, transaction
 from django.db.models.expressions import RawSQL
 from pgvector.django import CosineDistance, VectorField
 
-from segments.storage import COSINE_OPCLASSES
-
+from askdrchaffee import postgres
 from embeddings import ledger
 from embeddings.encoder import DimensionMismatch, ModelUnavailable, get_service
 from segments.models import Segment
 from segments.schema import TABLE, require_vector_column, vector_columns
+from segments.storage import COSINE_OPCLASSES
 
 # hnsw.ef_search accepts 1..1000, and a plain HNSW scan returns at most ef_search rows.
 MAX_K = 1000
@@ -158,22 +158,9 @@ def _local_settings(values, using):
     Putting them back matters when the caller's transaction goes on after this block (a savepoint
     keeps SET LOCAL values when it is released). One round trip each way.
     """
-    names = list(values)
-    with transaction.atomic(using=using), connections[using].cursor() as cursor:
-        previous = _set_config(cursor, {name: str(values[name]) for name in names}, read_first=True)
+    with transaction.atomic(using=using), connections[using].cursor() as cursor, \
+            postgres.local_settings(cursor, **values):
         yield
-        _set_config(cursor, {name: value for name, value in zip(names, previous) if value is not None})
-
-
-def _set_config(cursor, values, read_first=False):
-    """set_config(name, value, true) for each item in one statement; the values before if `read_first`."""
-    if not values:
-        return []
-    reads = ["current_setting(%s, true)" for _ in values] if read_first else []
-    sets = ["set_config(%s, %s, true)" for _ in values]
-    params = (list(values) if read_first else []) + [item for pair in values.items() for item in pair]
-    cursor.execute(f"SELECT {', '.join(reads + sets)}", params)
-    return list(cursor.fetchone()[: len(reads)])
 
 
 def _search_settings(*, ef_search, k, iterative, exact=False, allow_seqscan=True):
@@ -239,10 +226,9 @@ def reader_for(column, using="default", encoder=None, doing="this search"):
     the column's model; for a column no model is recorded for, a few stored vectors decide."""
     with connections[using].cursor() as cursor:
         recorded = ledger.entry(cursor, TABLE, column)
-    encoder = encoder or configured_model(recorded)
-    identity = ledger.identity_of(encoder)
-    with connections[using].cursor() as cursor:
-        if ledger.check_reader(cursor, TABLE, column, identity, doing) is None:
+        encoder = encoder or configured_model(recorded)
+        identity = ledger.identity_of(encoder)
+        if ledger.check_reader(TABLE, column, recorded, identity, doing) is None:
             _check_evidence(cursor, using, column, encoder, identity, doing)
     return encoder
 

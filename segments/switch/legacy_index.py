@@ -35,7 +35,7 @@ from django.core.management.base import CommandError
 from django.db import connections
 
 from askdrchaffee import postgres
-from askdrchaffee.postgres import LOCK_NOT_AVAILABLE, quote_ident
+from askdrchaffee.postgres import quote_ident
 from segments import index_build
 from segments.models import SwitchEvent
 from segments.operations import build_concurrently
@@ -156,7 +156,7 @@ def _concurrently(using, statement, what, command):
         with connection.cursor() as cursor:
             cursor.execute(statement)
     except psycopg2.Error as exc:
-        if postgres.pgcode(exc) != LOCK_NOT_AVAILABLE:
+        if not postgres.is_lock_timeout(exc):
             raise
         raise LegacyIndexError(
             f"{what} gave up after lock_timeout={settings.MIGRATION_LOCK_TIMEOUT}: another session holds a lock "

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from django.conf import settings
 from django.db import connections
 
-from segments.schema import TABLE, SchemaNotReady, embedding_schema
+from segments.schema import NEXT_COLUMNS, PREVIOUS, TABLE, SchemaNotReady, embedding_schema
 from segments.storage import COSINE_OPCLASSES, HALFVEC_SINCE
 from segments.switch import live_table, user_triggers
 
@@ -38,7 +38,7 @@ CODES = (
 
 MIN_POSTGRES = 130000
 HNSW_SINCE, ITERATIVE_SCAN_SINCE = (0, 5, 0), (0, 8, 0)
-NEW_COLUMNS = ("embedding_384", "embedding_legacy")  # the switch's own, at one phase or another
+NEW_COLUMNS = (*NEXT_COLUMNS, PREVIOUS)  # the switch's own, at one phase or another
 RENAMED = {"speaker_confidence": "speaker_conf"}  # by the original project's revision 008
 INT4_MAX = 2**31 - 1  # the switch's bookkeeping (claims, quarantine) stores segment ids as integer
 COMPATIBLE_TYPES = {  # Django internal type: pg_type.typname values the project can read and write

@@ -216,12 +216,6 @@ def _run(side, question, k, using):
         return
     try:
         side.results = search(question, k=k, column=side.column, using=using)
-        if side.label == OLD:  # the search's advice (build the new column's index) is not for this column
-            unindexed = f"segments.{side.column} has no HNSW index"
-            notes = side.results.notes
-            if any(note.startswith(unindexed) for note in notes):
-                side.results.notes = [note for note in notes if not note.startswith(unindexed)] + [
-                    f"{unindexed}: the old search scanned the whole table (exact, and slower on a large table)."]
     except ModelUnavailable as exc:
         side.problem = str(exc)
         side.fix = _fix_unavailable(side)

@@ -291,7 +291,10 @@ def _notes(schema, column, filtered, iterative, using):
         notes.append(f"Searching segments.{column}, the new model's vectors, before the swap "
                      f"(phase {schema.phase}): the application still serves the legacy column.")
     index = cosine_index(column, using)
-    if index is None:
+    if index is None and column != schema.vector_column:  # the replaced model's: no step builds its index
+        notes.append(f"segments.{column} has no HNSW index: this search scanned the whole table (exact, and "
+                     "slower on a large table).")
+    elif index is None:
         fix = ("Build it with `manage.py embedding_switch index`." if schema.phase == "expanded" else
                "`manage.py verify_embeddings` says how to create it.")
         notes.append(f"segments.{column} has no HNSW index: this search scanned the whole table. {fix}")

@@ -247,6 +247,20 @@ def test_the_legacy_column_is_not_searched_with_another_model_naming_both(segmen
         search("east", column="embedding", encoder=EAST)
 
 
+def test_the_replaced_models_column_without_an_hnsw_index_is_scanned_and_no_step_is_offered(segments_at):
+    from segments.schema import embedding_schema
+    from segments.search import _notes
+
+    segments_at("expanded")  # embedding: the legacy column, with only the original project's L2 index
+
+    legacy = _notes(embedding_schema(), "embedding", filtered=False, iterative=True, using="default")
+    new = _notes(embedding_schema(), "embedding_384", filtered=False, iterative=True, using="default")
+
+    assert legacy == ["segments.embedding has no HNSW index: this search scanned the whole table (exact, and "
+                      "slower on a large table)."]
+    assert any("embedding_switch index" in note for note in new)
+
+
 def test_before_phase_one_the_search_names_the_migration(segments_at):
     segments_at("legacy")
 

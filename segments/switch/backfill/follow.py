@@ -36,7 +36,7 @@ from psycopg2 import errors
 from askdrchaffee import postgres
 from embeddings import ledger
 from segments import triggers
-from segments.schema import TABLE, pending_sql, vector_column_types
+from segments.schema import TABLE, SchemaNotReady, pending_sql, vector_column_types
 
 from .pipeline import Run, Worker
 from .report import BackfillError
@@ -69,6 +69,7 @@ class Listener:
             self.why_not = None
         except postgres.PoolerRefused as exc:
             self.connection, self.why_not = None, "DATABASE_URL goes through a pooler (set DATABASE_DIRECT_URL to LISTEN)"
+            self._next_try = float("inf")  # a pooler stays one: poll for good
             logger.info("cannot LISTEN: %s", exc)
         except psycopg2.Error as exc:
             self.connection, self._next_try = None, time.monotonic() + RECONNECT_SECONDS
@@ -81,7 +82,7 @@ class Listener:
     def wait(self, seconds, stop):
         """Return when a notification arrives, `seconds` pass, or `stop` is set."""
         if self.connection is None:
-            if self.why_not and "pooler" not in self.why_not and time.monotonic() >= self._next_try:
+            if time.monotonic() >= self._next_try:
                 self._connect()
             if self.connection is None:
                 stop.wait(seconds)
@@ -155,6 +156,7 @@ class Follower:
                         self._cleanup(target)
                 except errors.UndefinedColumn as exc:  # a swap or an undo renamed a column meanwhile
                     logger.info("columns renamed under the follower (%s); it looks again", exc.diag.message_primary)
+                    self.stop.wait(0.1)  # at once, but never in a tight loop
                     continue
                 self.listener.wait(self.poll_seconds, self.stop)
         finally:
@@ -209,9 +211,7 @@ class Follower:
             target = self.worker.control.run(self._resolve)
         except (ledger.ModelMismatch, postgres.PoolerRefused) as exc:
             target, reason = None, str(exc)
-        except Exception as exc:  # SchemaNotReady: no table or no column for the new model yet
-            if exc.__class__.__name__ != "SchemaNotReady":
-                raise
+        except SchemaNotReady as exc:  # no table or no column for the new model yet
             target, reason = None, str(exc)
         else:
             reason = None

@@ -42,7 +42,7 @@ from segments.schema import PREVIOUS as LEGACY
 from segments.schema import TABLE
 from segments.switch import catalog, horizon, out_of_line
 from segments.switch.swap import SwapRefused
-from segments.switch.user_triggers import quiet_user_triggers
+from segments.switch.user_triggers import triggers_to_quiet
 
 # Rows a clearing or moving transaction looks at; it writes at most this many, and an application
 # write to one of them waits for it (a few ms a row where the row moves to another page).
@@ -100,18 +100,28 @@ def drop_legacy_indexes(connection, out):
     for name in indexes:
         out(f"dropping the legacy index {name} (CONCURRENTLY)")
         patiently(connection, lambda cursor: cursor.execute(
-            f"DROP INDEX CONCURRENTLY IF EXISTS {postgres.quote_ident(name)}"), transaction=False)
+            f"DROP INDEX CONCURRENTLY IF EXISTS {postgres.quote_ident(name)}"), local=None)
     return indexes
 
 
-def patiently(connection, work, transaction=True):
-    """work(cursor), in one transaction (each under lock_timeout and with the application's triggers
-    quiet, for that transaction only) unless `transaction` is False; after a lock timeout or a
-    deadlock, again (LOCK_ATTEMPTS times in all), then ContractInterrupted."""
+def transaction_settings(cursor):
+    """What each of the contract's own transactions sets for itself (read once per run): lock_timeout,
+    and session_replication_role = replica where the application's triggers would fire on its writes
+    (TriggersNotQuieted, naming the GRANT, when the role may not set it)."""
+    values = {"lock_timeout": LOCK_TIMEOUT}
+    if triggers_to_quiet(cursor):
+        values["session_replication_role"] = "replica"
+    return values
+
+
+def patiently(connection, work, local):
+    """work(cursor), in one transaction that sets `local` (transaction_settings()) for itself only, or
+    outside any transaction when `local` is None; after a lock timeout or a deadlock, again
+    (LOCK_ATTEMPTS times in all), then ContractInterrupted."""
     retrying = postgres.retrying(attempts=LOCK_ATTEMPTS, wait=lambda attempt: 0.1 * attempt,
                                  on=(errors.LockNotAvailable, errors.DeadlockDetected), what="a contract batch")
     try:
-        return retrying(_once, connection, work, transaction)
+        return retrying(_once, connection, work, local)
     except (errors.LockNotAvailable, errors.DeadlockDetected):
         raise ContractInterrupted(
             f"The contract stopped: it waited for the application's transactions {LOCK_ATTEMPTS} times "
@@ -121,14 +131,13 @@ def patiently(connection, work, transaction=True):
         ) from None
 
 
-def _once(connection, work, transaction):
+def _once(connection, work, local):
     with connection.cursor() as cursor:
-        if not transaction:
+        if local is None:
             return work(cursor)
         cursor.execute("BEGIN")
         try:
-            postgres.set_local(cursor, lock_timeout=LOCK_TIMEOUT)
-            quiet_user_triggers(cursor)
+            postgres.set_local(cursor, **local)
             result = work(cursor)
         except BaseException:
             cursor.execute("ROLLBACK")
@@ -168,11 +177,11 @@ def clear_batch(cursor, after, rows_per_transaction):
     return cursor.rowcount, (min(left) - 1 if left else candidates[-1][0])
 
 
-def clear_legacy_vectors(connection, rows_per_transaction, progress=None):
-    """Set the legacy column to NULL, a batch a transaction; how many rows were cleared."""
+def clear_legacy_vectors(connection, rows_per_transaction, local, progress=None):
+    """Set the legacy column to NULL, a batch a transaction (each setting `local`); how many rows were cleared."""
     cleared, after = 0, FIRST_ID
     while after is not None:
-        done, after = patiently(connection, lambda cursor: clear_batch(cursor, after, rows_per_transaction))
+        done, after = patiently(connection, lambda cursor: clear_batch(cursor, after, rows_per_transaction), local)
         cleared += done
         if progress is not None and done:
             progress(done)
@@ -184,9 +193,10 @@ def clear_legacy_vectors(connection, rows_per_transaction, progress=None):
 MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST = 0.5
 
 
-def move_out_of_line_values(connection, rows_per_transaction, progress_factory=None, out=print):
-    """Rewrite the values stored out of line, `rows_per_transaction` rows a transaction, so that they move
-    to the front of the TOAST table; how many rows were rewritten (0 without room to move them into)."""
+def move_out_of_line_values(connection, rows_per_transaction, local, progress_factory=None, out=print):
+    """Rewrite the values stored out of line, `rows_per_transaction` rows a transaction (each setting
+    `local`), so that they move to the front of the TOAST table; how many rows were rewritten (0 without
+    room to move them into)."""
     with connection.cursor() as cursor:
         rewrite = out_of_line.Rewrite(cursor, skip={LEGACY})
         stored, toast = rewrite.stored_bytes(cursor), relation_sizes(cursor)["toast_bytes"]
@@ -200,7 +210,7 @@ def move_out_of_line_values(connection, rows_per_transaction, progress_factory=N
     moved, after = 0, FIRST_ID
     try:
         while True:
-            ids = patiently(connection, lambda cursor: rewrite.batch(cursor, after, rows_per_transaction))
+            ids = patiently(connection, lambda cursor: rewrite.batch(cursor, after, rows_per_transaction), local)
             if not ids:
                 return moved
             moved, after = moved + len(ids), max(ids)
@@ -235,7 +245,7 @@ def vacuum(connection, analyze=False):
     still holds one cannot be truncated. After the out-of-line values have moved, their old chunks
     are on just such a few pages, near the end of the TOAST table: the whole file would stay."""
     options = "ANALYZE, INDEX_CLEANUP ON, TRUNCATE" if analyze else "INDEX_CLEANUP ON, TRUNCATE"
-    patiently(connection, lambda cursor: cursor.execute(f"VACUUM ({options}) {TABLE}"), transaction=False)
+    patiently(connection, lambda cursor: cursor.execute(f"VACUUM ({options}) {TABLE}"), local=None)
 
 
 def raw_connection(using):
@@ -259,6 +269,7 @@ def run(raw, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=print, progr
     started, held_back = time.perf_counter(), {}
     with raw.cursor() as cursor:
         refuse_dependent_views(cursor)
+        local = transaction_settings(cursor)
         sizes = {"start": relation_sizes(cursor)}
         to_clear = count_legacy_vectors(cursor)
     dropped = drop_legacy_indexes(raw, out)
@@ -266,7 +277,7 @@ def run(raw, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=print, progr
     out(f"clearing {to_clear:,} legacy vectors, at most {rows_per_transaction} a transaction")
     bar = progress_factory(to_clear) if progress_factory else None
     try:
-        cleared = clear_legacy_vectors(raw, rows_per_transaction, bar.update if bar else None)
+        cleared = clear_legacy_vectors(raw, rows_per_transaction, local, bar.update if bar else None)
     finally:
         if bar is not None:
             bar.close()
@@ -275,7 +286,7 @@ def run(raw, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=print, progr
         sizes["cleared"] = relation_sizes(cursor)
     out(f"cleared {cleared:,} legacy vectors; segments is {_megabytes(sizes['cleared'])}; "
         "moving the values stored out of line to the front of the TOAST table")
-    moved = move_out_of_line_values(raw, rows_per_transaction, progress_factory, out)
+    moved = move_out_of_line_values(raw, rows_per_transaction, local, progress_factory, out)
     vacuum_after_writes(raw, out, wait_seconds, held_back, analyze=True)
     with raw.cursor() as cursor:
         sizes["moved"] = relation_sizes(cursor)

@@ -21,6 +21,7 @@ from segments.schema import HNSW_M, PREVIOUS, TABLE, blank_sql, embedding_schema
 from segments.switch import gate
 from segments.switch import swap as swapping
 from segments.switch.backfill import count_pending
+from segments.switch.backfill.sql import count_pending_sql
 from segments.switch.backfill.heartbeat import ALIVE
 
 # The index is built over a filled column: a large share of pending rows would make the rest of
@@ -145,8 +146,12 @@ def _swap_beside(running, using, columns, rounds):
 
     def wait():
         deadline = time.monotonic() + FOLLOWER_WAIT_SECONDS
-        while count_pending(using, columns.next) > allowance and time.monotonic() < deadline:
-            time.sleep(0.1)
+        with connections[using].cursor() as cursor:  # one session for the whole wait, not one per look
+            while time.monotonic() < deadline:
+                cursor.execute(count_pending_sql(columns.next))
+                if cursor.fetchone()[0] <= allowance:
+                    return
+                time.sleep(0.1)
 
     result = _rounds(using, rounds, wait, lambda: swapping.SwapInputs(allow_pending=allowance),
                      f"the follower's allowance ({allowance} rows)")

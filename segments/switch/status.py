@@ -130,7 +130,8 @@ def _collect(using, scan):
                         "legacy": _column(schema.legacy_column, schema.legacy_dimensions, schema.legacy_storage)},
             "rows": rows,
             # Workers and their leased claims come with migration 0009 (whose pending_since table marks it).
-            "backfill": _backfill(cursor, rows, heartbeats=PendingSince._meta.db_table in tables,
+            "backfill": _backfill(cursor, rows, schema.vector_column,
+                                  heartbeats=PendingSince._meta.db_table in tables,
                                   claims=PendingSince._meta.db_table in tables),
             "index_build": _index_build(cursor),
             "indexes": {"hnsw": _hnsw_index(cursor, schema.vector_column),
@@ -271,9 +272,10 @@ def live_column(status):
     return None
 
 
-def _backfill(cursor, rows, heartbeats=True, claims=True):
+def _backfill(cursor, rows, column, heartbeats=True, claims=True):
     """The workers running now: heartbeats of live runs, and live claims of workers that have not
-    written a batch yet; their rows/s and the ETA of the pending rows the quarantine does not hold."""
+    written a batch yet; the rows/s and the ETA (of the pending rows the quarantine does not hold) of
+    those filling `column`, the new model's (a follower of another column's model writes elsewhere)."""
     workers = []
     if heartbeats:
         cursor.execute(HEARTBEATS)
@@ -300,13 +302,14 @@ def _backfill(cursor, rows, heartbeats=True, claims=True):
                      "seconds_since_last_batch": None, "recent_rows_per_s": None}]
             workers.append(mine[0])
         mine[0].update(claims=claims, claimed_ids=[first_id, last_id])
-    rates = [worker["rows_per_s"] for worker in workers if worker["rows_per_s"]]
+    filling = [worker for worker in workers if worker["column"] in (None, column)]
+    rates = [worker["rows_per_s"] for worker in filling if worker["rows_per_s"]]
     rate = round(sum(rates), 1) if rates else None
     open_rows = None if rows["pending"] is None else rows["pending"] - rows["quarantined"]
     eta = round(open_rows / rate) if rate and open_rows is not None else None
     # A follower runs for good: the switch waits for it only while it has rows to catch up on.
-    catching_up = bool(open_rows) and any((worker["mode"] or "").startswith("follow") for worker in workers)
-    running = catching_up or any(not (worker["mode"] or "").startswith("follow") for worker in workers)
+    catching_up = bool(open_rows) and any((worker["mode"] or "").startswith("follow") for worker in filling)
+    running = catching_up or any(not (worker["mode"] or "").startswith("follow") for worker in filling)
     return {"running": running, "workers": workers, "rows_per_s": rate, "eta_seconds": eta}
 
 

@@ -186,6 +186,25 @@ def test_in_the_legacy_phase_the_next_command_adopts_or_migrates(segments_at):
     assert lines[0] == "phase: legacy" and lines[1].startswith("next: python manage.py migrate --fake-initial")
 
 
+def test_only_a_follower_of_the_new_models_column_holds_the_next_step_back(segments_at):
+    from django.utils import timezone
+
+    segments_at("expanded")
+    known_rows("embedding_384")  # one open pending row
+    now = timezone.now()
+    elsewhere = BackfillWorker.objects.create(worker_name="host:1", started=now, updated=now, mode="follow (listen)",
+                                              column="embedding", rows_done=600)
+
+    found = status.collect()
+    assert found["backfill"]["running"] is False and found["backfill"]["rows_per_s"] is None
+    assert "once the running backfill finishes" not in found["next"]["why"]
+
+    elsewhere.delete()
+    BackfillWorker.objects.create(worker_name="host:2", started=now, updated=now, mode="follow (listen)",
+                                  column="embedding_384")
+    assert status.collect()["backfill"]["running"] is True
+
+
 def test_code_deployed_before_its_migrate_is_told_to_migrate_and_writes_nothing(segments_at, use_minilm):
     from django.core.management.base import CommandError
 

@@ -493,15 +493,15 @@ def follower_side(ctx, model, count):
     _, edit_ids = prepare(ctx)
     arrivals = plan(count, edit_ids, ctx.options.seed)
     ctx.progress(f"arrival: the follower: starting it ({model.label})")
-    child = Child(child_config(ctx, model, "follow"))
-    sampler = RssSampler(child.process.pid)
-    sampler.start()
+    child, sampler = Child(child_config(ctx, model, "follow")), None
 
     def failed():
         if child.process.poll() is not None:
             raise child.failure("follower")
 
-    try:
+    try:  # from here on the follower is stopped on every path (child.end())
+        sampler = RssSampler(child.process.pid)
+        sampler.start()
         child.wait_ready()
         ready_at = time.monotonic()
         time.sleep(SETTLE_SECONDS)
@@ -517,7 +517,8 @@ def follower_side(ctx, model, count):
         stop = stop_follower(child)
         sampler.stop()
     finally:
-        sampler.stopped.set()
+        if sampler is not None:
+            sampler.stopped.set()
         child.end()
     return {
         "mode": "listen" if child.mode and "listen" in child.mode else "poll",

@@ -21,6 +21,7 @@ from segments.switch import gate
 
 DEMO_SUFFIX = "_demo"
 ARRIVAL = "A listener asked whether bone broth counts as a carnivore food, and the answer was yes."
+ARRIVAL_WAIT_SECONDS = 60  # the follower embeds one segment in well under a second
 QUERIES = [
     "Does red meat raise LDL cholesterol?",
     "how long does it take to adapt to ketosis",
@@ -175,7 +176,11 @@ class Demo:
                 cursor.execute("INSERT INTO segments (video_id, start_sec, end_sec, speaker_label, text) VALUES "
                                "('demo-arrival', 0, 9, 'Chaffee', %s) RETURNING id, clock_timestamp()", [ARRIVAL])
                 segment_id, committed = cursor.fetchone()
-            while not self._embedded(segment_id) and thread.is_alive():
+            deadline = time.monotonic() + ARRIVAL_WAIT_SECONDS
+            while not self._embedded(segment_id):
+                if not thread.is_alive() or time.monotonic() > deadline:
+                    raise CommandError(f"The follower did not embed the segment inserted after the switch within "
+                                       f"{ARRIVAL_WAIT_SECONDS} s (its lines are above).")
                 time.sleep(0.02)
             with connection.cursor() as cursor:
                 cursor.execute("SELECT extract(epoch FROM clock_timestamp() - %s) * 1000", [committed])

@@ -85,10 +85,9 @@ def record_model(connect, encoder):
 def follow(config, encoder, connect):
     """Run a Follower until SIGTERM or SIGINT (as the command's --follow does); the exit status."""
     from segments.switch.backfill import Tuning
-    from segments.switch.backfill.follow import STOP_SECONDS, Follower
+    from segments.switch.backfill.follow import Follower, run_until_stopped
 
     stop = threading.Event()
-    failure = []
     follower = None
 
     def say(line):
@@ -98,13 +97,6 @@ def follow(config, encoder, connect):
     follower = Follower(encoder, using="default", connect=connect, batch_size=config["batch_size"],
                         tuning=Tuning(), poll_seconds=config["poll_seconds"], say=say, stop=stop)
 
-    def run():
-        try:
-            follower.run()
-        except BaseException as exc:
-            failure.append(exc)
-            stop.set()
-
     signalled = []
 
     def handle(signum, frame):
@@ -113,14 +105,10 @@ def follow(config, encoder, connect):
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handle)
-    thread = threading.Thread(target=run, name="follower", daemon=True)
-    thread.start()
-    while thread.is_alive() and not stop.is_set():
-        thread.join(0.2)
-    thread.join(STOP_SECONDS)
+    failure, ended = run_until_stopped(follower, stop)
     since = time.monotonic() - signalled[0][1] if signalled else None
-    emit("stopped", signal=signalled[0][0] if signalled else None, finished=not thread.is_alive(),
-         seconds_after_signal=since, failure=f"{type(failure[0]).__name__}: {failure[0]}" if failure else None)
+    emit("stopped", signal=signalled[0][0] if signalled else None, finished=ended,
+         seconds_after_signal=since, failure=f"{type(failure).__name__}: {failure}" if failure else None)
     return 1 if failure else 0
 
 

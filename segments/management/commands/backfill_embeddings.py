@@ -44,7 +44,7 @@ from tqdm import tqdm
 from segments.switch.backfill import (
     DEFAULT_BATCH_SIZE, BackfillError, BackfillReport, Tuning, backfill_plan, count_pending, run_backfill,
 )
-from segments.switch.backfill.follow import STOP_SECONDS, Follower
+from segments.switch.backfill.follow import Follower, run_until_stopped
 from embeddings.devices import assign_devices, cuda_device_count, parse_devices
 from embeddings.encoder import get_service
 from segments.schema import SchemaNotReady, require_vector_column
@@ -155,28 +155,14 @@ class Command(BaseCommand):
         """Run a Follower until SIGTERM or SIGINT; exit status 0 when stopped so."""
         encoder = options.get("encoder") or get_service(self._devices(options)[0])
         stop = threading.Event()
-        failure = []
         follower = Follower(encoder, using=options["database"], batch_size=options["batch_size"],
                             tuning=Tuning(writers=options["writers"]), stop=stop, say=self._say,
                             poll_seconds=options["poll_seconds"] or settings.FOLLOW_POLL_SECONDS)
-
-        def follow():
-            try:
-                follower.run()
-            except BaseException as exc:  # raised again by the main thread, which reports it
-                failure.append(exc)
-                stop.set()
-
-        thread = threading.Thread(target=follow, name="follower", daemon=True)
-        with stopping_on_signals(stop, self._say):
-            thread.start()
-            while thread.is_alive() and not stop.is_set():
-                thread.join(0.2)
-        thread.join(STOP_SECONDS)
-        if failure:
-            error = failure[0]
+        with stopping_on_signals(stop, self._say):  # a second signal while the pass ends changes nothing
+            error, ended = run_until_stopped(follower, stop)
+        if error is not None:
             raise CommandError(str(error)) if isinstance(error, (ImproperlyConfigured, BackfillError)) else error
-        if thread.is_alive():
+        if not ended:
             self._say("Stopped; the batch in hand was abandoned (its rows stay pending for the next follower).")
         else:
             self._say("Stopped.")

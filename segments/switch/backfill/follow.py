@@ -264,3 +264,23 @@ def cleanup_sql(cursor):
             SELECT p2.segment_id FROM segments_pending_since p2 LEFT JOIN {TABLE} s ON s.id = p2.segment_id
             WHERE s.id IS NULL OR NOT ({waiting}) LIMIT %s)
     """
+
+
+def run_until_stopped(follower, stop):
+    """Run `follower` in a thread until it fails or `stop` is set (by the caller's signal handlers), then
+    give its pass up to STOP_SECONDS to end; (the exception it failed with or None, whether it ended)."""
+    failure = []
+
+    def run():
+        try:
+            follower.run()
+        except BaseException as exc:  # the caller reports it
+            failure.append(exc)
+            stop.set()
+
+    thread = threading.Thread(target=run, name="follower", daemon=True)
+    thread.start()
+    while thread.is_alive() and not stop.is_set():
+        thread.join(0.2)
+    thread.join(STOP_SECONDS)
+    return (failure[0] if failure else None), not thread.is_alive()

@@ -97,14 +97,14 @@ class VectorWriter:
     statements), otherwise in a transaction of its own.
     """
 
-    def __init__(self, connection, column, dims, table="segments", *, identity, overwrite=False):
+    def __init__(self, connection, column, dims, table="segments", *, identity, overwrite=False, type_name=None):
         self.connection = connection
         self.column = column
         self.dims = int(dims)
         self.table = table
         self.identity = identity
         self.overwrite = overwrite
-        self.type_name = None  # the column's type, read at the first batch
+        self.type_name = type_name  # the column's type (`vector` or `halfvec`) when known; else read at the first batch
 
     def write(self, ids, text_md5s, vectors):
         """Stage the batch and apply it with one UPDATE; returns the number of rows updated.
@@ -148,7 +148,7 @@ class VectorWriter:
         when the column holds another model's vectors)."""
         cursor.execute(f"LOCK TABLE {self.table} IN ROW EXCLUSIVE MODE")
         column = ledger.column_for_writer(cursor, self.table, self.column, self.identity,
-                                          lambda: self._column_type(cursor))
+                                          lambda: self.type_name or self._column_type(cursor))
         if column != self.column or self.type_name is None:
             self.column = column
             self.type_name = self._column_type(cursor)

@@ -199,12 +199,12 @@ def move_out_of_line_values(connection, rows_per_transaction, local, progress_fa
     room to move them into)."""
     with connection.cursor() as cursor:
         rewrite = out_of_line.Rewrite(cursor, skip={LEGACY})
-        stored, toast = rewrite.stored_bytes(cursor), relation_sizes(cursor)["toast_bytes"]
+        (rows, stored), toast = rewrite.stored(cursor), relation_sizes(cursor)["toast_bytes"]
         if stored > MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST * toast:
             out(f"the values stored out of line fill {stored / max(toast, 1):.0%} of the TOAST table: no room "
                 "to move them to its front, left where they are")
             return 0
-        bar = progress_factory(rewrite.count(cursor)) if progress_factory else None
+        bar = progress_factory(rows) if progress_factory else None
     if bar is not None and hasattr(bar, "set_description"):
         bar.set_description("moving out-of-line values")
     moved, after = 0, FIRST_ID

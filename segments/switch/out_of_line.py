@@ -78,16 +78,14 @@ class Rewrite:
             for column, test in zip(found, tests)
         )
 
-    def count(self, cursor):
-        cursor.execute(f"SELECT count(*) FROM {TABLE} WHERE {self.where}")
-        return cursor.fetchone()[0]
-
-    def stored_bytes(self, cursor):
-        """The bytes of the values stored out of line (as stored: compressed where they are)."""
+    def stored(self, cursor):
+        """(rows holding values stored out of line, those values' bytes as stored: compressed where they
+        are), in one scan of the table."""
         if not self.sizes:
-            return 0
-        cursor.execute(f"SELECT coalesce(sum({' + '.join(self.sizes)}), 0) FROM {TABLE} WHERE {self.where}")
-        return int(cursor.fetchone()[0])
+            return 0, 0
+        cursor.execute(f"SELECT count(*), coalesce(sum({' + '.join(self.sizes)}), 0) FROM {TABLE} WHERE {self.where}")
+        rows, stored = cursor.fetchone()
+        return rows, int(stored)
 
     def batch(self, cursor, after, size):
         """Rewrite the out-of-line values of the next `size` rows holding any, by id after

@@ -400,7 +400,8 @@ class Run:
         self._commit_setting(cursor)
         written = 0
         if batch.ids:
-            writer = VectorWriter(connection, self.target.column, self.target.dims, identity=self.worker.identity)
+            writer = VectorWriter(connection, self.target.column, self.target.dims, identity=self.worker.identity,
+                                  type_name=self.target.storage)  # the target's type: no catalogue read a batch
             written = writer.write(batch.ids, batch.md5s, batch.vectors)
             self._moved_to(writer.column)
             cursor.execute(sql.unquarantine_staged_sql(writer.staging_table), [len(batch.ids)])

@@ -130,7 +130,7 @@ def _collect(using, scan):
                         "legacy": _column(schema.legacy_column, schema.legacy_dimensions, schema.legacy_storage)},
             "rows": rows,
             # Workers and their leased claims come with migration 0009 (whose pending_since table marks it).
-            "backfill": _backfill(cursor, rows, schema.vector_column,
+            "backfill": _backfill(cursor, rows, schema.legacy_column,
                                   heartbeats=PendingSince._meta.db_table in tables,
                                   claims=PendingSince._meta.db_table in tables),
             "index_build": _index_build(cursor),
@@ -272,10 +272,11 @@ def live_column(status):
     return None
 
 
-def _backfill(cursor, rows, column, heartbeats=True, claims=True):
+def _backfill(cursor, rows, other_column, heartbeats=True, claims=True):
     """The workers running now: heartbeats of live runs, and live claims of workers that have not
     written a batch yet; the rows/s and the ETA (of the pending rows the quarantine does not hold) of
-    those filling `column`, the new model's (a follower of another column's model writes elsewhere)."""
+    those filling the new model's column: not those writing `other_column` (the other model's: its
+    follower). A heartbeat may name a column a swap has renamed since: it counts as the new model's."""
     workers = []
     if heartbeats:
         cursor.execute(HEARTBEATS)
@@ -302,7 +303,7 @@ def _backfill(cursor, rows, column, heartbeats=True, claims=True):
                      "seconds_since_last_batch": None, "recent_rows_per_s": None}]
             workers.append(mine[0])
         mine[0].update(claims=claims, claimed_ids=[first_id, last_id])
-    filling = [worker for worker in workers if worker["column"] in (None, column)]
+    filling = [worker for worker in workers if other_column is None or worker["column"] != other_column]
     rates = [worker["rows_per_s"] for worker in filling if worker["rows_per_s"]]
     rate = round(sum(rates), 1) if rates else None
     open_rows = None if rows["pending"] is None else rows["pending"] - rows["quarantined"]

@@ -199,7 +199,7 @@ def _arriving(cursor, column):
     if not cursor.fetchone()[0]:
         return 0, []
     cursor.execute(f"SELECT w.worker_name FROM segments_backfill_worker w WHERE {ALIVE} AND w.mode LIKE %s "
-                   "ORDER BY w.worker_name", ["follow%"])
+                   "AND w.\"column\" IN (%s, '') ORDER BY w.worker_name", ["follow%", column])
     followers = [name for (name,) in cursor.fetchall()]
     if not followers:
         return 0, []

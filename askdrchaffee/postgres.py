@@ -15,18 +15,31 @@
 - **Poolers** (`behind_pooler`): a connection goes through a pooler or proxy when the server's own
   port is not the one connected to (PgBouncer listens on 6432, Supabase's pooler on 6543, the
   server on 5432).
-- **Lock timeouts and retries**: `LOCK_NOT_AVAILABLE` and friends, `is_lock_timeout`, and
-  `retrying` (tenacity) for work that a lost connection or a busy table interrupts.
+- **Lock timeouts and retries**: `LOCK_NOT_AVAILABLE` and friends, `is_lock_timeout`, `retrying`
+  (tenacity) for work that a lost connection or a busy table interrupts, and `with_lock_retries`
+  for a step that needs a lock the application's writes would queue behind: a short lock_timeout,
+  tried again with backoff, so that no write waits longer than one short attempt (GitLab's lock
+  retries), and the sessions that held the lock named when it gives up (`lock_holders`).
+- **Connections that cannot succeed as configured** (`connection_refusal`): a certificate from
+  another CA or for another host, TLS required but not asked for, a wrong password or host. Each
+  becomes one line naming the setting to fix (the commands print it, the admin's log shows it), and
+  is never retried.
 - **Sizes and names**: `parse_size` and `human_bytes`, `quote_ident` and `quote_literal`,
   `index_valid`.
 
 Nothing here imports the project's apps: settings.py, `segments` and `benchmark` use it.
 """
 import logging
+import os
+import random
 import re
+import time
+from datetime import timedelta
 
 import psycopg2
 from psycopg2 import errors
+
+from askdrchaffee.round_trips import CountedConnection
 
 logger = logging.getLogger(__name__)
 
@@ -128,14 +141,223 @@ def is_lock_timeout(exc):
     return pgcode(exc) == LOCK_NOT_AVAILABLE or isinstance(exc, errors.LockNotAvailable)
 
 
+# --- sessions, as reported to people ----------------------------------------------------------
+
+QUERY_SHOWN = 200  # characters of another session's query that are reported
+
+
+def shown_query(query):
+    """A session's query as reported: whitespace collapsed, cut at QUERY_SHOWN characters."""
+    query = " ".join((query or "").split())
+    return query[:QUERY_SHOWN] + "..." if len(query) > QUERY_SHOWN else query
+
+
+def describe_session(who, state, seconds, application, query):
+    """"pid 123 (idle in transaction, open 0:00:15, psql); its query: '...'" for `who` ("pid 123"),
+    a session of pg_stat_activity (`seconds`: how long its transaction has been open, None when
+    unknown)."""
+    age = "" if seconds is None else f", open {timedelta(seconds=int(seconds))}"
+    query = shown_query(query)
+    shown = f"; its query: {query!r}" if query else ""
+    return f"{who} ({state or 'state unknown'}{age}, {application or 'no application_name'}){shown}"
+
+
+# --- lock retries ----------------------------------------------------------------------------
+
+LOCK_RETRY_FIRST_TIMEOUT_MS = 100  # the first attempt's lock_timeout; doubled each attempt up to the cap
+LOCK_RETRY_FIRST_SLEEP_SECONDS = 0.2  # the first pause between attempts; x1.5 each attempt up to the most
+LOCK_RETRY_MOST_SLEEP_SECONDS = 3.0
+
+# The sessions holding a lock on %(table)s, oldest transaction first: what a step waited behind.
+LOCK_HOLDERS_SQL = """
+    SELECT 'pid ' || a.pid, a.state, extract(epoch FROM now() - a.xact_start), a.application_name,
+           left(a.query, %(shown)s)
+    FROM pg_stat_activity a
+    WHERE a.pid <> pg_backend_pid() AND a.pid IN (
+        SELECT l.pid FROM pg_locks l WHERE l.relation = to_regclass(%(table)s) AND l.granted)
+    ORDER BY a.xact_start NULLS LAST LIMIT 3
+"""
+
+
+class LockNotTaken(Exception):
+    """A step gave up waiting for a lock after its retries; it changed nothing."""
+
+
+def lock_holders(cursor, table):
+    """describe_session() of the sessions holding a lock on `table`, oldest transaction first."""
+    cursor.execute(LOCK_HOLDERS_SQL, {"table": table, "shown": QUERY_SHOWN + 1})
+    return [describe_session(*row) for row in cursor.fetchall()]
+
+
+def lock_retry_settings():
+    """(the longest lock_timeout of one attempt in ms, the seconds a step keeps trying): the
+    settings MIGRATION_LOCK_TIMEOUT and MIGRATION_LOCK_RETRY_SECONDS, read at each use."""
+    from django.conf import settings
+
+    cap = parse_duration_ms(settings.MIGRATION_LOCK_TIMEOUT)
+    return max(1, cap), float(settings.MIGRATION_LOCK_RETRY_SECONDS)
+
+
+def parse_duration_ms(raw):
+    """Milliseconds of a PostgreSQL duration ("500ms", "2s", "1min"; no unit means ms); ValueError else."""
+    units = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000, "": 1}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", str(raw).lower())
+    if not match or match[2] not in units:
+        raise ValueError(raw)
+    return int(float(match[1]) * units[match[2]])
+
+
+def lock_attempts(cap_ms, patience_seconds):
+    """(attempt number, its lock_timeout in ms, the pause after it if it fails) for as long as
+    `patience_seconds` allows counting the attempts' own waits; the first attempt always."""
+    spent, attempt = 0.0, 0
+    while True:
+        attempt += 1
+        timeout = min(cap_ms, LOCK_RETRY_FIRST_TIMEOUT_MS * 2 ** (attempt - 1))
+        pause = min(LOCK_RETRY_MOST_SLEEP_SECONDS, LOCK_RETRY_FIRST_SLEEP_SECONDS * 1.5 ** (attempt - 1))
+        pause *= random.uniform(0.8, 1.2)  # two steps retrying together do not stay in step
+        yield attempt, timeout, pause
+        spent += timeout / 1000 + pause
+        if spent >= patience_seconds:
+            return
+
+
+def with_lock_retries(attempt, *, what, holders, sleep=time.sleep):
+    """attempt(lock_timeout) until it is not stopped by a lock timeout; its result.
+
+    `attempt` runs one whole transaction that sets the lock_timeout it is given ("100ms") for
+    itself (`SET LOCAL`) before taking its locks, and rolls back entirely when the lock times out:
+    the application's writes, queued behind the waiting lock request, wait at most that long.
+    Between attempts they go on. `holders()` names the sessions that held the lock (after the
+    rollback). After MIGRATION_LOCK_RETRY_SECONDS, LockNotTaken naming them; nothing was changed."""
+    cap, patience = lock_retry_settings()
+    started = time.monotonic()
+    for number, timeout, pause in lock_attempts(cap, patience):
+        try:
+            return attempt(f"{timeout}ms")
+        except Exception as exc:
+            if not is_lock_timeout(exc):
+                raise
+            held_by = holders()
+        who = "; ".join(held_by) or "a session that has ended since"
+        logger.warning("%s: attempt %d timed out after %d ms waiting for a lock held by %s; trying again in %.1f s",
+                       what, number, timeout, who, pause)
+        last = who
+        if time.monotonic() - started + pause >= patience:
+            break
+        sleep(pause)
+    raise LockNotTaken(
+        f"{what} gave up after {number} attempts in {time.monotonic() - started:.0f} s, each waiting at most "
+        f"{cap} ms for its lock (so the application's writes never queued longer behind it): held by {last}. "
+        "Nothing was changed. Run it again once that transaction has ended, or give it more time with "
+        "MIGRATION_LOCK_RETRY_SECONDS."
+    )
+
+
+# --- connections that cannot succeed as configured --------------------------------------------
+
+# libpq's words when connecting cannot succeed until a setting changes (retrying cannot help), with
+# what they mean and the fix. {url} is DATABASE_URL or DATABASE_DIRECT_URL (the one whose host
+# failed), {sslmode} and {sslrootcert} its values; the other names are the message's own.
+REFUSALS = (
+    (r"certificate verify failed",
+     "the server's certificate is not signed by the CA in sslrootcert={sslrootcert} (certificate verify failed)",
+     "Set sslrootcert in {url} to the CA that signed it"),
+    (r'root certificate file "(?P<file>[^"]*)" does not exist',
+     "sslmode={sslmode} checks the server's certificate, and sslrootcert={file} does not exist",
+     "Set sslrootcert in {url} to the file of the CA that signed it (sslrootcert=system: the system's CAs)"),
+    (r'server certificate for "(?P<name>[^"]*)".* does not match host name "(?P<host>[^"]*)"',
+     "the server's certificate is for {name}, not for {host} (sslmode=verify-full checks the name)",
+     "Use in {url} the host name its certificate names, or set sslmode=verify-ca there (it checks the CA only)"),
+    (r'no pg_hba\.conf entry for host "(?P<client>[^"]*)", user "(?P<user>[^"]*)", database "(?P<db>[^"]*)", '
+     r"SSL (?:encryption|on)",
+     "the server admits no connection from {client} as user {user} to database {db} (no pg_hba.conf entry)",
+     "Check the user and database name in {url}, and that the server accepts connections from this address"),
+    (r"no pg_hba\.conf entry for .*, (?:no encryption|SSL off)",
+     "the server requires TLS and sslmode={sslmode} does not ask for it (no pg_hba.conf entry without TLS)",
+     "Set sslmode=require in {url} (or verify-full with sslrootcert)"),
+    (r"server does not support SSL, but SSL was required",
+     "the server does not speak TLS and sslmode={sslmode} requires it",
+     "Check the host and port in {url} (a managed database speaks TLS), or set sslmode=prefer there"),
+    (r'password authentication failed for user "(?P<user>[^"]*)"',
+     "the server refused the password of user {user}",
+     "Set the user's password in {url} (with its special characters percent-encoded)"),
+    (r"no password supplied",
+     "the server asks for a password and {url} has none",
+     "Add it to {url}: postgresql://USER:PASSWORD@HOST/NAME"),
+    (r'could not translate host name "(?P<host>[^"]*)" to address: '
+     r"(?:Name or service not known|No address associated with hostname|nodename nor servname provided)",
+     "no host is named {host}",
+     "Correct the host in {url}"),
+    (r'FATAL: database "(?P<db>[^"]*)" does not exist',
+     "the server has no database {db}",
+     "Correct the database name in {url}"),
+    (r'FATAL: role "(?P<user>[^"]*)" does not exist',
+     "the server has no user {user}",
+     "Correct the user in {url}"),
+)
+
+
+def connection_refusal(exc):
+    """The one line for a failure to connect (psycopg2's OperationalError, or Django's wrapping one)
+    that only a change of settings can mend (REFUSALS): what happened, the setting to change, and
+    that nothing was written. None for any other error: a server restarting or a link down may pass."""
+    error = exc if isinstance(exc, psycopg2.OperationalError) else getattr(exc, "__cause__", None)
+    if not isinstance(error, psycopg2.OperationalError) or error.pgcode is not None:
+        return None  # an error of a statement, not of connecting
+    message = " ".join(str(error).split())
+    for pattern, what, fix in REFUSALS:
+        found = re.search(pattern, message)
+        if found:
+            values = {**_url_settings(message), **found.groupdict()}
+            return (f"Cannot connect to the database: {what.format(**values)}. {fix.format(**values)}. "
+                    "Nothing was written.")
+    return None
+
+
+def _url_settings(message):
+    """{url, sslmode, sslrootcert} of the URL that failed: DATABASE_DIRECT_URL when libpq's message
+    names its host and port ('connection to server at "HOST" (ADDRESS), port PORT failed') and not
+    DATABASE_URL's; DATABASE_URL otherwise."""
+    from django.conf import settings
+
+    default = settings.DATABASES.get("default", {}) if settings.configured else {}
+    direct = getattr(settings, "DATABASE_DIRECT", None) if settings.configured else None
+    at = re.search(r'connection to server at "([^"]*)"(?: \([^)]*\))?, port (\d+) failed', message)
+    url, options = "DATABASE_URL", default.get("OPTIONS", {})
+    if direct and at and _reaches(direct, *at.groups()) and not _reaches(default, *at.groups()):
+        url, options = DIRECT_URL_SETTING, {**options, **direct.get("OPTIONS", {})}
+    return {"url": url, "sslmode": options.get("sslmode") or os.environ.get("PGSSLMODE") or "prefer",
+            "sslrootcert": (options.get("sslrootcert") or os.environ.get("PGSSLROOTCERT")
+                            or "~/.postgresql/root.crt")}
+
+
+def _reaches(database, host, port):
+    """Whether `database` (a DATABASES entry) connects to `host` and `port`."""
+    return ((database.get("OPTIONS", {}).get("host") or database.get("HOST")) == host
+            and str(database.get("PORT") or 5432) == port)
+
+
+class ConnectionRefusalInOneLine(logging.Filter):
+    """A logging filter: a record whose error is a connection refusal (connection_refusal) becomes
+    its one line, without the traceback (django.request's record of a failed admin page)."""
+
+    def filter(self, record):
+        line = connection_refusal(record.exc_info[1]) if record.exc_info else None
+        if line is not None:
+            record.msg, record.args, record.exc_info, record.exc_text = line, (), None, None
+        return True
+
+
 # --- retries ----------------------------------------------------------------------------------
 
 def retrying(*, attempts, wait, on=TRANSIENT_ERRORS, sleep=None, before_retry=None, what="the database work"):
     """A tenacity Retrying for work that a lost connection or a busy table interrupts: `attempts`
     tries in all (None: without end), `wait(attempt number)` seconds before each retry, after the
-    exceptions `on` only; one log line per retry (never a traceback); the last error is raised when
-    the tries are spent. `before_retry()` runs before each wait (to close a broken connection, say),
-    `sleep(seconds)` waits (to be woken by a stop request, say)."""
+    exceptions `on` only, never after a connection refusal (a setting to fix: connection_refusal); one
+    log line per retry (never a traceback); the last error is raised when the tries are spent.
+    `before_retry()` runs before each wait (to close a broken connection, say), `sleep(seconds)`
+    waits (to be woken by a stop request, say)."""
     import tenacity
 
     def log(state):
@@ -149,7 +371,7 @@ def retrying(*, attempts, wait, on=TRANSIENT_ERRORS, sleep=None, before_retry=No
     return tenacity.Retrying(
         stop=tenacity.stop_after_attempt(attempts) if attempts else tenacity.stop_never,
         wait=lambda state: wait(state.attempt_number),
-        retry=tenacity.retry_if_exception_type(on),
+        retry=tenacity.retry_if_exception(lambda exc: isinstance(exc, on) and connection_refusal(exc) is None),
         before_sleep=log,
         sleep=sleep or tenacity.nap.sleep,
         reraise=True,
@@ -210,6 +432,7 @@ def private_connection(using="default", purpose="work", settings=None, applicati
         params["options"] = f"{params.get('options', '')} {options}".strip()
     if application_name:
         params["application_name"] = application_name[:63]
+    params["connection_factory"] = CountedConnection
     connection = private.get_new_connection(params)
     connection.autocommit = autocommit
     try:

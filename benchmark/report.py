@@ -318,8 +318,77 @@ def render_arrival(figures):
     return lines + _targets(figures)
 
 
+def _ms_triplet(latency):
+    return "-" if not latency["count"] else f"{latency['p50']:.2f} / {latency['p95']:.2f} / {latency['p99']:.2f}"
+
+
+LIVE_SITE_PHASES = (("idle", "idle: the application alone"), ("unthrottled", "beside an unthrottled backfill"),
+                    ("throttled", "beside a throttled backfill"))
+
+
+def render_live_site(figures):
+    app = figures["application"]
+    rows = []
+    for key, label in LIVE_SITE_PHASES:
+        side = figures["phases"][key]
+        engine = side.get("backfill") or {}
+        latency = side["latency_ms"]
+        rows.append([label, _ms_triplet(latency["read"]), _ms_triplet(latency["search"]),
+                     _ms_triplet(latency["insert"]), _n(engine.get("rows_per_s")),
+                     _n(engine.get("wal_bytes_per_row")), _n(side["wal_bytes"] / side["seconds"] / 2**20, 1)
+                     if side["seconds"] else "-", "-" if side["replica_lag_max_s"] is None else
+                     f"{side['replica_lag_max_s']:.2f} s"])
+    throttled = figures["phases"]["throttled"].get("backfill") or {}
+    waits = [line for line in throttled.get("throttle_said", []) if line.startswith("Waiting:")]
+    lag = figures["max_replica_lag"]
+    lines = [
+        f"live-site: the application's latency (ms, p50 / p95 / p99) beside the backfill, {figures['seconds']:g} s "
+        f"a phase, on a scratch copy of {figures['rows']:,} segments ({figures['rows_source']})",
+        f"  the application: {app['rounds_per_s']:g} rounds/s of a read by id, a search (top {app['top_k']} of "
+        f"{app['search_rows']:,} {app['dimensions']}-dim vectors, HNSW, ef_search {app['ef_search']}) and an insert; "
+        f"the backfill: the engine with a zero-cost encoder in a process of its own",
+        *_table(["", "read", "search", "insert", "backfill rows/s", "WAL B/row", "WAL MB/s", "replica lag max"],
+                rows),
+        f"  throttled: --max-rows-per-second {figures['rate_cap']:,g}, replica lag limit "
+        f"{lag if lag == 'off' else f'{lag:g} s'}" + (f"; it waited {len(waits)} time(s): {waits[0]}" if waits else ""),
+        "  WAL B/row: the phase's WAL less the application's own sessions', over the rows written; "
+        "checkpoints in the phases: " + ", ".join(f"{key} {figures['phases'][key].get('checkpoints', '-')}"
+                                                  for key, _ in LIVE_SITE_PHASES),
+        f"  machine load average (1 min): {figures['load_average'][0]:.1f} when the suite began, "
+        f"{figures['load_average'][1]:.1f} at its end",
+    ]
+    if all(figures["phases"][key]["replicas"] == 0 for key, _ in LIVE_SITE_PHASES):
+        lines.append("  no streaming replica: the replica lag limit had nothing to watch")
+    return lines
+
+
+def render_remote(figures):
+    rows = []
+    for run, ratio in zip(figures["round_trips"], figures["ratios"]):
+        engine, follower = run["engine"], run["follower"]
+        rows.append([f"{run['asked_ms']:g} ({run['measured_ms']:.0f})",
+                     f"{_n(engine['zero_cost']['rows_per_s'])} ({ratio['engine_zero_cost']:.2f}x)",
+                     f"{_n(engine['simulated_gpu']['rows_per_s'])} ({ratio['engine_simulated_gpu']:.2f}x)",
+                     _n(engine["simulated_gpu"]["rows_per_s_with_start"]),
+                     f"{_n(follower['p95_s'], 2)} s ({follower['embedded']}/{follower['arrivals']})",
+                     f"{_n(run['swap']['app_slowest_insert_ms'], 1)} / {_n(run['undo']['app_slowest_insert_ms'], 1)}",
+                     f"{run['contract_s']:.1f} ({ratio['contract']:.2f}x)",
+                     f"{run['verify_s']:.1f} / {run['status_s']:.1f} ({ratio['verify']:.2f}x / {ratio['status']:.2f}x)"])
+    return [
+        f"remote: the switch run through a delay proxy, the application next to the database ({figures['model']}; "
+        f"engine {figures['engine_rows']:,} segments, simulated GPU {figures['simulated_gpu_texts_per_s']:,g} "
+        f"texts/s; switch {figures['switch_rows']:,} segments; the application {figures['app_inserts_per_s']:g} "
+        "inserts/s)",
+        *_table(["round trip ms (measured)", "engine rows/s, zero-cost", "simulated GPU", "with its start",
+                 "follower p95", "app's worst wait, swap / undo ms", "contract s", "verify / status s"], rows),
+        "  x: against round trip 0 through the same proxy; the engine's rate is its pass's, 'with its start' counts "
+        "the worker's connections and ledger checks too",
+    ] + _targets(figures)
+
+
 RENDERERS = [("encode", render_encode), ("db_write", render_db_write), ("backfill", render_backfill),
-             ("search", render_search), ("rerank", render_rerank), ("arrival", render_arrival)]
+             ("search", render_search), ("rerank", render_rerank), ("arrival", render_arrival),
+             ("live_site", render_live_site), ("remote", render_remote)]
 
 
 def render(results):
@@ -357,7 +426,8 @@ def better(name, old, new):
                                     "table_rows", "top_k", "pairs", "rerankings", "max_seq_length",
                                     "mean_tokens_per_text", "with_encoding_queries", "simulated_gpu_texts_per_s",
                                     "production_rounds", "rounds", "legacy_column_bytes", "shared_buffers_mb",
-                                    "arrivals", "inserts", "edits", "arrival_rate", "arrival_seconds", "grace_seconds")):
+                                    "arrivals", "inserts", "edits", "arrival_rate", "arrival_seconds", "grace_seconds",
+                                    "rate_cap", "live_site.seconds")):
         return ""
     higher = any(word in name for word in HIGHER_IS_BETTER)
     return "better" if (new > old) == higher else "worse"

@@ -3,17 +3,19 @@
     results = run(Options(suites=("encode", "search"), rows=10_000, model_shape="bge-small"))
 
 `results` has one key per suite run (`encode`, `db_write`, `backfill`, `search`, `rerank`,
-`arrival`), plus `machine` (what it ran on) and `run` (the options, when, how long). Everything is
-measured in the same run because absolute times on shared machines drift: compare ratios taken
-together. The arrival suite runs only when asked for (`--suite arrival`): it takes minutes of wall
-time, most of it waiting for the arrivals it writes.
+`arrival`, `live_site`, `remote`), plus `machine` (what it ran on) and `run` (the options, when, how
+long). Everything is measured in the same run because absolute times on shared machines drift:
+compare ratios taken together. The arrival, live-site and remote suites run only when asked for
+(`--suite arrival`, `--suite live-site`, `--suite remote`): they take minutes of wall time, most of
+it waiting on the clock.
 """
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from benchmark import (
-    arrival, backfill, db_write, encode, encoders, filtered, interrupts, machine, rerank, scratch, search,
+    arrival, backfill, db_write, encode, encoders, filtered, interrupts, live_site, machine, remote, rerank, scratch,
+    search,
 )
 from benchmark import source as sources
 
@@ -25,8 +27,11 @@ SUITES = {
     "search": ("search", search.run),
     "rerank": ("rerank", rerank.run),
     "arrival": ("arrival", arrival.run),
+    "live-site": ("live_site", live_site.run),
+    "remote": ("remote", remote.run),
 }
-DEFAULT_SUITES = tuple(name for name in SUITES if name != "arrival")  # run when none is named
+# Run when none is named; arrival, live-site and remote wait for the clock (minutes), and run when named.
+DEFAULT_SUITES = tuple(name for name in SUITES if name not in ("arrival", "live-site", "remote"))
 NEEDS_EMBEDDING_MODEL = {"encode", "backfill", "search"}
 DEFAULT_TEXTS = {"cuda": 8192}
 DEFAULT_TEXTS_CPU = 192
@@ -61,6 +66,15 @@ class Options:
     arrival_model: str | None = None  # None: EMBEDDING_MODEL when it loads here, else the packaged MiniLM
     arrival_device: str = "cpu"
     arrival_encoder: str | None = None  # "hashing": the zero-cost HashingEncoder instead of a model (tests)
+    live_seconds: float = live_site.DEFAULT_SECONDS  # each live-site phase's window
+    live_rate_cap: float = live_site.DEFAULT_RATE_CAP  # the throttled backfill's rows a second
+    live_ops: float = live_site.DEFAULT_OPS  # the application's rounds a second (a read, a search, an insert)
+    remote_round_trips: tuple = remote.DEFAULT_ROUND_TRIPS  # ms, each made by the delay proxy
+    remote_engine_rows: int = remote.DEFAULT_ENGINE_ROWS
+    remote_switch_rows: int = remote.DEFAULT_SWITCH_ROWS
+    remote_arrivals: int = remote.DEFAULT_ARRIVALS
+    remote_arrival_rate: float = remote.DEFAULT_ARRIVAL_RATE
+    remote_app_rate: float = remote.DEFAULT_APP_RATE  # the application's inserts a second during the swap
     seed: int = 0
     using: str = "default"
 
@@ -140,7 +154,8 @@ def _share_of_raw_copy(results):
 def run(options, progress=lambda message: None):
     """Run `options.suites`; returns the results dict. The live tables are only read."""
     started, clock = datetime.now(timezone.utc), time.perf_counter()
-    column = sources.vector_column(options.using)  # SchemaNotReady before any model is loaded
+    # SchemaNotReady before any model is loaded; the remote suite works on databases of its own
+    column = sources.vector_column(options.using) if set(options.suites) - {"remote"} else None
     service = None
     if NEEDS_EMBEDDING_MODEL & set(options.suites):
         progress("loading the embedding model")

@@ -5,8 +5,11 @@
 - Device `auto` picks CUDA, then MPS, then the CPU; `cuda:<index>` picks one GPU (a backfill
   worker's). On CUDA the model runs in fp16.
 - Texts go through the encode pipeline (embeddings/pipeline.py): length-sorted batches cut by
-  count and token budget, tokenized on a thread ahead of the device, copied from pinned memory.
-  Its vectors are `SentenceTransformer.encode`'s.
+  count and token budget, tokenized by a pool of threads ahead of the device, copied from pinned
+  memory. Its vectors are `SentenceTransformer.encode`'s.
+- Many items of texts (a backfill's claims) go through one stream (`encode_documents_streamed`,
+  embeddings/stream.py): the device goes from one item's texts to the next without a gap.
+  `encode_items` gives any encoder's vectors item by item, streamed where it can.
 - Texts per model call: EMBEDDING_TEXTS_PER_CALL if set; else 16 on a CPU and, on CUDA, the fastest
   of 64-1024 measured on the device with the first call of MEASURE_TEXTS texts or more (256
   until then).
@@ -17,6 +20,7 @@
   beginning is embedded.
 - A CUDA out-of-memory error halves the texts per call and retries; no text is dropped.
 """
+import itertools
 import logging
 import os
 import socket
@@ -29,12 +33,14 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from embeddings import pipeline
+from embeddings.stream import Encoded, EncodeStream
 
 logger = logging.getLogger(__name__)
 
 CPU_TEXTS_PER_CALL = 16
 CUDA_TEXTS_PER_CALL = 256  # on CUDA until texts per call are measured
 MEASURE_TEXTS = 1024  # a first CUDA call of this many texts measures texts per call (on up to 2x as many)
+MEASURE_STREAM_TEXTS = 512  # likewise a stream's first item of this many (a backfill claim holds 1,000)
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 GTE_QWEN2_QUERY_INSTRUCTION = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
 
@@ -92,6 +98,11 @@ def _is_cached(model_name):
     from huggingface_hub import try_to_load_from_cache
 
     return isinstance(try_to_load_from_cache(model_name, "config.json"), str)
+
+
+def is_here(model_name):
+    """Whether `model_name` loads without a download: a local directory, or in the Hugging Face cache."""
+    return Path(model_name).expanduser().is_dir() or _is_cached(model_name)
 
 
 def check_loadable(model_name):
@@ -200,8 +211,8 @@ class EmbeddingsService(LazyModel):
         self._measured_texts_per_call, self.measured_texts_per_call = chosen, rates
         return chosen
 
-    def _measures_first(self, texts):
-        return (not self._texts_per_call and self._measured_texts_per_call is None and len(texts) >= MEASURE_TEXTS
+    def _measures_first(self, texts, at_least=MEASURE_TEXTS):
+        return (not self._texts_per_call and self._measured_texts_per_call is None and len(texts) >= at_least
                 and self.device.startswith("cuda"))
 
     @property
@@ -234,6 +245,24 @@ class EmbeddingsService(LazyModel):
             self.measure_texts_per_call(texts)
         return self._encode(texts, texts_per_call or self.texts_per_call)
 
+    def encode_documents_streamed(self, items, texts_per_call=None):
+        """For each (key, texts) of the iterable `items`, in order: an Encoded(key, vectors, error), the
+        vectors as encode_documents gives them (float32, L2-normalised), all from one EncodeStream: the
+        device goes from one item's texts to the next without a gap. `items` is read on a thread of its
+        own, so it may block (a queue of claims). An item whose encoding raised comes back with its
+        error and the stream goes on. On CUDA the texts per call are first measured with the first
+        item, when it holds MEASURE_STREAM_TEXTS texts or more."""
+        items = iter(items)
+        first = next(items, None)
+        if first is None:
+            return
+        if texts_per_call is None and self._measures_first(first[1], MEASURE_STREAM_TEXTS):
+            self.measure_texts_per_call(first[1])
+        with EncodeStream(self.model, texts_per_call or self.texts_per_call, lock=self._encode_lock) as stream:
+            stream.feed(itertools.chain([first], items))
+            for result in stream.results():
+                yield result if result.error is not None else Encoded(result.key, normalise(result.vectors))
+
     def encode_queries(self, queries):
         return self._encode([self.query_instruction + q for q in queries], self.texts_per_call)
 
@@ -254,6 +283,20 @@ class EmbeddingsService(LazyModel):
             logger.warning("CUDA out of memory at %d texts per call; retrying in halves of %d", texts_per_call, half)
             return np.concatenate([self._encode(texts[i : i + half], half) for i in range(0, len(texts), half)])
         return normalise(vectors)
+
+
+def encode_items(encoder, items):
+    """An Encoded(key, vectors, error) per (key, texts) of `items`, in order: through the encoder's stream
+    where it has one (EmbeddingsService), else one `encode_documents` call per item (a test's encoder)."""
+    streamed = getattr(encoder, "encode_documents_streamed", None)
+    if streamed is not None:
+        yield from streamed(items)
+        return
+    for key, texts in items:
+        try:
+            yield Encoded(key, encoder.encode_documents(texts))
+        except Exception as exc:  # handed to the caller with its item, as the stream does
+            yield Encoded(key, error=exc)
 
 
 def normalise(vectors):

@@ -7,7 +7,7 @@ question embedded with the wrong model finds nothing it should. So the table
 model behind it, and:
 
 - every writer of vectors checks its model against the column's **inside the transaction that
-  writes**, after taking the table's write lock (`column_for_writer`): a swap or an undo, which
+  writes**, after taking the table's write lock (`entry_for_writer`): a swap or an undo, which
   renames columns under a stronger lock, has then either committed or not begun, so a writer
   always writes into the column that holds its own model's vectors, whatever the phase, and never
   into another model's; the first write records the model;
@@ -212,10 +212,14 @@ def record(cursor, table, column, identity, storage, source):
 
 def rename(cursor, table, renames):
     """Move the active entries along with their columns ({old name: new name}), in one statement."""
-    if not renames:
-        return
+    if renames:
+        cursor.execute(*rename_statement(table, renames))
+
+
+def rename_statement(table, renames):
+    """(sql, params) of rename(), for a caller that sends it within a message of its own."""
     olds, news = zip(*renames.items())
-    cursor.execute(
+    return (
         f"UPDATE {LEDGER} l SET column_name = r.new FROM unnest(%(olds)s::text[], %(news)s::text[]) AS r(old, new) "
         f"WHERE l.retired_at IS NULL AND l.table_name = %(name)s AND l.table_schema = {SCHEMA_OF} "
         "AND l.column_name = r.old",
@@ -225,7 +229,12 @@ def rename(cursor, table, renames):
 
 def retire(cursor, table, column):
     """The column's vectors are going: no writer may write it any more (kept as history)."""
-    cursor.execute(
+    cursor.execute(*retire_statement(table, column))
+
+
+def retire_statement(table, column):
+    """(sql, params) of retire(), for a caller that sends it within a message of its own."""
+    return (
         f"UPDATE {LEDGER} SET retired_at = now() WHERE retired_at IS NULL AND table_name = %(name)s "
         f"AND table_schema = {SCHEMA_OF} AND column_name = %(column)s",
         {"table": table, "name": table.split(".")[-1], "column": column},
@@ -243,22 +252,39 @@ def mismatch(table, column, recorded, identity, cosine, doing):
     )
 
 
-def column_for_writer(cursor, table, column, identity, storage_of):
-    """The column this writer writes now: the one whose recorded model is `identity` (after a swap
-    or an undo, `column` under its new name), else `column` itself, recorded as `identity`'s if no
-    model is recorded for it yet (`storage_of()` gives its type then). ModelMismatch when `column`
-    holds another model's vectors.
+def entry_for_writer(cursor, table, column, identity, storage_of):
+    """The Entry of the column this writer writes now: the one whose recorded model is `identity`
+    (after a swap or an undo, `column` under its new name), else `column` itself, recorded as
+    `identity`'s if no model is recorded for it yet (`storage_of()` gives its type then).
+    ModelMismatch when `column` holds another model's vectors.
 
     Call it inside the writing transaction, after `LOCK TABLE ... IN ROW EXCLUSIVE MODE`."""
     recorded = entries(cursor, table)
     for entry_ in recorded.values():
         if same_model(identity, entry_.identity)[0] and entry_.source != "simulated":
-            return entry_.column
+            return entry_
+    if column not in recorded:
+        _refuse_a_retired(cursor, table, column, identity)
     found = recorded.get(column) or record(cursor, table, column, identity, storage_of(), "first write")
     matched, cosine = same_model(identity, found.identity)
     if not matched or found.source == "simulated":
         raise mismatch(table, column, found, identity, cosine, "this writer")
-    return found.column
+    return found
+
+
+def _refuse_a_retired(cursor, table, column, identity):
+    """ModelMismatch when `column` has no model recorded because its model was retired (the contract of
+    its switch has begun): its vectors are going, and no writer may fill it again."""
+    retired = [entry_ for entry_, retired_at in history(cursor, table) if entry_.column == column and retired_at]
+    if retired:
+        raise ModelMismatch(
+            f"{table}.{column} held the vectors of {retired[-1].identity}, retired: the contract of its switch has "
+            f"begun and its vectors are going. Nothing was written; {identity} has no column to write any more.")
+
+
+def column_for_writer(cursor, table, column, identity, storage_of):
+    """The column of entry_for_writer()."""
+    return entry_for_writer(cursor, table, column, identity, storage_of).column
 
 
 def check_reader(table, column, found, identity, doing="this search"):

@@ -7,7 +7,12 @@ switch moves between where none can be downloaded (the tests, the demo's side-by
 - `projected(out, dimensions, seed)`: MiniLM's mean-pooled vectors through a fixed random linear
   projection to `dimensions` (768 for a Nomic-sized model, 1536 for the original GTE-Qwen2-1.5B),
   then normalised. A random projection keeps most of the geometry (neighbours stay neighbours), so
-  its search is a fair stand-in; the weights come from `seed`, so the model is the same each time.
+  its search is a fair stand-in; the weights come from `seed`, so the model is the same each time;
+- `orthonormal(out, dimensions, seed)`: the same with a projection whose columns are orthonormal, so
+  that every inner product is kept: other vectors (another width), exactly MiniLM's rankings;
+- `random_weights(out, seed)`: MiniLM's architecture with randomly initialised weights (fixed by
+  `seed`): a model that runs at MiniLM's speed and whose vectors carry no meaning (nearly the same
+  vector for every text), the model a careless switch could move to.
 
 Each is saved as an ordinary sentence-transformers directory, which EMBEDDING_MODEL (or
 LEGACY_EMBEDDING_MODEL) can name, and says what it is in its model card's title. `manage.py
@@ -20,6 +25,8 @@ import numpy as np
 STANDINS = {
     "cls": "all-MiniLM-L6-v2 with CLS pooling (a stand-in 384-dim model)",
     "projected": "all-MiniLM-L6-v2 projected to {dimensions} dims, seed {seed} (a stand-in {dimensions}-dim model)",
+    "orthonormal": "all-MiniLM-L6-v2 through an orthonormal projection to {dimensions} dims, seed {seed}",
+    "random": "all-MiniLM-L6-v2's architecture with random weights, seed {seed} (meaningless vectors)",
 }
 
 
@@ -57,6 +64,38 @@ def projected(out, dimensions, seed=0):
         dense.linear.weight.copy_(torch.from_numpy(weights))
     title = STANDINS["projected"].format(dimensions=dimensions, seed=seed)
     return _save([transformer, pooling, dense, models.Normalize()], out, title)
+
+
+def orthonormal(out, dimensions, seed=0):
+    """Save MiniLM, mean-pooled, through a fixed `dimensions` x 384 projection with orthonormal columns
+    (every inner product kept), into `out`."""
+    import torch
+
+    models, transformer = _modules()
+    width = transformer.get_embedding_dimension()
+    if dimensions < width:
+        raise ValueError(f"An orthonormal projection keeps inner products only to {width} dims or more.")
+    gaussian = np.random.default_rng(seed).standard_normal((dimensions, width))
+    weights, _ = np.linalg.qr(gaussian)  # (dimensions, width), weights.T @ weights = identity
+    dense = models.Dense(width, dimensions, bias=False, activation_function=torch.nn.Identity())
+    with torch.no_grad():
+        dense.linear.weight.copy_(torch.from_numpy(weights.astype(np.float32)))
+    pooling = models.Pooling(width, pooling_mode="mean")
+    title = STANDINS["orthonormal"].format(dimensions=dimensions, seed=seed)
+    return _save([transformer, pooling, dense, models.Normalize()], out, title)
+
+
+def random_weights(out, seed=0):
+    """Save MiniLM's architecture (its config and tokenizer) with weights drawn at random from `seed`,
+    mean-pooled and normalised, into `out`."""
+    import torch
+
+    models, transformer = _modules()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.model = type(transformer.model)(transformer.model.config)
+    pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
+    return _save([transformer, pooling, models.Normalize()], out, STANDINS["random"].format(seed=seed))
 
 
 def _save(modules, out, title):

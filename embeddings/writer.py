@@ -16,10 +16,12 @@ from the catalogue at the first batch and sends the values in that type's binary
 server converts nothing (a float16 payload is also half the size).
 
 Each batch's transaction first takes the table's write lock (`ROW EXCLUSIVE`, which every UPDATE
-takes anyway) and then asks the model ledger (embeddings/ledger.py) which column holds the writer's
-model: a swap or an undo renames columns under a stronger lock, so from that moment the answer
-holds until the commit. The writer follows its model's column through a swap, and refuses, writing
-nothing, a column that holds another model's vectors.
+takes anyway) and then checks the model ledger (embeddings/ledger.py): a swap or an undo renames
+columns under a stronger lock, so from that moment the answer holds until the commit. The writer
+follows its model's column through a swap, and refuses, writing nothing, a column that holds
+another model's vectors. The whole batch is one message to the server (two round trips: the COPY
+asks for its data), so that a writer far from its database pays the distance twice a batch, not
+once a statement.
 """
 import io
 import struct
@@ -29,6 +31,8 @@ import numpy as np
 import psycopg2
 from django.db import DatabaseError
 
+from askdrchaffee.postgres import quote_literal
+from askdrchaffee.round_trips import message
 from embeddings import ledger
 
 # Binary COPY: signature, flags (int32), header extension length (int32) ... rows ... -1 (int16).
@@ -92,9 +96,15 @@ class VectorWriter:
     `table`.`column`, or wherever a swap has moved that model's column since, through a temporary
     staging table.
 
-    `connection` is a psycopg2 connection or a Django connection. `.write()` runs in the
-    caller's transaction when one is open (so it commits or rolls back with the caller's other
-    statements), otherwise in a transaction of its own.
+    `connection` is a psycopg2 connection or a Django connection. `.write()` sends a batch as one
+    message (askdrchaffee/round_trips.py): on a connection in autocommit mode it is a transaction
+    of its own, committed by the server at its end, and costs two round trips whatever the batch
+    holds; in the caller's transaction it commits or rolls back with the caller's other statements.
+
+    The first batch checks the model ledger in full (`resolve`, a few round trips, and the record of
+    the model on a column's first write); every later batch asks the server, inside its own
+    message, whether the ledger entry it found still names the same column, and only when it does
+    not (a swap or an undo renamed the column) is the ledger read again and the batch sent again.
     """
 
     def __init__(self, connection, column, dims, table="segments", *, identity, overwrite=False, type_name=None):
@@ -105,35 +115,65 @@ class VectorWriter:
         self.identity = identity
         self.overwrite = overwrite
         self.type_name = type_name  # the column's type (`vector` or `halfvec`) when known; else read at the first batch
+        self.entry_id = None  # the ledger entry of the column written, once resolved
 
-    def write(self, ids, text_md5s, vectors):
-        """Stage the batch and apply it with one UPDATE; returns the number of rows updated.
+    def write(self, ids, text_md5s, vectors, *, prologue=(), before=(), after=()):
+        """Stage the batch and apply it with one UPDATE, in one message; returns the number of rows updated.
 
         A row whose text no longer has the md5 given (it changed, or the row is gone) is not
-        written; nor, unless `overwrite`, a row that already has a vector.
+        written; nor, unless `overwrite`, a row that already has a vector. `prologue` (settings for the
+        transaction), `before` and `after` are statements of the caller's, already bound to their
+        values (cursor.mogrify), sent in the same message: the prologue first, then the COPY, the
+        write lock and the ledger's check, then `before` and `after` (they may name `staging_table`),
+        the UPDATE last.
         """
         if len(ids) == 0:
             return 0
+        payload = copy_payload(ids, text_md5s, vectors, self.type_name or "vector")
         with self.connection.cursor() as cursor:
-            own_transaction = self._autocommit()
-            if own_transaction:
-                cursor.execute("BEGIN")
-            try:
-                self._follow_model(cursor)
+            if self.entry_id is None:
+                self.resolve(cursor)
                 payload = copy_payload(ids, text_md5s, vectors, self.type_name)
-                updated = self._stage_and_update(cursor, payload, len(ids))
-            except BaseException:
-                if own_transaction:
-                    self._rollback(cursor)
-                raise
+            try:
+                return self._send(cursor, payload, len(ids), prologue, before, after)
+            except Exception as exc:
+                if not ledger_moved(exc) or not self._autocommit():
+                    raise
+            self.resolve(cursor)  # a swap or an undo renamed the column: follow it
+            payload = copy_payload(ids, text_md5s, vectors, self.type_name)
+            return self._send(cursor, payload, len(ids), prologue, before, after)
+
+    def resolve(self, cursor):
+        """Take the write lock and ask the model ledger which column holds the writer's model (recording
+        it on a column's first write; ledger.ModelMismatch when the column holds another model's
+        vectors), in a transaction of its own unless the caller is in one."""
+        own_transaction = self._autocommit()
+        if own_transaction:
+            cursor.execute("BEGIN")
+        try:
+            cursor.execute(f"LOCK TABLE {self.table} IN ROW EXCLUSIVE MODE")
+            entry = ledger.entry_for_writer(cursor, self.table, self.column, self.identity,
+                                            lambda: self.type_name or self._column_type(cursor))
+            if entry.column != self.column or self.type_name is None:
+                self.column = entry.column
+                self.type_name = self._column_type(cursor)
+            self.entry_id = entry.id
+        except BaseException:
             if own_transaction:
-                cursor.execute("COMMIT")
-        return updated
+                self._rollback(cursor)
+            raise
+        if own_transaction:
+            cursor.execute("COMMIT")
+
+    def follow(self, other):
+        """Take what `other` (a VectorWriter of the same model) learnt of the ledger: its column, type and
+        entry (the check each batch makes keeps it honest)."""
+        self.column, self.type_name, self.entry_id = other.column, other.type_name, other.entry_id
 
     def _autocommit(self):
         autocommit = getattr(self.connection, "autocommit", False)
         if callable(getattr(self.connection, "get_autocommit", None)):
-            autocommit = self.connection.get_autocommit()  # a Django connection
+            autocommit = self.connection.get_autocommit() and not self.connection.in_atomic_block  # a Django connection
         return bool(autocommit)
 
     @staticmethod
@@ -142,16 +182,6 @@ class VectorWriter:
             cursor.execute("ROLLBACK")
         except (psycopg2.Error, DatabaseError):
             pass  # the connection is gone: the server rolled the transaction back itself
-
-    def _follow_model(self, cursor):
-        """Take the write lock, then point the writer at its model's column (ledger.ModelMismatch
-        when the column holds another model's vectors)."""
-        cursor.execute(f"LOCK TABLE {self.table} IN ROW EXCLUSIVE MODE")
-        column = ledger.column_for_writer(cursor, self.table, self.column, self.identity,
-                                          lambda: self.type_name or self._column_type(cursor))
-        if column != self.column or self.type_name is None:
-            self.column = column
-            self.type_name = self._column_type(cursor)
 
     def _column_type(self, cursor):
         """`vector` or `halfvec`: the type of the target column (ValueError for any other)."""
@@ -165,32 +195,60 @@ class VectorWriter:
 
     @property
     def staging_table(self):
-        """Per transaction; holds exactly the batch being written (see _stage_and_update)."""
+        """Per transaction; holds exactly the batch being written (see _send)."""
         return f"pg_temp.embedding_staging_{self.type_name}_{self.dims}"
 
-    def _stage_and_update(self, cursor, payload, rows):
-        # Dropped at the commit: a temporary table kept for the session would stay on a server
-        # connection that a pooler hands to the application's next transaction. The DELETE clears an
-        # earlier batch of the same open transaction.
-        cursor.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS {self.staging_table} "
-            f"(id int4, text_md5 uuid, v {self.type_name}({self.dims})) ON COMMIT DROP"
+    def ledger_check_sql(self):
+        """A statement that fails (LEDGER_MOVED) unless the ledger entry this writer resolved still names
+        its column: run after the write lock, whatever renamed the column has committed or not begun."""
+        return (
+            "DO $check$ BEGIN IF NOT EXISTS (SELECT 1 FROM " + ledger.LEDGER + f" WHERE id = {int(self.entry_id)} "
+            f"AND column_name = {quote_literal(self.column)} AND retired_at IS NULL) THEN RAISE EXCEPTION "
+            f"{quote_literal(LEDGER_MOVED)}; END IF; END $check$"
         )
-        cursor.execute(f"DELETE FROM {self.staging_table}")
-        cursor.copy_expert(f"COPY {self.staging_table} (id, text_md5, v) FROM STDIN WITH (FORMAT binary)",
-                           io.BytesIO(payload))
-        return self._update(cursor, rows)
 
-    def _update(self, cursor, rows):
+    def _send(self, cursor, payload, rows, prologue, before, after):
+        # The COPY comes first: the message's transaction is open while the server waits for the batch's
+        # data (a round trip), and holds no lock on the table then; its write lock, the ledger's check and
+        # the caller's statements follow once the data is there, so the table's locks last only as long as
+        # the server's own work (a swap waiting for them does not wait for the wire). The staging table is
+        # dropped at the commit: a temporary table kept for the session would stay on a server connection
+        # that a pooler hands to the application's next transaction. The DELETE clears an earlier batch of
+        # the same open transaction (a caller's). The UPDATE comes last: its row count is what the message
+        # answers.
+        statements = [
+            *prologue,
+            f"CREATE TEMP TABLE IF NOT EXISTS {self.staging_table} "
+            f"(id int4, text_md5 uuid, v {self.type_name}({self.dims})) ON COMMIT DROP",
+            f"DELETE FROM {self.staging_table}",
+            f"COPY {self.staging_table} (id, text_md5, v) FROM STDIN WITH (FORMAT binary)",
+            f"LOCK TABLE {self.table} IN ROW EXCLUSIVE MODE",
+            self.ledger_check_sql(),
+            *before,
+            *after,
+            self._update_sql(rows),
+        ]
+        cursor.copy_expert(message(*statements), io.BytesIO(payload))
+        return cursor.rowcount
+
+    def _update_sql(self, rows):
         # The staging table has no statistics, so the planner would guess its size from its
         # pages (20x too many rows here) and hash the whole target table for every batch. The
         # LIMIT tells it the true size: it then probes the primary key once per staged row, and
         # a batch costs the same on a table of a thousand rows or of ten million.
         only_missing = "" if self.overwrite else f" AND s.{self.column} IS NULL"
-        cursor.execute(
+        return (
             f"UPDATE {self.table} s SET {self.column} = st.v "
-            f"FROM (SELECT id, text_md5, v FROM {self.staging_table} LIMIT %s) st "
-            f"WHERE s.id = st.id AND md5(s.text)::uuid = st.text_md5{only_missing}",
-            [rows],
+            f"FROM (SELECT id, text_md5, v FROM {self.staging_table} LIMIT {int(rows)}) st "
+            f"WHERE s.id = st.id AND md5(s.text)::uuid = st.text_md5{only_missing}"
         )
-        return cursor.rowcount
+
+
+LEDGER_MOVED = "the model ledger no longer names this writer's column"
+
+
+def ledger_moved(exc):
+    """True when `exc` (psycopg2's or Django's) is the ledger check's failure (VectorWriter.ledger_check_sql)."""
+    cause = getattr(exc, "__cause__", None) if not isinstance(exc, psycopg2.Error) else exc
+    diag = getattr(cause, "diag", None)
+    return getattr(cause, "pgcode", None) == "P0001" and getattr(diag, "message_primary", None) == LEDGER_MOVED

@@ -14,7 +14,6 @@ The "Embedding switch" page (EmbeddingSwitchAdmin) shows segments.switch.status 
 phase, progress, counts, workers, index build, swap readiness and the next command. Its
 "Compare searches" page (segments/compare_admin.py) asks the old and the new search one question.
 """
-from urllib.parse import urlencode
 
 from django.conf import settings
 from django.contrib import admin, messages
@@ -28,16 +27,16 @@ from django.urls import path
 from django.utils.html import format_html
 
 from segments.compare_admin import compare_view
+from segments.evaluation import chart as evaluation_chart
 from segments.models import EmbeddingSwitch, QuarantinedSegment, Segment, SwitchEvent
 from segments.schema import BLANK_TEXT_PATTERN, LIVE, TABLE, SchemaNotReady, embedding_schema
-from segments.search import SearchError, format_timestamp, search
+from segments.search import SearchError, format_timestamp, search, youtube_url
 from segments.switch import status as switch_status
 from segments.switch.admin import ReadOnlyAdmin
 
 EMBEDDED, PENDING, BLANK, QUARANTINED = "embedded", "pending", "blank", "quarantined"
 NO_COLUMN = "no new column yet"
 EXCERPT_CHARS = 400
-YOUTUBE_WATCH = "https://www.youtube.com/watch"
 
 
 def _written_here(column):
@@ -49,11 +48,6 @@ def _written_here(column):
         cursor.execute("SELECT to_regclass('embeddings_vector_column') IS NOT NULL")
         recorded = ledger.entry(cursor, TABLE, column) if cursor.fetchone()[0] else None
     return recorded is not None and recorded.source not in ("declared", "simulated")
-
-
-def youtube_url(video_id, start_sec):
-    """The video on YouTube at the segment's start (`t` in whole seconds)."""
-    return f"{YOUTUBE_WATCH}?{urlencode({'v': video_id, 't': f'{int(start_sec)}s'})}"
 
 
 def embedding_status_expression(schema):
@@ -254,6 +248,7 @@ def switch_panel(status):
         # red only when the swap is the step at hand and it would be refused
         "swap_tone": "ok" if status["swap"]["done"] or status["swap"]["accepted"] else
         "bad" if any(step["step"] == "swap" and step["state"] == "current" for step in status["steps"]) else "",
+        "evaluation": evaluation_chart.panel(status.get("evaluation"), settings.EMBEDDING_EVAL_TOLERANCE),
     }
 
 
@@ -293,7 +288,8 @@ class EmbeddingSwitchAdmin(ReadOnlyAdmin):
             return []
         events = list(SwitchEvent.objects.order_by("-at", "-id")[: self.events_shown])
         for event in events:
-            event.summary = " · ".join(f"{key}: {_detail(value)}" for key, value in (event.details or {}).items())
+            event.summary = " · ".join(f"{key}: {_detail(value)}" for key, value in (event.details or {}).items()
+                                       if not isinstance(value, dict))  # an evaluation's figures: its own card
         return events
 
 

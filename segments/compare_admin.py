@@ -14,7 +14,7 @@ from django.template.response import TemplateResponse
 
 from segments.compare import compare, nothing_to_compare, plan
 from segments.schema import SchemaNotReady
-from segments.search import SearchError, format_timestamp
+from segments.search import SearchError, format_timestamp, youtube_url
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ def _k(request):
 def rows(side, other):
     """What the page lists for `side`'s hits: rank, distance, time and link, excerpt, and the rank of
     the same segment in the `other` side's list (None when only this side found it)."""
-    from segments.admin import youtube_url
 
     other_rank = {pk: rank for rank, pk in enumerate(other.ids if other is not None else [], start=1)}
     listed = []

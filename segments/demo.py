@@ -58,7 +58,7 @@ def drop_segments():
             f"DROP FUNCTION IF EXISTS {triggers.FUNCTION}() CASCADE;"
             f"DROP FUNCTION IF EXISTS {triggers.ARRIVAL}() CASCADE;"
             f"DROP FUNCTION IF EXISTS {triggers.NOTIFY}() CASCADE;"
-            "DROP TABLE IF EXISTS segments_switch_event, segments_backfill_worker, segments_pending_since, "
+            "DROP TABLE IF EXISTS segments_switch_event, segments_backfill_worker, segments_pending_since, segments_switch_pause, "
             "embeddings_quarantine, embeddings_backfill_claim, embeddings_vector_column;"
         )
     gate.migrate_to(None, fake=True)

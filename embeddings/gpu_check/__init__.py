@@ -7,9 +7,12 @@ meaningless vectors), side by side in one run:
 - plain `SentenceTransformer.encode` against the project's pipeline (`embeddings.pipeline.encode`),
   texts/s and tokens/s, over a sweep of texts per model call, in fp32 and (on CUDA) fp16, with the peak
   GPU memory of each configuration;
-- the stages alone at the best configuration: tokenization (the pipeline's own tokenizer thread),
+- tokenization alone with 1, 2, ... threads up to the CPUs (`tokenization_scaling`), beside the
+  tokenization the pipeline ran before (`model.preprocess`, one thread);
+- the stages alone at the best configuration: tokenization (the pipeline's own tokenizer threads),
   the host-to-device copy, the model's forward pass on tensors already on the device; the slowest
   of them names what limits the pipeline;
+- a backfill's claims encoded in a call each and streamed into one pipeline, against one call;
 - each chosen GPU alone, then all of them together (one spawned worker process per device);
 - the machine: device names, library versions, CUDA version, CPU count, the date.
 

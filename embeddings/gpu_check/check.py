@@ -2,7 +2,7 @@
 import re
 import time
 
-from embeddings.gpu_check import compare, materials, stages, workers
+from embeddings.gpu_check import claims, compare, materials, scaling, stages, workers
 from embeddings.gpu_check.measure import is_cuda
 from embeddings.gpu_check.run import Run
 
@@ -50,14 +50,16 @@ def _after_sweep(run, rows, baseline):
         run.skip("the best configuration's figures", "the sweep measured nothing")
         return {"best": None}
     top = compare.best(rows)
-    return {"best": _best(rows, baseline), "backfill_calls": compare.backfill_calls(run, top),
+    return {"best": _best(rows, baseline), "backfill_calls": claims.backfill_calls(run, top),
             "limiting_stage": None if run.out_of_time("the stages alone") else stages.limiting_stage(run, top),
             "devices": workers.devices_section(run, top)}
 
 
 def measure(run):
-    """Every figure of the run, in order: agreement, baseline, sweep, then at the best configuration."""
-    figures = {"agreement": compare.agreement(run), "baseline": compare.baseline(run)}
+    """Every figure of the run, in order: tokenization scaling (first, before a pool of several threads
+    changes the tokenizer's parallelism setting), agreement, baseline, sweep, then at the best configuration."""
+    figures = dict(zip(("tokenization_scaling", "tokenization"), scaling.tokenization_scaling(run)))
+    figures.update(agreement=compare.agreement(run), baseline=compare.baseline(run))
     figures["sweep"] = compare.sweep(run)
     figures.update(_after_sweep(run, figures["sweep"], figures["baseline"]))
     figures["target"] = target(run, figures["best"])
@@ -84,4 +86,5 @@ def run_check(plan, quiet=False):
 def plan_description(plan):
     return {"texts": plan.texts, "texts_per_call": list(plan.texts_per_call), "dtypes": list(plan.dtypes),
             "seconds_per_measurement": plan.seconds, "warmup_texts": plan.warmup_texts,
-            "deadline_s": plan.deadline_s, "devices": list(plan.devices), "seed": plan.seed}
+            "deadline_s": plan.deadline_s, "devices": list(plan.devices), "rows_per_claim": plan.rows_per_claim,
+            "seed": plan.seed}

@@ -8,11 +8,14 @@ from embeddings.devices import parse_devices
 from embeddings.gpu_check.run import CPU_TEXTS_PER_CALL, CUDA_TEXTS_PER_CALL, QUICK_TEXTS_PER_CALL, Plan
 
 # Defaults by kind of run: texts per measurement, seconds per measurement, warm-up texts, deadline, the
-# sweep's texts per model call.
+# sweep's texts per model call, texts per backfill claim.
 DEFAULTS = {
-    "cuda": {"texts": 16384, "seconds": 3.0, "warmup": 2048, "deadline": 300.0, "texts_per_call": CUDA_TEXTS_PER_CALL},
-    "cpu": {"texts": 128, "seconds": 3.0, "warmup": 16, "deadline": 300.0, "texts_per_call": CPU_TEXTS_PER_CALL},
-    "quick": {"texts": 32, "seconds": 0.0, "warmup": 4, "deadline": 120.0, "texts_per_call": QUICK_TEXTS_PER_CALL},
+    "cuda": {"texts": 16384, "seconds": 3.0, "warmup": 2048, "deadline": 300.0, "texts_per_call": CUDA_TEXTS_PER_CALL,
+             "rows_per_claim": 1000},
+    "cpu": {"texts": 128, "seconds": 3.0, "warmup": 16, "deadline": 300.0, "texts_per_call": CPU_TEXTS_PER_CALL,
+            "rows_per_claim": 1000},
+    "quick": {"texts": 32, "seconds": 0.0, "warmup": 4, "deadline": 120.0, "texts_per_call": QUICK_TEXTS_PER_CALL,
+              "rows_per_claim": 8},
 }
 DESCRIPTION = ("GPU throughput of the encode pipeline with a bge-small-en-v1.5-shaped model: "
                "SentenceTransformer.encode against the pipeline, fp32 and fp16, a sweep of texts per model call, "
@@ -57,6 +60,8 @@ def parser():
                    "CUDA, 128 on the CPU, 32 with --quick)")
     p.add_argument("--deadline", type=float, help="seconds after which the remaining measurements are skipped "
                    "(default 300)")
+    p.add_argument("--rows-per-claim", type=int, help="texts per backfill claim for the claims in calls and "
+                   "streamed (backfill_embeddings --batch-size; default 1000, 8 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the texts")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
@@ -99,7 +104,7 @@ def _plan(kind, device, devices, args):
         dtypes=("fp32", "fp16") if kind == "cuda" else ("fp32",),
         seconds=defaults["seconds"] if args.seconds is None else args.seconds, warmup_texts=defaults["warmup"],
         deadline_s=args.deadline or defaults["deadline"], devices=devices[0], devices_skipped=devices[1],
-        quick=args.quick, seed=args.seed,
+        quick=args.quick, seed=args.seed, rows_per_claim=args.rows_per_claim or defaults["rows_per_claim"],
     )
 
 
@@ -122,8 +127,9 @@ def check_libraries():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    if args.texts is not None and args.texts < 1:
-        raise SystemExit("--texts must be at least 1")
+    for name in ("texts", "rows_per_claim"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     check_libraries()
     from embeddings.gpu_check.check import run_check
     from embeddings.gpu_check.report import render

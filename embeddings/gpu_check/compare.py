@@ -13,7 +13,6 @@ from embeddings.gpu_check.measure import free_cuda_memory, is_out_of_memory
 
 AGREEMENT_TEXTS = 256
 BASELINE_TEXTS_PER_CALL = 32  # SentenceTransformer.encode()'s default batch_size
-BACKFILL_ROWS_PER_CLAIM = 1000  # backfill_embeddings' default --batch-size: rows per claim, encoded in one call
 
 
 def st_encode(model, texts, texts_per_call):
@@ -102,20 +101,3 @@ def agreement(run):
     set_dtype(run.model, "fp32")
     return {"texts": len(sample), "min_cosine_to_st_encode_fp32": cosines}
 
-
-def backfill_calls(run, row):
-    """The pipeline at `row`'s configuration in calls of BACKFILL_ROWS_PER_CLAIM texts, as a backfill
-    calls it (one call per claim), against one call of all the texts. None (with the reason) when not measured."""
-    if len(run.texts) <= BACKFILL_ROWS_PER_CLAIM:
-        run.skip("calls of a backfill claim", f"the run embeds {len(run.texts)} texts a call, no more than a "
-                 f"backfill claim ({BACKFILL_ROWS_PER_CLAIM} rows)")
-        return None
-    if run.out_of_time("calls of a backfill claim"):
-        return None
-    size = BACKFILL_ROWS_PER_CLAIM
-    chunks = [run.texts[start:start + size] for start in range(0, len(run.texts), size)]
-    run.progress(f"{row['dtype']}, {row['texts_per_call']} texts per call: the pipeline in calls of {size} texts")
-    set_dtype(run.model, row["dtype"])
-    figures = run.rate(lambda: [pipeline_encode(run.model, chunk, row["texts_per_call"]) for chunk in chunks])
-    return {"dtype": row["dtype"], "texts_per_call": row["texts_per_call"], "rows_per_claim": BACKFILL_ROWS_PER_CLAIM,
-            **figures, "against_one_call": round(figures["texts_per_s"] / row["pipeline"]["texts_per_s"], 3)}

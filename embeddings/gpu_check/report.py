@@ -75,6 +75,18 @@ def _stages(result):
             + [f"limiting stage: {section['limiting']}; {section['reading']}"])
 
 
+def _scaling(result):
+    scaling, details = result.get("tokenization_scaling"), result.get("tokenization")
+    if not scaling:
+        return []
+    rows = [(threads, _number(rate, 1), f"{details['speedup'][threads]:.2f}x") for threads, rate in scaling.items()]
+    rows.append(("model.preprocess", _number(details["model_preprocess_one_thread"], 1), "one thread, the former path"))
+    return (["", f"tokenization alone by threads ({details['path']}, {details['texts']} texts, "
+                  f"{details['texts_per_call']} per call, best of {details['rounds']} rounds; the pipeline uses "
+                  f"{details['pipeline_threads']} here; load average {details['load_average'][0]})"]
+            + table(("threads", "texts/s", ""), rows))
+
+
 def _worker_row(entry):
     if "error" in entry:
         return (entry["device"], "-", "-", entry["error"])
@@ -102,6 +114,10 @@ def _extras(result):
     if calls:
         lines.append(f"in calls of {calls['rows_per_claim']} texts (a backfill claim): "
                      f"{_number(calls['texts_per_s'], 1)} texts/s, {calls['against_one_call']:.2f}x one call")
+        streamed = calls.get("streamed")
+        if streamed:
+            lines.append(f"the same claims streamed into one pipeline: {_number(streamed['texts_per_s'], 1)} texts/s, "
+                         f"{streamed['against_one_call']:.2f}x one call")
     cosines = result["agreement"]["min_cosine_to_st_encode_fp32"]
     lines.append("pipeline vectors against fp32 encode's, smallest cosine: "
                  + ", ".join(f"{dtype} {value:.5f}" for dtype, value in cosines.items()))
@@ -112,5 +128,5 @@ def _extras(result):
 
 def render(result):
     """The result dict of a run as text."""
-    return "\n".join(_header(result) + _sweep(result) + _best(result) + _stages(result) + _devices(result)
-                     + _extras(result))
+    return "\n".join(_header(result) + _sweep(result) + _best(result) + _stages(result) + _scaling(result)
+                     + _devices(result) + _extras(result))

@@ -25,6 +25,7 @@ class Plan:
     devices_skipped: str = ""  # why the devices section is skipped, when it is
     quick: bool = False
     seed: int = 0
+    rows_per_claim: int = 1000  # texts per backfill claim (backfill_embeddings --batch-size), for backfill_calls
 
 
 @dataclass

@@ -2,18 +2,19 @@
 
 At the pipeline's best configuration, over the same batches (`pipeline.plan_batches`):
 
-- tokenization: the pipeline's own tokenizer thread (`pipeline._Tokenizer`: tokenize, and on CUDA
-  pin the tensors), drained by a consumer that does nothing else; on the CPU;
+- tokenization: the pipeline's own tokenizer pool (`tokenization.Tokenization`, as many threads as
+  the pipeline uses on this device: tokenize, and on CUDA pin the tensors), drained in order by a
+  consumer that does nothing else; on the CPU;
 - host-to-device copy: every batch's tensors copied from pinned memory (`non_blocking`), waited for
   at the end; CUDA only;
 - model: the forward pass over every batch, its tensors already on the device.
 
-In the pipeline, tokenization runs on a thread while the device copies and computes, and the copy
+In the pipeline, tokenization runs on its threads while the device copies and computes, and the copy
 and the forward pass share the device's stream: its ceiling is the slower of the tokenizer and
 the device (copy and forward one after the other). The slowest stage alone is the limiting one;
 an end-to-end rate well below the ceiling says the stages do not overlap as they should.
 """
-from embeddings import pipeline
+from embeddings import pipeline, tokenization
 from embeddings.gpu_check.materials import set_dtype
 from embeddings.gpu_check.measure import is_cuda
 
@@ -21,15 +22,11 @@ STAGE_NAMES = {"tokenize": "tokenization", "copy": "host-to-device copy", "model
 OVERLAP_SHARE = 0.8  # below this share of its ceiling, the pipeline's stages do not overlap
 
 
-def tokenized(model, texts, batches, pin):
-    """[(indices, features)] from the pipeline's tokenizer thread, in order."""
-    thread = pipeline._Tokenizer(model, texts, batches, pin)
-    thread.start()
-    try:
-        return list(thread.batches_ready())
-    finally:
-        thread.stopped.set()
-        thread.join()
+def tokenized(model, texts, batches, pin, threads=None):
+    """[(indices, features)] from a tokenizer pool like the pipeline's (its threads by default), in order."""
+    threads = tokenization.default_threads(model.device) if threads is None else threads
+    with tokenization.Tokenization(model, threads, pin) as pool:
+        return tokenization.tokenize_batches(pool, texts, batches)
 
 
 def to_device(prepared, device):
@@ -52,7 +49,9 @@ NOT_COPIED = {"skipped": "the model is on the CPU: nothing is copied to a device
 
 def _rates(run, batches, pin):
     model, texts, device = run.model, run.texts, run.device
-    figures = {"tokenize": run.rate(lambda: tokenized(model, texts, batches, pin)), "copy": NOT_COPIED}
+    threads = tokenization.default_threads(device)
+    figures = {"tokenize": {**run.rate(lambda: tokenized(model, texts, batches, pin, threads)), "threads": threads},
+               "copy": NOT_COPIED}
     prepared = tokenized(model, texts, batches, pin)
     if is_cuda(device):
         to_device(prepared, device)  # warm-up
@@ -78,7 +77,7 @@ def reading(limiting, share, cuda):
         return (f"the pipeline ran at {share:.0%} of the ceiling its stages alone set: the figures are noisy "
                 f"(a busy machine, or too short a --seconds); {limiting} is the slowest stage")
     if share < OVERLAP_SHARE:
-        shared = "" if cuda else " (on a CPU the tokenizer thread and the model share the cores)"
+        shared = "" if cuda else " (on a CPU the tokenizer threads and the model share the cores)"
         return (f"the pipeline reaches {share:.0%} of its ceiling: its stages do not overlap fully{shared}; "
                 f"{limiting} is the slowest stage")
     return f"the pipeline runs at {share:.0%} of its ceiling: {limiting} limits it"

@@ -11,6 +11,8 @@
     phase 4 contract   steps.contract, contract.py (`manage.py embedding_switch contract --confirm`;
                        migration 0008)
     any time           status.py (`manage.py embedding_status`, the admin's panel)
+    any time           throttle.py: the backfill and the contract yield to the database's health
+                       (replica lag, a rate cap, `manage.py embedding_switch pause` / `resume`)
 
 What the catalogue says about the live table is read by catalog.py and live_table.py, and
 out_of_line.py finds the values stored out of line (the contract moves them); the

@@ -23,6 +23,11 @@ file, so `run()` also sees to it that nothing live is left there:
    it would then add a copy of them at its end;
 4. drops the column (migration 0008: ACCESS EXCLUSIVE for milliseconds, under lock_timeout).
 
+Steps 2 and 3 yield to the database's health: before each transaction the contract's Throttle
+(segments/switch/throttle.py) holds it back while an operator has paused the switch
+(`embedding_switch pause`), while a streaming replica lags more than BACKFILL_MAX_REPLICA_LAG
+seconds (or --max-replica-lag), and under --max-rows-per-second; it says when it waits and why.
+
 Steps 1-3 can be interrupted and run again: they resume with what is left. From step 1 on the
 swap can no longer be undone: `embedding_switch contract` asks for an explicit confirmation
 first, and records that it started, so that an undo is refused. A transaction or query that
@@ -37,10 +42,10 @@ import time
 from django.core.management.base import CommandError
 from psycopg2 import errors
 
-from askdrchaffee import postgres
+from askdrchaffee import postgres, round_trips
 from segments.schema import PREVIOUS as LEGACY
 from segments.schema import TABLE
-from segments.switch import catalog, horizon, out_of_line
+from segments.switch import catalog, horizon, out_of_line, server_loop
 from segments.switch.swap import SwapRefused
 from segments.switch.user_triggers import triggers_to_quiet
 
@@ -51,7 +56,6 @@ LOCK_TIMEOUT = "5s"  # a batch waiting behind an application transaction gives u
 LOCK_ATTEMPTS = 5
 # How long each VACUUM waits for the transactions older than the contract's writes (horizon.py).
 WAIT_FOR_OLDER_TRANSACTIONS_SECONDS = 300
-FIRST_ID = -(2**31) - 1  # below every id (a literal PostgreSQL reads as bigint, so the id index serves)
 
 RELATION_SIZES = f"""
     SELECT pg_relation_size(c.oid), COALESCE(pg_total_relation_size(NULLIF(c.reltoastrelid, 0)), 0),
@@ -91,16 +95,15 @@ def relation_sizes(cursor):
     return dict(zip(("heap_bytes", "toast_bytes", "indexes_bytes", "total_bytes"), cursor.fetchone()))
 
 
-def drop_legacy_indexes(connection, out):
-    """DROP INDEX CONCURRENTLY each vector index on the legacy column; their names. (It waits for
-    the transactions using the table at the time, blocking none; one left INVALID by an
-    interrupted drop is dropped by the next run.)"""
-    with connection.cursor() as cursor:
-        indexes = [index.name for index in catalog.column_indexes(cursor, LEGACY) if index.method != "btree"]
+def drop_legacy_indexes(link, out):
+    """DROP INDEX CONCURRENTLY each vector index on the legacy column, on `link` (a server_loop.ServerLink);
+    their names. (It waits for the transactions using the table at the time, blocking none; one left
+    INVALID by an interrupted drop is dropped by the next run.)"""
+    indexes = [index.name for index in link.run(lambda cursor: catalog.column_indexes(cursor, LEGACY))
+               if index.method != "btree"]
     for name in indexes:
         out(f"dropping the legacy index {name} (CONCURRENTLY)")
-        patiently(connection, lambda cursor: cursor.execute(
-            f"DROP INDEX CONCURRENTLY IF EXISTS {postgres.quote_ident(name)}"), local=None)
+        patiently(link, f"DROP INDEX CONCURRENTLY IF EXISTS {postgres.quote_ident(name)}")
     return indexes
 
 
@@ -114,78 +117,61 @@ def transaction_settings(cursor):
     return values
 
 
-def patiently(connection, work, local):
-    """work(cursor), in one transaction that sets `local` (transaction_settings()) for itself only, or
-    outside any transaction when `local` is None; after a lock timeout or a deadlock, again
-    (LOCK_ATTEMPTS times in all), then ContractInterrupted."""
+def patiently(link, statement):
+    """`statement` on `link`, outside any transaction (VACUUM, CONCURRENTLY), no deadline; after a lock
+    timeout or a deadlock, again (LOCK_ATTEMPTS times in all), then ContractInterrupted."""
     retrying = postgres.retrying(attempts=LOCK_ATTEMPTS, wait=lambda attempt: 0.1 * attempt,
-                                 on=(errors.LockNotAvailable, errors.DeadlockDetected), what="a contract batch")
+                                 on=(errors.LockNotAvailable, errors.DeadlockDetected), what="the contract")
     try:
-        return retrying(_once, connection, work, local)
+        return retrying(link.run, lambda cursor: cursor.execute(statement), server_loop.PATIENT)
     except (errors.LockNotAvailable, errors.DeadlockDetected):
-        raise ContractInterrupted(
-            f"The contract stopped: it waited for the application's transactions {LOCK_ATTEMPTS} times "
-            f"({LOCK_TIMEOUT} each). What it did stays done; run `manage.py embedding_switch contract "
-            "--confirm` again when no transaction stays open on segments (a smaller --rows-per-transaction "
-            "makes each of its own transactions shorter)."
-        ) from None
+        raise interrupted() from None
 
 
-def _once(connection, work, local):
-    with connection.cursor() as cursor:
-        if local is None:
-            return work(cursor)
-        cursor.execute("BEGIN")
-        try:
-            postgres.set_local(cursor, **local)
-            result = work(cursor)
-        except BaseException:
-            cursor.execute("ROLLBACK")
-            raise
-        cursor.execute("COMMIT")
-        return result
+def interrupted():
+    return ContractInterrupted(
+        f"The contract stopped: it waited for the application's transactions {LOCK_ATTEMPTS} times "
+        f"({LOCK_TIMEOUT} each). What it did stays done; run `manage.py embedding_switch contract "
+        "--confirm` again when no transaction stays open on segments (a smaller --rows-per-transaction "
+        "makes each of its own transactions shorter)."
+    )
 
 
-CANDIDATES = f"""
-    SELECT id, (ctid::text::point)[0] FROM {TABLE}
-    WHERE id > %s AND {LEGACY} IS NOT NULL ORDER BY id LIMIT %s
-"""
-CLEAR = f"UPDATE {TABLE} SET {LEGACY} = NULL WHERE id = ANY(%s) AND {LEGACY} IS NOT NULL"
+def clear_statement(rows_per_transaction):
+    """One clearing transaction, for the server's loop (server_loop.batches): among the next
+    `rows_per_transaction` legacy vectors after id $1, the first of each page set to NULL; its answer
+    (rows cleared, the id to go on after: before the first candidate it left, else its last; NULL when
+    none was left)."""
+    return f"""
+        WITH candidates AS (SELECT id, (ctid::text::point)[0] AS page FROM {TABLE}
+                            WHERE id > $1 AND {LEGACY} IS NOT NULL ORDER BY id LIMIT {int(rows_per_transaction)}),
+             chosen AS (SELECT DISTINCT ON (page) id FROM candidates ORDER BY page, id),
+             cleared AS (UPDATE {TABLE} s SET {LEGACY} = NULL FROM chosen
+                         WHERE s.id = chosen.id AND s.{LEGACY} IS NOT NULL RETURNING s.id)
+        SELECT (SELECT count(*) FROM cleared),
+               CASE WHEN NOT EXISTS (SELECT 1 FROM candidates) THEN NULL
+                    ELSE coalesce((SELECT min(c.id) - 1 FROM candidates c WHERE c.id NOT IN (SELECT id FROM chosen)),
+                                  (SELECT max(id) FROM candidates)) END
+    """
 
 
-def one_per_page(candidates):
-    """The ids of the first candidate (id, page) on each page."""
-    pages, chosen = set(), []
-    for row_id, page in candidates:
-        if page not in pages:
-            pages.add(page)
-            chosen.append(row_id)
-    return chosen
+def clear_legacy_vectors(link, rows_per_transaction, local, progress=None, throttle=None):
+    """Set the legacy column to NULL, a batch a transaction (each setting `local`), in the server's loop;
+    how many rows were cleared. Before each call of the loop `throttle` (segments/switch/throttle.py),
+    when given, may hold it back; with a rate cap, a call clears at most a second of it."""
+    return _on_the_server(link, clear_statement(rows_per_transaction), local, progress, throttle,
+                          rows_per_transaction)
 
 
-def clear_batch(cursor, after, rows_per_transaction):
-    """Clear one row per page among the next `rows_per_transaction` legacy vectors after id `after`;
-    (rows cleared, the id to continue after; None when none is left)."""
-    cursor.execute(CANDIDATES, [after, rows_per_transaction])
-    candidates = cursor.fetchall()
-    if not candidates:
-        return 0, None
-    chosen = one_per_page(candidates)
-    cursor.execute(CLEAR, [chosen])
-    taken = set(chosen)
-    left = [row_id for row_id, _ in candidates if row_id not in taken]
-    return cursor.rowcount, (min(left) - 1 if left else candidates[-1][0])
-
-
-def clear_legacy_vectors(connection, rows_per_transaction, local, progress=None):
-    """Set the legacy column to NULL, a batch a transaction (each setting `local`); how many rows were cleared."""
-    cleared, after = 0, FIRST_ID
-    while after is not None:
-        done, after = patiently(connection, lambda cursor: clear_batch(cursor, after, rows_per_transaction), local)
-        cleared += done
-        if progress is not None and done:
-            progress(done)
-    return cleared
+def _on_the_server(link, statement, local, progress, throttle, rows_per_transaction):
+    cap = getattr(throttle, "max_rows_per_second", None)
+    most = max(rows_per_transaction, int(cap * server_loop.SECONDS_PER_CALL)) if cap else None
+    hold = (lambda rows: throttle.before_write(rows)) if throttle is not None else None
+    try:
+        return server_loop.batches(link, statement, local=local, on_batches=progress, before_call=hold, most=most,
+                                   lock_attempts=LOCK_ATTEMPTS)
+    except server_loop.LockBlocked:
+        raise interrupted() from None
 
 
 # The values still stored out of line are moved only when they fill at most this share of the TOAST
@@ -193,32 +179,32 @@ def clear_legacy_vectors(connection, rows_per_transaction, local, progress=None)
 MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST = 0.5
 
 
-def move_out_of_line_values(connection, rows_per_transaction, local, progress_factory=None, out=print):
+def move_out_of_line_values(link, rows_per_transaction, local, progress_factory=None, out=print, throttle=None):
     """Rewrite the values stored out of line, `rows_per_transaction` rows a transaction (each setting
-    `local`), so that they move to the front of the TOAST table; how many rows were rewritten (0 without
-    room to move them into)."""
-    with connection.cursor() as cursor:
-        rewrite = out_of_line.Rewrite(cursor, skip={LEGACY})
-        (rows, stored), toast = rewrite.stored(cursor), relation_sizes(cursor)["toast_bytes"]
-        if stored > MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST * toast:
-            out(f"the values stored out of line fill {stored / max(toast, 1):.0%} of the TOAST table: no room "
-                "to move them to its front, left where they are")
-            return 0
-        bar = progress_factory(rows) if progress_factory else None
+    `local`), in the server's loop, so that they move to the front of the TOAST table; how many rows
+    were rewritten (0 without room to move them into)."""
+    rewrite, rows, stored, toast = link.run(_out_of_line_now)
+    if stored > MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST * toast:
+        out(f"the values stored out of line fill {stored / max(toast, 1):.0%} of the TOAST table: no room "
+            "to move them to its front, left where they are")
+        return 0
+    statement = rewrite.batch_statement(rows_per_transaction)
+    if statement is None:
+        return 0
+    bar = progress_factory(rows) if progress_factory else None
     if bar is not None and hasattr(bar, "set_description"):
         bar.set_description("moving out-of-line values")
-    moved, after = 0, FIRST_ID
     try:
-        while True:
-            ids = patiently(connection, lambda cursor: rewrite.batch(cursor, after, rows_per_transaction), local)
-            if not ids:
-                return moved
-            moved, after = moved + len(ids), max(ids)
-            if bar is not None:
-                bar.update(len(ids))
+        return _on_the_server(link, statement, local, bar.update if bar else None, throttle, rows_per_transaction)
     finally:
         if bar is not None:
             bar.close()
+
+
+def _out_of_line_now(cursor):
+    rewrite = out_of_line.Rewrite(cursor, skip={LEGACY})
+    rows, stored = rewrite.stored(cursor)
+    return rewrite, rows, stored, relation_sizes(cursor)["toast_bytes"]
 
 
 def count_legacy_vectors(cursor):
@@ -226,17 +212,28 @@ def count_legacy_vectors(cursor):
     return cursor.fetchone()[0]
 
 
-def vacuum_after_writes(connection, out, wait_seconds, held_back, analyze=False):
+def vacuum_after_writes(link, out, wait_seconds, held_back, analyze=False):
     """vacuum() once the transactions that began before now have ended (or `wait_seconds` have
-    passed: what still holds the space is recorded in `held_back`, {who: description})."""
-    with connection.cursor() as cursor:
-        since = horizon.server_now(cursor)
-    for holder in horizon.wait(connection, since, out, wait_seconds):
+    passed: what still holds the space is recorded in `held_back`, {who: description}). The wait runs
+    on the server, answering every WAIT_STEP_SECONDS with who it still waits for."""
+    since = link.run(horizon.server_now)
+    deadline, said, step = time.monotonic() + wait_seconds, set(), 0.0  # the first look answers at once
+    while True:
+        left = server_loop.holders_after(link, since, step)
+        for holder in left:
+            if holder.who not in said:
+                said.add(holder.who)
+                out(f"waiting for {holder.line} to end: until it does, VACUUM cannot free what the contract cleared "
+                    f"(waiting up to {int(wait_seconds)} s in all)")
+        if not left or time.monotonic() >= deadline:
+            break
+        step = max(0.0, min(server_loop.WAIT_STEP_SECONDS, deadline - time.monotonic()))
+    for holder in left:
         held_back[holder.who] = holder.line
-    vacuum(connection, analyze)
+    vacuum(link, analyze)
 
 
-def vacuum(connection, analyze=False):
+def vacuum(link, analyze=False):
     """Plain VACUUM of segments (outside a transaction; no lock that blocks reads or writes, but
     for the moment it truncates empty trailing pages, and only if it gets that lock at once).
 
@@ -245,7 +242,7 @@ def vacuum(connection, analyze=False):
     still holds one cannot be truncated. After the out-of-line values have moved, their old chunks
     are on just such a few pages, near the end of the TOAST table: the whole file would stay."""
     options = "ANALYZE, INDEX_CLEANUP ON, TRUNCATE" if analyze else "INDEX_CLEANUP ON, TRUNCATE"
-    patiently(connection, lambda cursor: cursor.execute(f"VACUUM ({options}) {TABLE}"), local=None)
+    patiently(link, f"VACUUM ({options}) {TABLE}")
 
 
 def raw_connection(using):
@@ -255,41 +252,49 @@ def raw_connection(using):
                                        application_name="embedding_switch contract")
 
 
+def link_for(using):
+    """The contract's ServerLink: raw connections (opened again after a lost or silent link)."""
+    return server_loop.ServerLink(lambda: raw_connection(using))
+
+
 def _megabytes(sizes):
     return (f"{sizes['total_bytes'] / 2**20:,.1f} MB (heap {sizes['heap_bytes'] / 2**20:,.1f}, "
             f"TOAST {sizes['toast_bytes'] / 2**20:,.1f}, indexes {sizes['indexes_bytes'] / 2**20:,.1f})")
 
 
-def run(raw, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=print, progress_factory=None,
-        wait_seconds=None):
-    """Steps 1-3 of the contract on `raw` (raw_connection(); the caller applies the contract migration
-    after); returns its figures."""
+def _start(cursor):
+    refuse_dependent_views(cursor)
+    return transaction_settings(cursor), relation_sizes(cursor), count_legacy_vectors(cursor)
+
+
+def run(link, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=print, progress_factory=None,
+        wait_seconds=None, throttle=None):
+    """Steps 1-3 of the contract on `link` (link_for(); the caller applies the contract migration
+    after); returns its figures. `throttle` (segments/switch/throttle.py), when given, may hold each
+    call of the server's clearing and moving loop back (a pause, a lagging replica, a rate cap)."""
     if wait_seconds is None:
         wait_seconds = WAIT_FOR_OLDER_TRANSACTIONS_SECONDS
     started, held_back = time.perf_counter(), {}
-    with raw.cursor() as cursor:
-        refuse_dependent_views(cursor)
-        local = transaction_settings(cursor)
-        sizes = {"start": relation_sizes(cursor)}
-        to_clear = count_legacy_vectors(cursor)
-    dropped = drop_legacy_indexes(raw, out)
-    vacuum(raw)
+    local, start_sizes, to_clear = link.run(_start)
+    sizes = {"start": start_sizes}
+    dropped = drop_legacy_indexes(link, out)
+    vacuum(link)
     out(f"clearing {to_clear:,} legacy vectors, at most {rows_per_transaction} a transaction")
     bar = progress_factory(to_clear) if progress_factory else None
     try:
-        cleared = clear_legacy_vectors(raw, rows_per_transaction, local, bar.update if bar else None)
+        clear_legacy_vectors(link, rows_per_transaction, local, bar.update if bar else None, throttle)
     finally:
         if bar is not None:
             bar.close()
-    vacuum_after_writes(raw, out, wait_seconds, held_back)
-    with raw.cursor() as cursor:
-        sizes["cleared"] = relation_sizes(cursor)
+    # what was there less what is left (a call whose answer a silent link lost has cleared its rows too)
+    cleared = to_clear - link.run(count_legacy_vectors)
+    vacuum_after_writes(link, out, wait_seconds, held_back)
+    sizes["cleared"] = link.run(relation_sizes)
     out(f"cleared {cleared:,} legacy vectors; segments is {_megabytes(sizes['cleared'])}; "
         "moving the values stored out of line to the front of the TOAST table")
-    moved = move_out_of_line_values(raw, rows_per_transaction, local, progress_factory, out)
-    vacuum_after_writes(raw, out, wait_seconds, held_back, analyze=True)
-    with raw.cursor() as cursor:
-        sizes["moved"] = relation_sizes(cursor)
+    moved = move_out_of_line_values(link, rows_per_transaction, local, progress_factory, out, throttle)
+    vacuum_after_writes(link, out, wait_seconds, held_back, analyze=True)
+    sizes["moved"] = link.run(relation_sizes)
     out(f"rewrote the out-of-line values of {moved:,} segments; segments is {_megabytes(sizes['moved'])}")
     if held_back:
         out(f"NOT all the space came back: {'; '.join(held_back.values())} still saw the cleared rows after "
@@ -307,15 +312,29 @@ def run(raw, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=print, progr
 
 
 def drop_legacy_column(schema_editor):
-    """A switch's contract migration: the trigger stops guarding the legacy column, its entry in the
-    model ledger is retired (if the contract's clearing has not retired it already), and the column
-    is dropped."""
+    """A switch's contract migration (Django's path: in the migration's transaction): the trigger stops
+    guarding the legacy column, its entry in the model ledger is retired (if the contract's clearing has
+    not retired it already), and the column is dropped."""
+    with schema_editor.connection.cursor() as cursor:
+        refuse_dependent_views(cursor)
+        cursor.execute(drop_statements(cursor))
+
+
+def drop_statements(cursor, lock_timeout=None, migration=None):
+    """The contract migration's work as one message (the operator's path, segments/switch/gate.py): from
+    the first lock to the commit no client round trip; with the migration's record ((app, name)) when
+    given. A view made on the legacy column meanwhile stops it (refuse_dependent_views said it first)."""
     from embeddings import ledger
     from segments import triggers
     from segments.schema import LIVE
 
-    with schema_editor.connection.cursor() as cursor:
-        refuse_dependent_views(cursor)
-        ledger.retire(cursor, TABLE, LEGACY)
-    schema_editor.execute(triggers.create_sql(LIVE))
-    schema_editor.execute(f"ALTER TABLE segments DROP COLUMN {LEGACY}")
+    record = [] if migration is None else [
+        "INSERT INTO django_migrations (app, name, applied) VALUES ({}, {}, now())".format(
+            *(postgres.quote_literal(part) for part in migration))]
+    return round_trips.message(
+        f"SELECT set_config('lock_timeout', {postgres.quote_literal(lock_timeout)}, true)" if lock_timeout else "",
+        cursor.mogrify(*ledger.retire_statement(TABLE, LEGACY)).decode(),
+        triggers.create_sql(LIVE),
+        f"ALTER TABLE {TABLE} DROP COLUMN {LEGACY}",
+        *record,
+    )

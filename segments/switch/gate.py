@@ -11,8 +11,12 @@ swap and its undo, the contract) are marked on their migration with `operator_st
   before anything changes;
 - `apply_step(step)`, which `manage.py embedding_switch STEP` calls, applies the one migration of
   that step for the switch under way, with Django's own executor and an explicit plan, handing
-  the migration's operation the inputs the command prepared (the swap's catch-up, say), then
-  the harmless migrations that waited for it (a plain `migrate` has nothing left to do after a step).
+  the migration's operation the inputs the command prepared, then the harmless migrations that
+  waited for it (a plain `migrate` has nothing left to do after a step). The swap and its undo are
+  the exception, with the contract's drop of the column: their migration is applied as ONE message
+  from the table's lock to the commit, the migration's record in it (segments/switch/swap.py,
+  contract.py), under lock retries: Django's executor would wait for client round trips (its
+  record, its commit) while the table is locked.
 
 Each switch's migrations carry its number (`switch = N`): the first switch is 0003-0008, a later
 one is written by `manage.py makeswitch`. The switch under way is the latest whose expand
@@ -20,9 +24,8 @@ migration is applied.
 """
 from django.core.management.base import CommandError
 from django.db import connections
-from django.db.migrations.executor import MigrationExecutor
-
-from segments.operations import bind, report_builds_to
+from askdrchaffee import postgres
+from segments.operations import LockRetryingExecutor, bind, report_builds_to
 
 APP = "segments"
 STEPS = {
@@ -44,9 +47,9 @@ def step_of(migration, backwards):
     return step
 
 
-class GatedMigrationExecutor(MigrationExecutor):
+class GatedMigrationExecutor(LockRetryingExecutor):
     """A MigrationExecutor whose plans leave out (plain migrate) or refuse (explicit targets)
-    every operator step."""
+    every operator step; each migration it applies runs under lock retries."""
 
     explicit_target = False  # set by the migrate command: the operator named a migration
 
@@ -129,18 +132,76 @@ def apply_step(step, using="default", inputs=None, out=None):
     nothing else, with Django's executor; `inputs` go to its SwapEmbedding operation, `out` (a
     command's output) to its concurrent builds. The migration; False when it had been applied (or
     unapplied) already, and nothing was done."""
-    executor = MigrationExecutor(connections[using])
+    executor = LockRetryingExecutor(connections[using])
     _require_plain_migrate_done(executor)
     migrations = switches(executor.loader)[current_switch(executor.loader)]
     migration = migrations["swap" if step == "undo" else step]
     backwards = step == "undo"
     if ((APP, migration.name) in executor.loader.applied_migrations) != backwards:
         return False
-    bind(migration, inputs=inputs, out=out)
-    executor.migrate([(APP, migration.name)], plan=[(migration, backwards)])
+    if step in ("swap", "undo"):
+        _apply_locked(migration, using, inputs, forward=not backwards)
+    elif step == "contract":
+        _drop_in_one_message(migration, using)
+    else:
+        bind(migration, inputs=inputs, out=out)
+        executor.migrate([(APP, migration.name)], plan=[(migration, backwards)])
     if not backwards:
         _apply_what_waited_for(migration, using)
     return migration
+
+
+CATALOG_ATTEMPTS = 3  # the swap's message written again when an index or a view changed under it
+
+
+def _apply_locked(migration, using, inputs, *, forward):
+    """The swap (or its undo) of `migration` as one message, its record included, under lock retries."""
+    from segments.operations import giving_up_on_locks, segments_lock_holders
+    from segments.switch import swap
+
+    inputs = inputs or swap.SwapInputs()
+    inputs.migration = (APP, migration.name)
+    columns = swap.Columns(swap_operation(migration).next_column)
+
+    def attempt(lock_timeout):
+        inputs.lock_timeout = lock_timeout
+        for number in range(1, CATALOG_ATTEMPTS + 1):
+            try:
+                return swap.run_locked(connections[using], columns, inputs, forward=forward)
+            except swap.CatalogMoved:
+                if number == CATALOG_ATTEMPTS:
+                    raise
+
+    with giving_up_on_locks():
+        postgres.with_lock_retries(attempt, what="The swap" if forward else "The undo",
+                                   holders=lambda: segments_lock_holders(connections[using]))
+
+
+def _drop_in_one_message(migration, using):
+    """The contract's migration (the legacy column dropped) as one message, its record included, under lock
+    retries: its ACCESS EXCLUSIVE lasts as long as the server's own work."""
+    from segments.operations import giving_up_on_locks, segments_lock_holders
+    from segments.switch import contract
+
+    def attempt(lock_timeout):
+        with connections[using].cursor() as cursor:
+            contract.refuse_dependent_views(cursor)
+            cursor.execute(contract.drop_statements(cursor, lock_timeout, (APP, migration.name)))
+
+    with giving_up_on_locks():
+        postgres.with_lock_retries(attempt, what="The contract's drop of the legacy column",
+                                   holders=lambda: segments_lock_holders(connections[using]))
+
+
+def swap_operation(migration):
+    """The SwapEmbedding operation of a switch's swap migration."""
+    from segments.operations import SwapEmbedding
+
+    for operation in migration.operations:
+        for inner in (operation, *getattr(operation, "database_operations", ())):
+            if isinstance(inner, SwapEmbedding):
+                return inner
+    raise ValueError(f"{migration.app_label}.{migration.name} has no SwapEmbedding operation")
 
 
 def _apply_what_waited_for(step_migration, using):
@@ -157,7 +218,7 @@ def _apply_what_waited_for(step_migration, using):
 
 def plain_migrate_waiting(using="default", executor=None):
     """["app.name", ...] of the migrations a plain `migrate` would apply now (operator steps left out)."""
-    executor = executor or MigrationExecutor(connections[using])
+    executor = executor or LockRetryingExecutor(connections[using])
     plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
     waiting = _without(plan, [(migration, backwards) for migration, backwards in plan if step_of(migration, backwards)])
     return [f"{migration.app_label}.{migration.name}" for migration, _ in waiting]
@@ -177,7 +238,7 @@ def migrate_to(target, using="default", fake=False, out=None, app=APP):
     """`migrate <app> <target>` with Django's own executor, operator steps included (None: zero),
     its concurrent builds reporting to `out`: for the demo and the tests, which set up a table at a
     given phase."""
-    executor = MigrationExecutor(connections[using])
+    executor = LockRetryingExecutor(connections[using])
     plan = executor.migration_plan([(app, target)])
     report_builds_to(plan, out)
     executor.migrate([(app, target)], plan=plan, fake=fake)

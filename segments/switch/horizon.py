@@ -6,15 +6,12 @@ legacy vectors on disk, and nothing reports it: the VACUUM succeeds and the tabl
 So before each of its VACUUMs the contract waits, for a bounded time, for the transactions of this
 database that started before its last write, naming each one as the concurrent index builds do
 (segments/operations.py); a prepared transaction or a replication slot holding an old xmin is
-named too. What still holds the space after the wait is returned, and the contract reports it.
+named too. The wait runs on the server (segments/switch/server_loop.py, from SESSIONS_SQL); what
+still holds the space after it is returned, and the contract reports it.
 """
-import time
-from datetime import timedelta
 from typing import NamedTuple
 
-from segments.operations import QUERY_SHOWN, shown_query
-
-POLL_SECONDS = 0.5
+from askdrchaffee.postgres import QUERY_SHOWN, describe_session
 
 # Sessions of this database whose transaction began before %(since)s and holds a snapshot or a
 # transaction id; never this session, never an autovacuum worker (the VACUUM's lock request
@@ -46,32 +43,5 @@ def server_now(cursor):
     return cursor.fetchone()[0]
 
 
-def holders(cursor, since):
-    """A Holder for each transaction, prepared transaction or slot that can still see row versions
-    written before `since` (a server timestamp)."""
-    cursor.execute(SESSIONS_SQL, {"since": since, "shown": QUERY_SHOWN + 1})
-    return [describe(*row) for row in cursor.fetchall()]
-
-
 def describe(who, state, seconds, application, query):
-    query = shown_query(query)
-    age = "" if seconds is None else f", open {timedelta(seconds=int(seconds))}"
-    shown = f"; its query: {query!r}" if query else ""
-    return Holder(who, f"{who} ({state or 'state unknown'}{age}, {application or 'no application_name'}){shown}")
-
-
-def wait(connection, since, out, seconds):
-    """Wait up to `seconds` until nothing listed by holders() is left, saying once what it waits
-    for; the holders left when the time is up (an empty list when none)."""
-    deadline, said = time.monotonic() + seconds, set()
-    while True:
-        with connection.cursor() as cursor:
-            left = holders(cursor, since)
-        for holder in left:
-            if holder.who not in said:
-                said.add(holder.who)
-                out(f"waiting for {holder.line} to end: until it does, VACUUM cannot free what the contract cleared "
-                    f"(waiting up to {int(seconds)} s in all)")
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(POLL_SECONDS)
+    return Holder(who, describe_session(who, state, seconds, application, query))

@@ -29,8 +29,6 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
-import psycopg2
-from django.conf import settings
 from django.core.management.base import CommandError
 from django.db import connections
 
@@ -148,23 +146,27 @@ def _writer(stdout):
 
 
 def _concurrently(using, statement, what, command):
-    """Run a DROP INDEX CONCURRENTLY `statement` under lock_timeout (nothing is lost by giving up), on
-    a connection of its own (askdrchaffee.postgres.private_connection)."""
-    connection = postgres.private_connection(using, what, settings={"lock_timeout": settings.MIGRATION_LOCK_TIMEOUT},
-                                             application_name=f"embedding_switch {command}")
+    """Run a DROP INDEX CONCURRENTLY `statement` on a connection of its own (askdrchaffee.postgres.
+    private_connection), under lock retries (it waits for the transactions using the table; nothing
+    is lost by giving up, and an index a cancelled drop leaves INVALID is dropped by the next try)."""
+    def attempt(lock_timeout):
+        connection = postgres.private_connection(using, what, settings={"lock_timeout": lock_timeout},
+                                                 application_name=f"embedding_switch {command}")
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(statement)
+        finally:
+            connection.close()
+
     try:
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-    except psycopg2.Error as exc:
-        if not postgres.is_lock_timeout(exc):
-            raise
-        raise LegacyIndexError(
-            f"{what} gave up after lock_timeout={settings.MIGRATION_LOCK_TIMEOUT}: another session holds a lock "
-            f"on {TABLE} (see pg_locks and pg_stat_activity). Run `manage.py embedding_switch {command}` again "
-            "once it has finished."
-        ) from exc
-    finally:
-        connection.close()
+        postgres.with_lock_retries(attempt, what=what, holders=lambda: _holders(using))
+    except postgres.LockNotTaken as exc:
+        raise LegacyIndexError(f"{exc} Run `manage.py embedding_switch {command}` again once it has finished.") from None
+
+
+def _holders(using):
+    with connections[using].cursor() as cursor:
+        return postgres.lock_holders(cursor, TABLE)
 
 
 def drop(using="default", stdout=None):

@@ -87,17 +87,15 @@ class Rewrite:
         rows, stored = cursor.fetchone()
         return rows, int(stored)
 
-    def batch(self, cursor, after, size):
-        """Rewrite the out-of-line values of the next `size` rows holding any, by id after
-        `after`; their ids."""
+    def batch_statement(self, size):
+        """One rewriting transaction, for the server's loop (server_loop.batches): the out-of-line values of
+        the next `size` rows holding any after id $1 rewritten; its answer (rows rewritten, the last id;
+        NULL when none was left). None when no column can hold a value out of line."""
         if not self.assignments:
-            return []
-        cursor.execute(
-            f"""
-            UPDATE {TABLE} s SET {self.assignments}
-            FROM (SELECT id FROM {TABLE} WHERE id > %s AND ({self.where}) ORDER BY id LIMIT %s) AS batch
-            WHERE s.id = batch.id RETURNING s.id
-            """,
-            [after, size],
-        )
-        return [row[0] for row in cursor.fetchall()]
+            return None
+        return f"""
+            WITH moved AS (UPDATE {TABLE} s SET {self.assignments}
+                           FROM (SELECT id FROM {TABLE} WHERE id > $1 AND ({self.where}) ORDER BY id LIMIT {int(size)}) AS batch
+                           WHERE s.id = batch.id RETURNING s.id)
+            SELECT count(*), max(id) FROM moved
+        """

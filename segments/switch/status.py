@@ -5,13 +5,18 @@ switch" page and the end of `migrate`.
 
     phase, columns   the phase (segments.schema) and the vector columns with their widths
     rows             total, with_text, embedded, pending, quarantined, blank
-    backfill         the workers running now (their claims and heartbeats), rows/s, ETA
+    backfill         the workers running now (their claims and heartbeats), rows/s, ETA; each worker's
+                     `waiting_for`: why it holds its writes back now ("" when it does not; throttle.py)
+    pause            the operator's pause of the bulk writes (`embedding_switch pause`): by (host:pid),
+                     since (UTC), reason, sentence; None when there is none
     index_build      a CREATE INDEX on segments in progress (pg_stat_progress_create_index), or None
     indexes          the HNSW cosine index on the new column and the legacy vector index, with validity
     index_plan       what an HNSW build on the new column would run with: maintenance_work_mem and
                      parallel workers, each with why, and the graph's estimated size
                      (segments.index_build.BuildPlan.as_dict; None without a scan)
     swap             whether the swap would be accepted now, and if not why (segments.switch.swap.refusal)
+    evaluation       the last go/no-go verdict for the two columns' models (segments.evaluation.record
+                     .last_verdict: verdict, reasons, figures per slice, latency curves), or None
     size             the table's total size now, before the switch, after the contract
     models           the model ledger: for each vector column, the model whose vectors it holds (name,
                      what it is, width, storage, fingerprint, how it was recorded, when)
@@ -43,14 +48,15 @@ from django.db.migrations.recorder import MigrationRecorder
 from askdrchaffee.postgres import human_bytes  # noqa: F401 (the panel and the command show sizes with it)
 from embeddings import ledger
 from segments import index_build
-from segments.models import PendingSince, SwitchEvent
+from segments.models import PendingSince, SwitchEvent, SwitchPause
 from segments.schema import (
     HNSW_M, TABLE, WAITING_SINCE, SchemaNotReady, blank_sql, embedding_schema, pending_sql,
 )
 from segments.storage import COSINE_OPCLASSES
-from segments.switch import catalog, gate, preflight, swap
+from segments.switch import catalog, gate, preflight, swap, throttle
 from segments.switch.backfill import sql as backfill_sql
 from segments.switch.backfill.heartbeat import ALIVE
+from segments.evaluation.record import last_verdict, no_go
 
 STALLED_SECONDS = 300  # a running worker that wrote nothing for this long is reported
 VECTOR_METHODS = ("hnsw", "ivfflat")
@@ -70,13 +76,15 @@ COMMANDS = {  # the operator's sequence
     "undo": "python manage.py embedding_switch undo",
     "contract": "python manage.py embedding_switch contract --confirm",
     "quarantine": "python manage.py embedding_quarantine",
+    "pause": "python manage.py embedding_switch pause",
+    "resume": "python manage.py embedding_switch resume",
 }
 
 HEARTBEATS = f"""
     SELECT w.worker_name, w.pid, w.device, w.rows_done, w.started, w.updated,
            extract(epoch FROM w.updated - w.started), extract(epoch FROM now() - w.updated),
            w.mode, w.model_name, w."column", w.last_batch_at, w.last_batch_rows, w.recent_rows_per_s,
-           extract(epoch FROM now() - w.last_batch_at)
+           extract(epoch FROM now() - w.last_batch_at), {{waiting}}, {{link}}
     FROM segments_backfill_worker w
     WHERE {ALIVE}
     ORDER BY w.started, w.worker_name
@@ -132,7 +140,9 @@ def _collect(using, scan):
             # Workers and their leased claims come with migration 0009 (whose pending_since table marks it).
             "backfill": _backfill(cursor, rows, schema.legacy_column,
                                   heartbeats=PendingSince._meta.db_table in tables,
-                                  claims=PendingSince._meta.db_table in tables),
+                                  claims=PendingSince._meta.db_table in tables,
+                                  waiting=SwitchPause._meta.db_table in tables),
+            "pause": _pause(cursor),
             "index_build": _index_build(cursor),
             "indexes": {"hnsw": _hnsw_index(cursor, schema.vector_column),
                         "legacy": _legacy_index(cursor, schema.legacy_column)},
@@ -143,6 +153,8 @@ def _collect(using, scan):
         }
         status["pending_age"] = _pending_age(cursor, schema, status["models"], rows)
     reason = swap.refusal(using=using)
+    status["evaluation"] = last_verdict(using)
+    reason = reason or (no_go(status["evaluation"]) if schema.phase == "expanded" else None)
     status["swap"] = {"done": schema.is_live, "accepted": reason is None, "refusal": reason}
     status["preflight"] = _preflight(using)
     status["adopted"] = _adopted(using)
@@ -173,7 +185,7 @@ def _without_table(using, problem):
               "swap": {"done": False, "accepted": False, "refusal": problem},
               "size": {"now_bytes": None, "before_bytes": None, "after_contract_bytes": None},
               "undo_lacks": None, "legacy_writes": None, "preflight": {"findings": [], "blocking": 0},
-              "models": {}, "pending_age": {},
+              "models": {}, "pending_age": {}, "pause": None, "evaluation": None,
               "adopted": False, "migrations_waiting": gate.plain_migrate_waiting(using)}
     status["steps"] = steps(status)
     status["warnings"] = []
@@ -272,14 +284,15 @@ def live_column(status):
     return None
 
 
-def _backfill(cursor, rows, other_column, heartbeats=True, claims=True):
+def _backfill(cursor, rows, other_column, heartbeats=True, claims=True, waiting=True):
     """The workers running now: heartbeats of live runs, and live claims of workers that have not
     written a batch yet; the rows/s and the ETA (of the pending rows the quarantine does not hold) of
     those filling the new model's column: not those writing `other_column` (the other model's: its
     follower). A heartbeat may name a column a swap has renamed since: it counts as the new model's."""
     workers = []
     if heartbeats:
-        cursor.execute(HEARTBEATS)
+        cursor.execute(HEARTBEATS.format(waiting="w.waiting_for" if waiting else "NULL",  # 0011 adds them
+                                         link="w.round_trip_ms, w.batches_in_flight" if waiting else "NULL, NULL"))
         workers = [
             {"name": name, "pid": pid, "device": device, "rows_done": done,
              "rows_per_s": round(done / float(elapsed), 1) if elapsed else None,
@@ -288,9 +301,10 @@ def _backfill(cursor, rows, other_column, heartbeats=True, claims=True):
              "mode": mode, "model": model, "column": column or None,
              "last_batch_at": last_at.isoformat() if last_at else None, "last_batch_rows": last_rows,
              "seconds_since_last_batch": None if since_batch is None else round(float(since_batch), 1),
-             "recent_rows_per_s": recent}
+             "recent_rows_per_s": recent, "waiting_for": waiting_for or "",
+             "round_trip_ms": round_trip_ms, "batches_in_flight": in_flight}
             for (name, pid, device, done, started, updated, elapsed, idle, mode, model, column, last_at, last_rows,
-                 recent, since_batch) in cursor.fetchall()
+                 recent, since_batch, waiting_for, round_trip_ms, in_flight) in cursor.fetchall()
         ]
     if claims:
         cursor.execute(LIVE_CLAIMS)
@@ -300,7 +314,8 @@ def _backfill(cursor, rows, other_column, heartbeats=True, claims=True):
             mine = [{"name": name, "pid": None, "device": None, "rows_done": 0, "rows_per_s": None,
                      "started": None, "updated": None, "seconds_since_update": None, "mode": None, "model": None,
                      "column": None, "last_batch_at": None, "last_batch_rows": None,
-                     "seconds_since_last_batch": None, "recent_rows_per_s": None}]
+                     "seconds_since_last_batch": None, "recent_rows_per_s": None, "waiting_for": "",
+                     "round_trip_ms": None, "batches_in_flight": None}]
             workers.append(mine[0])
         mine[0].update(claims=claims, claimed_ids=[first_id, last_id])
     filling = [worker for worker in workers if other_column is None or worker["column"] != other_column]
@@ -312,6 +327,14 @@ def _backfill(cursor, rows, other_column, heartbeats=True, claims=True):
     catching_up = bool(open_rows) and any((worker["mode"] or "").startswith("follow") for worker in filling)
     running = catching_up or any(not (worker["mode"] or "").startswith("follow") for worker in filling)
     return {"running": running, "workers": workers, "rows_per_s": rate, "eta_seconds": eta}
+
+
+def _pause(cursor):
+    """The operator's pause of the bulk writes (throttle.pause), or None."""
+    found = throttle.current_pause(cursor)
+    if found is None:
+        return None
+    return {"by": found.by, "since": found.at, "reason": found.reason, "sentence": found.sentence()}
 
 
 def _percent(done, total):
@@ -430,6 +453,9 @@ def next_step(status):
         return _next("migrate", "applies phase 1 (expand): the new column; nothing else changes")
     if status["migrations_waiting"]:
         return _next("migrate", f"applies {_names(status['migrations_waiting'])}, which this code needs")
+    if status.get("pause"):
+        return _next("resume", f"the switch's bulk writes are {status['pause']['sentence']}: the backfill, the "
+                               "contract and the followers' catch-up wait until then")
     if backfill["running"]:
         after = _after_backfill(status)
         return {**after, "why": f"once the running backfill finishes (ETA {human_duration(backfill['eta_seconds'])}); "
@@ -510,10 +536,14 @@ def warnings(status):
         found.append(f"Before `{COMMANDS['index']}`: {plan['warning']}")
     if legacy is not None and not legacy["valid"] and not building:
         found.append(f"The legacy vector index {legacy['name']} is INVALID: the legacy search scans the table.")
+    if status.get("pause"):
+        found.append(f"The switch's bulk writes are {status['pause']['sentence']}: `{COMMANDS['resume']}` lets "
+                     "them go on.")
     for worker in status["backfill"]["workers"]:
         idle = worker.get("seconds_since_last_batch")
         if worker.get("mode") == "backfill" and idle is not None and idle > STALLED_SECONDS:
-            found.append(f"Backfill worker {worker['name']} has written nothing for {human_duration(idle)}.")
+            waits = f": it waits, {worker['waiting_for']}" if worker.get("waiting_for") else ""
+            found.append(f"Backfill worker {worker['name']} has written nothing for {human_duration(idle)}{waits}.")
     live = live_column(status)
     age = status["pending_age"].get(live) if live else None
     if age is not None and age > settings.PENDING_WARNING_SECONDS:

@@ -10,10 +10,9 @@ changes nothing. They act on the switch under way, whichever it is (the first, 0
 import time
 from dataclasses import asdict, dataclass, field
 
-from django.conf import settings
-from django.db import connections, transaction
+from django.db import connections
 
-from askdrchaffee import postgres
+from askdrchaffee import postgres, round_trips
 from embeddings import ledger
 from segments import index_build
 from segments.models import SwitchEvent
@@ -23,11 +22,12 @@ from segments.switch import swap as swapping
 from segments.switch.backfill import count_pending
 from segments.switch.backfill.sql import count_pending_sql
 from segments.switch.backfill.heartbeat import ALIVE
+from segments.switch.throttle import SETTING as THROTTLE_SETTING
 
 # The index is built over a filled column: a large share of pending rows would make the rest of
 # the backfill insert into the graph row by row, many times slower.
 INDEX_MAX_PENDING_SHARE = 0.01
-SWAP_LOCK_BUDGET_SECONDS = 0.5  # the longest the swap may block writes to embed late arrivals
+SWAP_LOCK_BUDGET_SECONDS = 0.5  # without a follower: the late arrivals the swap leaves are what the model embeds in this
 SWAP_ROUNDS = 5  # backfill passes (or waits for the follower) and lock attempts of one swap
 FOLLOWER_WAIT_SECONDS = 10.0  # how long a round waits for the follower to catch up
 FOLLOWER_ALLOWANCE = 20  # pending rows the swap leaves to a follower, at the least
@@ -108,16 +108,18 @@ def followers(using, column):
         return cursor.fetchall()
 
 
-def swap(using="default", encoder=None, backfill=None, rounds=SWAP_ROUNDS, lock_budget=SWAP_LOCK_BUDGET_SECONDS):
+def swap(using="default", encoder=None, backfill=None, rounds=SWAP_ROUNDS, lock_budget=SWAP_LOCK_BUDGET_SECONDS,
+         accept_regression=False):
     """Swap the next model's column into `embedding` under a short lock (the switch's swap migration).
 
-    With a follower running for the next column, the swap only waits for it to catch up, and leaves
-    it the few segments that arrive meanwhile: no model is loaded and nothing is embedded under the
-    lock. Without one, `encoder` (EMBEDDING_MODEL's service by default) is loaded and warmed before any
-    lock is taken;
-    each round runs a backfill pass (`backfill(encoder)`, by default the engine's), then tries the
-    locked swap allowing as many late rows as the model embeds within `lock_budget`. A round that
-    finds more gives up under the lock, changing nothing, and the next round starts.
+    The locked part is one message to the server (segments/switch/swap.py): nothing is embedded under
+    the lock. With a follower running for the next column, the swap only waits for it to catch up, and
+    leaves it the few segments that arrive meanwhile: no model is loaded. Without one, `encoder`
+    (EMBEDDING_MODEL's service by default) is loaded and warmed before any lock is taken; each round
+    runs a backfill pass (`backfill(encoder)`, by default the engine's), then tries the locked swap
+    allowing as many late rows as the model embeds within `lock_budget`, which it embeds right after
+    the commit. A round that finds more gives up under the lock, changing nothing, and the next
+    round starts.
     """
     schema, columns = _columns(using)
     if schema.phase in ("swapped", "final"):
@@ -125,6 +127,9 @@ def swap(using="default", encoder=None, backfill=None, rounds=SWAP_ROUNDS, lock_
     reason = swapping.refusal(using)
     if reason:
         raise StepRefused(f"Swap refused, nothing changed: {reason}")
+    from segments.evaluation.record import require_go
+
+    require_go(using, accept_regression=accept_regression, encoder=encoder)  # a NO-GO is refused, changing nothing
     running = followers(using, columns.next)
     if running:
         return _swap_beside(running, using, columns, rounds)
@@ -132,10 +137,43 @@ def swap(using="default", encoder=None, backfill=None, rounds=SWAP_ROUNDS, lock_
 
     model = encoder or get_service()
     model.check_dimensions(columns.next, schema.vector_dimensions)
+    _require_the_columns_model(using, columns.next, model)
     max_rows = _rows_within(model, lock_budget)
     backfill = backfill or (lambda enc: _catch_up_pass(enc, using))
-    return _rounds(using, rounds, lambda: backfill(model), lambda: swapping.SwapInputs(
-        catch_up=swapping.CatchUp(model, max_rows)), f"the lock budget ({max_rows} rows in {lock_budget:.1f} s)")
+    result = _rounds(using, rounds, lambda: backfill(model), max_rows,
+                     f"the lock budget ({max_rows} rows in {lock_budget:.1f} s)")
+    _embed_what_was_left(result, model, using)
+    return result
+
+
+def _require_the_columns_model(using, column, model):
+    """ledger.ModelMismatch, before any lock, when `model` (which embeds what the swap leaves) is not the
+    model whose vectors the ledger records for `column`."""
+    with connections[using].cursor() as cursor:
+        recorded = ledger.entry(cursor, TABLE, column)
+    if recorded is None:
+        return
+    identity = ledger.identity_of(model)
+    matched, cosine = ledger.same_model(identity, recorded.identity)
+    if not matched or recorded.source == "simulated":
+        raise ledger.mismatch(TABLE, column, recorded, identity, cosine, "this swap (which embeds what arrives meanwhile)")
+
+
+def _embed_what_was_left(result, model, using):
+    """Right after a swap without a follower: embed the segments it left pending into the live column."""
+    left = result.details["left_pending"]
+    if not left:
+        result.message += " Nothing was left pending."
+        return
+    from segments.switch.backfill import run_backfill
+
+    started = time.perf_counter()
+    report = run_backfill(model, using=using, limit=left)
+    seconds = time.perf_counter() - started
+    result.details["embedded_after"] = report.rows_embedded
+    result.details["embedded_after_ms"] = round(seconds * 1000, 1)
+    result.message += (f" The {left} segment(s) that arrived meanwhile were embedded {seconds:.1f} s after the "
+                       f"commit ({report.rows_embedded} written).")
 
 
 def _swap_beside(running, using, columns, rounds):
@@ -153,19 +191,20 @@ def _swap_beside(running, using, columns, rounds):
                     return
                 time.sleep(0.1)
 
-    result = _rounds(using, rounds, wait, lambda: swapping.SwapInputs(allow_pending=allowance),
-                     f"the follower's allowance ({allowance} rows)")
+    result = _rounds(using, rounds, wait, allowance, f"the follower's allowance ({allowance} rows)")
     names = ", ".join(name for name, _ in running)
     result.message += f" Followers embedding what was left: {names}."
     result.details["followers"] = [name for name, _ in running]
     return result
 
 
-def _rounds(using, rounds, before, inputs, budget):
+def _rounds(using, rounds, before, allowance, budget):
+    """Up to `rounds` times: `before()` (a pass, or a wait for the follower), then the locked swap
+    allowing `allowance` pending segments; the StepResult, or StepRefused after every round raced."""
     raced = []
     for round_number in range(1, rounds + 1):
         report = before()
-        attempt = inputs()
+        attempt = swapping.SwapInputs(allow_pending=allowance)
         started = time.perf_counter()
         try:
             gate.apply_step("swap", using, attempt)
@@ -173,17 +212,15 @@ def _rounds(using, rounds, before, inputs, budget):
             raced.append(exc.pending)
             continue
         record = attempt.record
-        details = {**asdict(record), "rounds": round_number, "raced": raced,
-                   "lock_budget_rows": attempt.catch_up.max_rows if attempt.catch_up else None,
-                   "left_to_follower_allowed": attempt.allow_pending or None,
+        details = {**asdict(record), "rounds": round_number, "raced": raced, "allowed_pending": allowance,
                    "rows_embedded_by_last_pass": getattr(report, "rows_embedded", None),
                    "apply_ms": round((time.perf_counter() - started) * 1000, 1)}
-        late = (f"{record.embedded_under_lock} late segment(s) embedded under the lock" if attempt.catch_up else
-                f"{record.left_to_follower} segment(s) left to the follower, none embedded under the lock")
         return StepResult(
             "swap", True,
             f"Swapped: `embedding` now holds the new vectors. Writes waited {record.writes_blocked_ms:.1f} ms "
-            f"(reads {record.reads_blocked_ms:.1f} ms); {late}; round {round_number}.", details)
+            f"(reads {record.reads_blocked_ms:.1f} ms), by the server's clock, in one message from lock to commit; "
+            f"{record.left_pending} segment(s) pending were left to embed, none was embedded under the lock; "
+            f"round {round_number}.", details)
     raise StepRefused(
         f"Swap gave up after {rounds} rounds, nothing changed: segments kept arriving faster than {budget} "
         f"allows (pending at each try: {', '.join(map(str, raced))}). Run `manage.py embedding_switch swap` again "
@@ -193,7 +230,7 @@ def _rounds(using, rounds, before, inputs, budget):
 
 def _catch_up_pass(encoder, using):
     """One backfill pass over what is pending now (bounded: it does not chase rows that keep
-    arriving; the swap's lock takes care of the last ones)."""
+    arriving; the swap leaves the last ones, and embeds them after its commit)."""
     from segments.switch.backfill import run_backfill
 
     pending = count_pending(using)
@@ -239,10 +276,14 @@ def _contract_started(using):
     return started.exists()
 
 
-def contract(using="default", out=None, confirmed=False, rows_per_transaction=None, progress_factory=None):
+def contract(using="default", out=None, confirmed=False, rows_per_transaction=None, progress_factory=None,
+             max_rows_per_second=None, max_replica_lag=THROTTLE_SETTING):
     """Clear the legacy vectors online, vacuum, then drop the column (the switch's contract migration).
-    Irreversible."""
+    Irreversible. Its clearing yields to the database's health (segments/switch/throttle.py): a pause,
+    a replica more than `max_replica_lag` seconds behind (BACKFILL_MAX_REPLICA_LAG by default; None: no
+    limit), `max_rows_per_second` (None: no cap)."""
     from segments.switch import contract as contracting
+    from segments.switch import throttle as throttling
 
     schema = embedding_schema(using)
     if schema.phase == "final":
@@ -254,13 +295,18 @@ def contract(using="default", out=None, confirmed=False, rows_per_transaction=No
                           "after it). Run it with --confirm once the new search has served long enough.")
     with connections[using].cursor() as cursor:
         contracting.refuse_dependent_views(cursor)
-    raw = contracting.raw_connection(using)  # before anything changes: behind a pooler, it may refuse
+    link = contracting.link_for(using)
+    link.open()  # before anything changes: behind a pooler, it may refuse
+    throttle = throttling.Throttle(using=using, max_rows_per_second=max_rows_per_second,
+                                   max_replica_lag=max_replica_lag, say=out, what="the contract")
     try:
         _start_contract(using)
-        figures = contracting.run(raw, rows_per_transaction or contracting.DEFAULT_ROWS_PER_TRANSACTION,
-                                  out=out or (lambda line: None), progress_factory=progress_factory)
+        figures = contracting.run(link, rows_per_transaction or contracting.DEFAULT_ROWS_PER_TRANSACTION,
+                                  out=out or (lambda line: None), progress_factory=progress_factory,
+                                  throttle=throttle)
     finally:
-        raw.close()
+        link.close()
+        throttle.close()
     started = time.perf_counter()
     gate.apply_step("contract", using)
     figures["drop_column_ms"] = round((time.perf_counter() - started) * 1000, 1)
@@ -275,13 +321,19 @@ def contract(using="default", out=None, confirmed=False, rows_per_transaction=No
 def _start_contract(using):
     """Retire the legacy column in the model ledger, so that no writer fills it again (a follower of
     the replaced model would refill what the contract clears), and record that the contract began
-    (the undo is refused from now on). Under a SHARE lock, briefly: the writers that checked the
-    ledger before have committed, and every later one sees the column retired."""
-    from segments.operations import giving_up_on_lock_timeout
+    (the undo is refused from now on). Under a SHARE lock, briefly, with lock retries, in one message
+    (from the lock to the commit, no client round trip): the writers that checked the ledger before
+    have committed, and every later one sees the column retired."""
+    from segments.operations import giving_up_on_locks, segments_lock_holders
 
-    with giving_up_on_lock_timeout("The contract's start"), transaction.atomic(using=using), \
-            connections[using].cursor() as cursor:
-        postgres.set_local(cursor, lock_timeout=settings.MIGRATION_LOCK_TIMEOUT)
-        cursor.execute(f"LOCK TABLE {TABLE} IN SHARE MODE")
-        ledger.retire(cursor, TABLE, PREVIOUS)
-        SwitchEvent.objects.using(using).create(step="contract-started", details={})
+    def attempt(lock_timeout):
+        with connections[using].cursor() as cursor:
+            retire = cursor.mogrify(*ledger.retire_statement(TABLE, PREVIOUS)).decode()
+            cursor.execute(round_trips.message(
+                f"SELECT set_config('lock_timeout', {postgres.quote_literal(lock_timeout)}, true)",
+                f"LOCK TABLE {TABLE} IN SHARE MODE", retire,
+                "INSERT INTO segments_switch_event (step, at, details) VALUES ('contract-started', now(), '{}')"))
+
+    with giving_up_on_locks():
+        postgres.with_lock_retries(attempt, what="The contract's start",
+                                   holders=lambda: segments_lock_holders(connections[using]))

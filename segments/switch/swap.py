@@ -2,37 +2,42 @@
 
 `swap()` (each switch's swap migration, run by `manage.py embedding_switch swap`) refuses, changing
 nothing, unless the HNSW index on the next column is valid and nothing pending is quarantined.
-Then, in one transaction:
+Then, in one transaction sent to the server as ONE message (askdrchaffee/round_trips.py), so that
+from taking the table's lock to the commit no client round trip is waited for and the
+application's wait does not depend on where the operator sits:
 
-1. `LOCK TABLE segments IN EXCLUSIVE MODE`, under lock_timeout: the application's writes wait,
-   its reads go on. What is still pending is counted: with a follower running
-   (`backfill_embeddings --follow`), the few segments it has not embedded yet are left to it (it
-   embeds them into the renamed column a moment later); without one, they are embedded here, with
-   the model the command loaded beforehand, when they are few enough to take no longer than the
-   lock budget (`SwapInputs.catch_up`). Either way, more than allowed makes the swap give up,
-   changing nothing, saying how many rows it was racing.
+1. `LOCK TABLE segments IN EXCLUSIVE MODE`, under a short lock_timeout (askdrchaffee.postgres.
+   with_lock_retries tries again): the application's writes wait, its reads go on. On the server,
+   a check: nothing pending is quarantined, the HNSW index is valid, the catalogue (the table's
+   indexes, the views on it) is what the message was written for, and at most `allow_pending`
+   segments wait for a vector: a running follower (`backfill_embeddings --follow`) embeds them
+   into the renamed column a moment later; without one, the command that ran the swap embeds
+   them right after the commit, with the model it loaded beforehand (steps.swap): as many as that
+   model embeds in the lock budget. More than allowed makes the swap give up, changing nothing,
+   saying how many rows it was racing (SwapRaced).
 2. `ACCESS EXCLUSIVE` for the renames: `embedding` -> `embedding_legacy`, the next column ->
    `embedding`, their indexes (`segments_<column>_...` names follow their column), their entries
    in the model ledger, the staleness trigger (which from now on also clears the legacy vector of
    an edited text, so an undo never serves a stale one), and the views that select `embedding`,
    created again so that they serve the new column (a view binds its columns by position, and
    would otherwise go on serving the legacy vectors).
+3. The step's record (a SwitchEvent, and for the operator's command the migration's row in
+   django_migrations), with how long the server held the writes and the reads: the server's own
+   clock, from each lock to the record, just before the commit.
 
-The undo (`unswap`) is the same in reverse. Both report how long they held their locks. The
-columns are a `Columns`, given by the migration (segments.operations.SwapEmbedding); what the
-operator's command adds (the catch-up, the follower's allowance, the record to fill) comes as
-`SwapInputs`.
+The undo (`unswap`) is the same in reverse. The columns are a `Columns`, given by the migration
+(segments.operations.SwapEmbedding); what the operator's command adds (the allowance, the record
+to fill) comes as `SwapInputs`.
 """
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 from django.core.management.base import CommandError
 from django.db import connections
 
-from askdrchaffee.postgres import index_valid, quote_ident
+from askdrchaffee.postgres import index_valid, quote_ident, quote_literal
+from askdrchaffee.round_trips import message
 from embeddings import ledger
 from segments import triggers
 from segments.schema import FIRST_NEXT, LIVE, PREVIOUS, TABLE, blank_sql, embedding_schema, pending_sql
@@ -46,7 +51,7 @@ class SwapRefused(CommandError):
 
 
 class SwapRaced(SwapRefused):
-    """More segments arrived than may be left pending (or embedded) under the lock."""
+    """More segments arrived than the swap may leave pending (to a follower, or to the command after its commit)."""
 
     def __init__(self, message, pending):
         super().__init__(message)
@@ -78,33 +83,27 @@ class Columns:
 
 
 @dataclass
-class CatchUp:
-    """What the swap may do under its lock without a follower: embed up to `max_rows` pending
-    segments with `encoder`."""
-
-    encoder: object
-    max_rows: int
-
-
-@dataclass
 class SwapRecord:
     """What the last swap or undo did, for the command's report."""
 
-    writes_blocked_ms: float = 0.0  # EXCLUSIVE or stronger held: the application's writes waited
+    writes_blocked_ms: float = 0.0  # EXCLUSIVE or stronger held, by the server's clock: the application's writes waited
     reads_blocked_ms: float = 0.0  # ACCESS EXCLUSIVE held: its reads waited too
-    embedded_under_lock: int = 0
-    left_to_follower: int = 0  # segments pending at the swap, which a running follower embeds
+    left_pending: int = 0  # segments pending at the swap, left to a running follower or to the command
+    embedded_after: int = 0  # of those, embedded by the command right after the commit (no follower running)
     views_recreated: list = field(default_factory=list)
     indexes_renamed: dict = field(default_factory=dict)  # name before: name after
+    event_id: int | None = None  # its SwitchEvent
 
 
 @dataclass
 class SwapInputs:
-    """What the operator's command gives the swap: `catch_up` (embed late rows under the lock), or
-    `allow_pending` (rows a running follower will embed), and the record to fill."""
+    """What the operator's command gives the swap: `allow_pending` (rows a running follower, or the
+    command right after the commit, will embed), the lock_timeout of this attempt, the migration
+    to record with it (app, name), and the record to fill."""
 
-    catch_up: CatchUp | None = None
     allow_pending: int = 0
+    lock_timeout: str | None = None
+    migration: tuple | None = None
     record: SwapRecord = field(default_factory=SwapRecord)
 
 
@@ -143,67 +142,29 @@ def refusal(using="default"):
     return None
 
 
-def check_ready(cursor, columns, inputs):
-    """SwapRefused unless the swap can go ahead; SwapRaced when more rows are pending than it may
-    embed (`inputs.catch_up`) or leave to a follower (`inputs.allow_pending`). The pending count."""
+def check_ready(cursor, columns, allow_pending=0):
+    """SwapRefused unless the swap can go ahead now (read before any lock: the locked message checks
+    again); SwapRaced when more rows are pending than `allow_pending`. The pending count."""
     missing, quarantined = missing_vectors(cursor, columns.next)
     if quarantined:
-        raise SwapRefused(
-            f"Swap refused, nothing changed: {quarantined} segment(s) with text are quarantined "
-            "(`manage.py embedding_quarantine` lists them; `manage.py backfill_embeddings "
-            "--retry-quarantined` tries them again)."
-        )
-    allowed = inputs.catch_up.max_rows if inputs.catch_up else inputs.allow_pending
-    if missing > allowed:
-        if inputs.catch_up is not None or inputs.allow_pending:
-            what = "embedded under the lock" if inputs.catch_up else "left to the running follower"
-            raise SwapRaced(
-                f"Swap gave up, nothing changed: {missing} segment(s) arrived or changed since the last "
-                f"backfill pass, more than can be {what} ({allowed}).", missing)
-        raise SwapRefused(
-            f"Swap refused, nothing changed: {missing} segment(s) with text have no vector of the new model "
-            "yet. Run `manage.py embedding_switch swap`: it embeds them first."
-        )
+        raise SwapRefused(QUARANTINED.format(quarantined))
+    if missing > allow_pending and not allow_pending:
+        raise SwapRefused(f"Swap refused, nothing changed: {missing} segment(s) with text have no vector of the new "
+                          "model yet. Run `manage.py embedding_switch swap`: it embeds them first.")
+    if missing > allow_pending:
+        raise SwapRaced(RACED.format(missing, allow_pending), missing)
     if index_valid(cursor, columns.index(columns.next, "hnsw")) is not True:
-        raise SwapRefused(
-            f"Swap refused, nothing changed: the HNSW index {columns.index(columns.next, 'hnsw')} is missing or "
-            "INVALID. Run `manage.py embedding_switch index` first."
-        )
+        raise SwapRefused(INDEX_MISSING.format(columns.index(columns.next, "hnsw")))
     return missing
 
 
-def _embed_pending(schema_editor, columns, catch_up):
-    """Embed the pending segments inside the swap's transaction (the table is locked against
-    writes); returns how many. Any segment the model cannot embed refuses the swap."""
-    from embeddings.writer import VectorWriter
-    from segments.switch.backfill.encode import encode_texts
-    from segments.switch.user_triggers import quiet_user_triggers
-
-    with schema_editor.connection.cursor() as cursor:
-        cursor.execute(f"SELECT s.id, s.text, md5(s.text)::uuid FROM segments s WHERE {pending_sql(columns.next)} "
-                       "ORDER BY s.id")
-        rows = cursor.fetchall()
-    if not rows:
-        return 0
-    ids, texts, md5s = zip(*rows)
-    dims = catch_up.encoder.dimensions
-    vectors, reasons = encode_texts(catch_up.encoder, list(texts), dims)
-    failed = [(i, reason) for i, reason in zip(ids, reasons) if reason is not None]
-    if failed:
-        raise SwapRefused(
-            f"Swap refused, nothing changed: the model could not embed {len(failed)} segment(s) that "
-            f"arrived meanwhile (segment {failed[0][0]}: {failed[0][1]}). Run `manage.py backfill_embeddings` "
-            "(it quarantines them with the reason), then `manage.py embedding_switch swap` again."
-        )
-    with schema_editor.connection.cursor() as cursor:
-        quiet_user_triggers(cursor)  # for this transaction, which the renames follow
-    writer = VectorWriter(schema_editor.connection, columns.next, dims,
-                          identity=ledger.identity_of(catch_up.encoder))
-    written = writer.write(list(ids), list(md5s), np.stack(vectors))
-    if writer.column != columns.next:
-        raise SwapRefused(f"Swap refused, nothing changed: the model loaded for the catch-up writes "
-                          f"segments.{writer.column}, not segments.{columns.next}.")
-    return written
+QUARANTINED = ("Swap refused, nothing changed: {} segment(s) with text are quarantined (`manage.py "
+               "embedding_quarantine` lists them; `manage.py backfill_embeddings --retry-quarantined` tries them again).")
+RACED = ("Swap gave up, nothing changed: {} segment(s) arrived or changed since the last backfill pass, more than "
+         "can be left to a follower or embedded right after the swap ({}).")
+INDEX_MISSING = ("Swap refused, nothing changed: the HNSW index {} is missing or INVALID. Run `manage.py "
+                 "embedding_switch index` first.")
+CATALOG_MOVED = "segments swap: the catalogue changed"
 
 
 def _views_on(cursor, column):
@@ -240,70 +201,163 @@ def _renamed_indexes(cursor, moves):
     return renames
 
 
-def _locked_steps(schema_editor, columns, inputs, *, moves, trigger_columns, forward):
-    """The swap or its undo, under EXCLUSIVE then ACCESS EXCLUSIVE; fills `inputs.record`."""
-    record = inputs.record
-    with schema_editor.connection.cursor() as cursor:
-        views = _views_on(cursor, moves[0][0])
-    schema_editor.execute("LOCK TABLE segments IN EXCLUSIVE MODE")
-    writes_from = time.perf_counter()
+# What the locked message checks the catalogue against: the table's indexes, and the views on it with
+# their definitions (a view or an index made meanwhile changes it; the message is then written again).
+CATALOG_FINGERPRINT = f"""
+    SELECT md5(coalesce((SELECT string_agg(c.relname, ',' ORDER BY c.relname) FROM pg_index i
+                         JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass('{TABLE}')), '')
+               || '|' || coalesce((SELECT string_agg(v.oid::text || ':' || md5(pg_get_viewdef(v.oid)), ','
+                                                     ORDER BY v.oid)
+                                   FROM (SELECT DISTINCT r.ev_class AS oid FROM pg_depend d
+                                         JOIN pg_rewrite r ON r.oid = d.objid AND d.classid = 'pg_rewrite'::regclass
+                                         WHERE d.refobjid = to_regclass('{TABLE}') AND r.ev_class <> d.refobjid) v), ''))
+"""
+
+
+@dataclass
+class LockedStep:
+    """The swap or its undo, written as the one message that runs it (`sql`), with what it will do."""
+
+    sql: str
+    views: list
+    index_renames: dict
+
+
+def locked_step(cursor, columns, inputs, *, forward):
+    """The LockedStep of the swap (`forward`) or its undo, read from the catalogue now (before any lock)."""
+    moves = [(columns.live, columns.previous), (columns.next, columns.live)] if forward else \
+        [(columns.live, columns.next), (columns.previous, columns.live)]
+    views = _views_on(cursor, moves[0][0])
+    index_renames = _renamed_indexes(cursor, moves)
+    cursor.execute(CATALOG_FINGERPRINT)
+    fingerprint = cursor.fetchone()[0]
+    trigger_columns = columns.swapped_trigger if forward else columns.expanded_trigger
+    step = "swap" if forward else "undo"
+    statements = [
+        # this attempt's lock_timeout (with_lock_retries); in a migration's transaction, the executor's
+        f"SELECT set_config('lock_timeout', {quote_literal(inputs.lock_timeout)}, true)" if inputs.lock_timeout else "",
+        f"LOCK TABLE {TABLE} IN EXCLUSIVE MODE",
+        "SELECT set_config('segments.writes_held_from', clock_timestamp()::text, true)",
+        _check_sql(columns, inputs.allow_pending, fingerprint, forward),
+        f"LOCK TABLE {TABLE} IN ACCESS EXCLUSIVE MODE",
+        "SELECT set_config('segments.reads_held_from', clock_timestamp()::text, true)",
+        *(f"DROP VIEW {view.name}" for view in views),
+        *(f"ALTER TABLE {TABLE} RENAME COLUMN {quote_ident(old)} TO {quote_ident(new)}" for old, new in moves),
+        *(f"ALTER INDEX {quote_ident(old)} RENAME TO {quote_ident(new)}" for old, new in index_renames.items()),
+        _mogrified(cursor, *ledger.rename_statement(TABLE, dict(moves))),
+        triggers.create_sql(*trigger_columns),
+        *(statement for view in views for statement in catalog.recreate_view_sql(view)),
+        *_migration_record(inputs.migration, forward),
+        _event_sql(step, views, index_renames),
+    ]
+    return LockedStep(message(*statements), views, index_renames)
+
+
+def _mogrified(cursor, sql, params):
+    return cursor.mogrify(sql, params).decode()
+
+
+def _check_sql(columns, allow_pending, fingerprint, forward):
+    """The server's own check, under the EXCLUSIVE lock: the catalogue unchanged and, for the swap,
+    nothing pending quarantined, the HNSW index valid, at most `allow_pending` pending (SwapRaced)."""
+    swap_checks = f"""
+    SELECT count(*), count(q.segment_id) INTO pending, quarantined FROM {TABLE} s
+        LEFT JOIN embeddings_quarantine q ON q.segment_id = s.id WHERE {pending_sql(columns.next)};
+    IF quarantined > 0 THEN
+        RAISE EXCEPTION 'segments swap: quarantined' USING DETAIL = quarantined::text;
+    END IF;
+    IF NOT coalesce((SELECT indisvalid FROM pg_index WHERE indexrelid =
+                     to_regclass({quote_literal(columns.index(columns.next, 'hnsw'))})), false) THEN
+        RAISE EXCEPTION 'segments swap: index';
+    END IF;
+    IF pending > {int(allow_pending)} THEN
+        RAISE EXCEPTION 'segments swap: raced' USING DETAIL = pending::text;
+    END IF;""" if forward else ""
+    return f"""DO $check$ DECLARE pending bigint := 0; quarantined bigint := 0; BEGIN
+    IF ({CATALOG_FINGERPRINT.strip()}) <> {quote_literal(fingerprint)} THEN
+        RAISE EXCEPTION '{CATALOG_MOVED}';
+    END IF;{swap_checks}
+    PERFORM set_config('segments.left_pending', pending::text, true);
+END $check$"""
+
+
+def _migration_record(migration, forward):
+    """The migration's row in django_migrations, written (or, for the undo, deleted) with the step."""
+    if migration is None:
+        return []
+    app, name = (quote_literal(part) for part in migration)
     if forward:
-        with schema_editor.connection.cursor() as cursor:
-            pending = check_ready(cursor, columns, inputs)
-        if inputs.catch_up is not None:
-            record.embedded_under_lock = _embed_pending(schema_editor, columns, inputs.catch_up)
-            with schema_editor.connection.cursor() as cursor:
-                check_ready(cursor, columns, SwapInputs())  # again: under this lock no writer adds a row
-        else:
-            record.left_to_follower = pending
-    schema_editor.execute("LOCK TABLE segments IN ACCESS EXCLUSIVE MODE")
-    reads_from = time.perf_counter()
-    with schema_editor.connection.cursor() as cursor:
-        index_renames = _renamed_indexes(cursor, moves)
-        for view in views:
-            cursor.execute(f"DROP VIEW {view.name}")
-        for old, new in moves:
-            cursor.execute(f"ALTER TABLE segments RENAME COLUMN {quote_ident(old)} TO {quote_ident(new)}")
-        for old, new in index_renames.items():
-            cursor.execute(f"ALTER INDEX {quote_ident(old)} RENAME TO {quote_ident(new)}")
-        ledger.rename(cursor, TABLE, dict(moves))
-        cursor.execute(triggers.create_sql(*trigger_columns))
-        for view in views:
-            for statement in catalog.recreate_view_sql(view):
-                cursor.execute(statement)
-    record.views_recreated = [view.name for view in views]
-    record.indexes_renamed = index_renames
-    done = time.perf_counter()
-    # The commit follows at once (the migration is atomic); the command adds its time.
-    record.writes_blocked_ms = (done - writes_from) * 1000
-    record.reads_blocked_ms = (done - reads_from) * 1000
-    logger.info("segments swap: writes blocked %.1f ms, reads blocked %.1f ms before commit",
-                record.writes_blocked_ms, record.reads_blocked_ms)
+        return [f"INSERT INTO django_migrations (app, name, applied) VALUES ({app}, {name}, now())"]
+    return [f"DELETE FROM django_migrations WHERE app = {app} AND name = {name}"]
+
+
+def _event_sql(step, views, index_renames):
+    """The step's SwitchEvent, with the server's measure of the locks held, answered as the message's rows."""
+    held = "round((extract(epoch FROM clock_timestamp() - current_setting('segments.{}_held_from')::timestamptz) * 1000)::numeric, 1)"
+    return f"""
+        INSERT INTO segments_switch_event (step, at, details) VALUES ({quote_literal(step)}, now(), jsonb_build_object(
+            'writes_blocked_ms', {held.format('writes')}, 'reads_blocked_ms', {held.format('reads')},
+            'left_pending', current_setting('segments.left_pending')::bigint,
+            'views_recreated', {quote_literal(json.dumps([view.name for view in views]))}::jsonb,
+            'indexes_renamed', {quote_literal(json.dumps(index_renames))}::jsonb))
+        RETURNING id, details"""
+
+
+def run_locked(connection, columns, inputs, *, forward):
+    """The swap (`forward`) or its undo as one message on `connection` (a Django connection or a psycopg2
+    one: in autocommit, its own transaction, committed by the server at its end; in the caller's
+    transaction, a part of it); fills `inputs.record`. SwapRefused or SwapRaced from the server's check,
+    CatalogMoved when the catalogue changed between the reads and the lock (write it again)."""
+    with connection.cursor() as cursor:
+        step = locked_step(cursor, columns, inputs, forward=forward)
+        try:
+            cursor.execute(step.sql)
+        except Exception as exc:
+            raise _refusal(exc, columns) or exc
+        event_id, details = cursor.fetchone()
+    details = json.loads(details) if isinstance(details, str) else details
+    record = inputs.record
+    record.writes_blocked_ms, record.reads_blocked_ms = details["writes_blocked_ms"], details["reads_blocked_ms"]
+    record.left_pending = details["left_pending"]
+    record.views_recreated, record.indexes_renamed = [view.name for view in step.views], step.index_renames
+    record.event_id = event_id
+    logger.info("segments %s: writes blocked %.1f ms, reads blocked %.1f ms (the server's clock)",
+                "swap" if forward else "undo", record.writes_blocked_ms, record.reads_blocked_ms)
     return record
 
 
+class CatalogMoved(SwapRefused):
+    """An index or a view on segments changed between the message's writing and its lock: write it again."""
+
+
+def _refusal(exc, columns):
+    """The SwapRefused (or SwapRaced, CatalogMoved) that the server's check raised as `exc`, else None."""
+    cause = getattr(exc, "__cause__", None) if getattr(exc, "diag", None) is None else exc
+    diag = getattr(cause, "diag", None)
+    text, detail = getattr(diag, "message_primary", None), getattr(diag, "message_detail", None)
+    if text == "segments swap: quarantined":
+        return SwapRefused(QUARANTINED.format(detail))
+    if text == "segments swap: index":
+        return SwapRefused(INDEX_MISSING.format(columns.index(columns.next, "hnsw")))
+    if text == "segments swap: raced":
+        return SwapRaced(RACED.format(detail, "its allowance"), int(detail))
+    if text == CATALOG_MOVED:
+        return CatalogMoved("Swap gave up, nothing changed: an index or a view on segments changed meanwhile.")
+    return None
+
+
 def swap(schema_editor, columns, inputs=None):
-    """The next column becomes `embedding`, `embedding` becomes `embedding_legacy`."""
+    """The next column becomes `embedding`, `embedding` becomes `embedding_legacy` (Django's migration
+    path: in the migration's transaction, which Django records and commits)."""
     inputs = inputs or SwapInputs()
     with schema_editor.connection.cursor() as cursor:
-        check_ready(cursor, columns, inputs)
-    _locked_steps(schema_editor, columns, inputs, forward=True, trigger_columns=columns.swapped_trigger,
-                  moves=[(columns.live, columns.previous), (columns.next, columns.live)])
-    _log_event(schema_editor, "swap", inputs.record)
+        check_ready(cursor, columns, inputs.allow_pending)
+    run_locked(schema_editor.connection, columns, inputs, forward=True)
 
 
 def unswap(schema_editor, columns, inputs=None):
     """The undo: `embedding` becomes the next column again, `embedding_legacy` becomes `embedding`."""
-    inputs = inputs or SwapInputs()
-    _locked_steps(schema_editor, columns, inputs, forward=False, trigger_columns=columns.expanded_trigger,
-                  moves=[(columns.live, columns.next), (columns.previous, columns.live)])
-    _log_event(schema_editor, "undo", inputs.record)
-
-
-def _log_event(schema_editor, step, record):
-    with schema_editor.connection.cursor() as cursor:
-        cursor.execute("INSERT INTO segments_switch_event (step, at, details) VALUES (%s, now(), %s)",
-                       [step, json.dumps(asdict(record))])
+    run_locked(schema_editor.connection, columns, inputs or SwapInputs(), forward=False)
 
 
 def legacy_vectors_lacking(cursor):

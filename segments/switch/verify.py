@@ -23,7 +23,10 @@ Check whose `ok` is True (passed), False (failed: the message says what to do) o
   model cannot be run here);
 - undo (after the swap, not judged): how many segments with text have no legacy vector, which
   an undo of the swap would not serve (edited or added since the swap);
-- golden (with a golden file, not judged): hit@10 and MRR of real queries through the search.
+- golden (with a golden file, not judged): hit@10 and MRR of real queries through the search;
+- degenerate: the sampled vectors can serve a search: none zero, not collapsed (nearly the same vector
+  for every text), not one vector for many different texts (segments/evaluation/health.py);
+- evaluation (not judged): the last go/no-go verdict of `embedding_eval` for the two columns' models.
 """
 import csv
 import json
@@ -105,6 +108,7 @@ def verify(*, sample=100, golden=None, encoder=None, ef_search=None, recall_seco
         report.checks.append(_coverage(cursor, column))
         vector_checks, embedded = _vector_checks(cursor, column, schema.vector_dimensions)
     report.checks.extend(vector_checks)
+    report.checks.append(_degenerate(rows, column))
     model_check, encoder = _model(column, encoder, using)
     report.checks.append(model_check)
     report.checks.append(_stale(rows, column, schema.vector_dimensions, encoder) if model_check.ok else
@@ -120,6 +124,8 @@ def verify(*, sample=100, golden=None, encoder=None, ef_search=None, recall_seco
         report.checks.append(_legacy_overlap(rows, column, schema.legacy_column, ef_search, using))
     if schema.phase == "swapped":
         report.checks.append(_undo(using))
+    if schema.legacy_column:
+        report.checks.append(_last_verdict(using))
     if golden and model_check.ok:
         report.checks.append(_golden(golden, encoder, using))
     return report
@@ -144,6 +150,37 @@ def _model(column, encoder, using):
     return Check("model", True, f"segments.{column} holds {recorded}; the configured model is the same.",
                  {"model": recorded.identity.name, "fingerprint": recorded.identity.short_fingerprint,
                   "source": recorded.source}), encoder
+
+
+def _degenerate(rows, column):
+    """Vectors that cannot serve a search, in the sample (segments.evaluation.health)."""
+    from segments.evaluation import health
+
+    if len(rows) < 2:
+        return Check("degenerate", None, "Skipped: too few vectors to compare.")
+    found = health.check(np.array([vector for _, _, vector, _ in rows]), [text for _, text, _, _ in rows],
+                         f"segments.{column}")
+    figures = {k: found[k] for k in ("vectors", "zero", "median_distance", "collapsed", "duplicated")}
+    if found["problems"]:
+        return Check("degenerate", False, " ".join(found["problems"]) + " Re-embed the column with a model that "
+                     "works (`manage.py embedding_eval` judges one before the swap).", figures)
+    if found["median_distance"] is None:
+        return Check("degenerate", None, "Skipped: the sampled segments have one text.", figures)
+    return Check("degenerate", True, f"{found['vectors']} sampled vectors can serve a search: none zero, median "
+                                     f"distance between different texts {found['median_distance']:.3f}.", figures)
+
+
+def _last_verdict(using):
+    """The last go/no-go verdict for the two columns' models (reported, not judged)."""
+    from segments.evaluation.record import last_verdict
+
+    found = last_verdict(using)
+    if found is None:
+        return Check("evaluation", None, "No evaluation yet for these two models: `manage.py embedding_eval` judges "
+                                         "the new model before the swap.")
+    reasons = " ".join(found["reasons"])
+    return Check("evaluation", None, f"The last evaluation ({found['mode']} mode, {found['at'][:16]}) says "
+                 f"{found['verdict']}: {reasons}", {"verdict": found["verdict"], "event": found["event"]})
 
 
 def _undo(using):

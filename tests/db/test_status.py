@@ -241,7 +241,7 @@ def test_a_backfill_run_leaves_a_heartbeat_counting_the_rows_it_wrote():
 
 
 def test_a_running_backfill_shows_its_worker_device_rate_and_eta():
-    add_segments(sentences(60))
+    add_segments(sentences(400))  # a few seconds of encoder calls: the status sees it running
     encoder = RecordingEncoder(delay=0.3)
     encoder.device = "cpu"
 
@@ -329,7 +329,7 @@ def test_embedding_status_json_prints_the_whole_status(segments_at):
 
     assert set(found) == {"phase", "columns", "rows", "backfill", "index_build", "indexes", "index_plan", "swap",
                           "size", "undo_lacks", "legacy_writes", "preflight", "adopted", "migrations_waiting", "steps", "warnings", "next",
-                          "models", "pending_age"}
+                          "models", "pending_age", "pause", "evaluation"}
     assert found["phase"] == "expanded" and found["rows"] == KNOWN_ROWS
     assert found["swap"] == {"done": False, "accepted": False, "refusal": swap.refusal()}
     assert found["indexes"]["hnsw"] is None and found["index_build"] is None

@@ -66,8 +66,8 @@ def test_a_complete_table_passes_every_check(complete, minilm):
 
     assert error is None and report["passed"] is True
     checks = report["checks"]
-    assert [name for name in checks] == ["coverage", "dimensions", "unit_norms", "finite", "model", "stale",
-                                         "index", "index_used", "recall"]
+    assert [name for name in checks] == ["coverage", "dimensions", "unit_norms", "finite", "degenerate", "model",
+                                         "stale", "index", "index_used", "recall"]
     assert all(check["ok"] for check in checks.values())
     assert checks["coverage"]["segments_with_text"] == len(TEXTS) and checks["coverage"]["blank"] == 1
     assert checks["stale"]["sampled"] == len(TEXTS) and checks["stale"]["min_cosine"] > 0.999

@@ -141,10 +141,10 @@ def test_it_follows_its_model_through_the_swap_the_undo_and_the_contract(segment
     assert embedding_schema().phase == "final"
     swap = swapped.details
     print(f"\nswap with a follower: writes blocked {swap['writes_blocked_ms']:.1f} ms, reads blocked "
-          f"{swap['reads_blocked_ms']:.1f} ms, {swap['embedded_under_lock']} embedded under the lock; "
+          f"{swap['reads_blocked_ms']:.1f} ms, {swap['left_pending']} left to the follower; "
           f"application writes {writer.writes}, slowest {writer.slowest * 1000:.0f} ms")
-    assert "none embedded under the lock" in swapped.message and swap["followers"]
-    assert swap["embedded_under_lock"] == 0 and writer.slowest < 1.0
+    assert "none was embedded under the lock" in swapped.message and swap["followers"]
+    assert swap["embedded_after"] == 0 and writer.slowest < 1.0
     assert current("embedding")
     writes = [line for line in lines if line.startswith("Writing")]
     assert writes[0] == "Writing segments.embedding_384." and "Writing segments.embedding." in writes
@@ -207,6 +207,8 @@ def test_status_shows_each_follower_and_the_oldest_waiting_segment(segments_at, 
     with following() as lines:
         add_segments(sentences(3, seed=4))
         assert wait_until(lambda: count_pending() == 0, 5), lines
+        # its heartbeat says what it did as it goes idle (a beat, at most BEAT_SECONDS after the commit)
+        assert wait_until(lambda: status.collect()["backfill"]["workers"][0]["column"] == "embedding", 5)
         found = status.collect()
         shown = StringIO()
         call_command("embedding_status", stdout=shown)

@@ -1,5 +1,6 @@
 """The encode pipeline and the service on CUDA: fp16, pinned asynchronous copies, one device per
-worker, texts per call measured on the device. Skipped where torch sees no CUDA device."""
+worker, texts per call measured on the device, a stream of claims copied back item by item.
+Skipped where torch sees no CUDA device."""
 import numpy as np
 import pytest
 import torch
@@ -33,3 +34,15 @@ def test_the_cuda_texts_per_call_are_measured_on_the_first_large_call():
     service.encode_documents(generate_texts(MEASURE_TEXTS, seed=6))
     assert set(service.measured_texts_per_call) <= set(pipeline.CUDA_TEXTS_PER_CALL_CANDIDATES)
     assert service.texts_per_call == max(service.measured_texts_per_call, key=service.measured_texts_per_call.get)
+
+
+def test_a_stream_of_claims_on_cuda_gives_each_the_vectors_of_its_own_call(minilm):
+    service = EmbeddingsService(model_name=MINILM_PATH, device="cuda", query_instruction="", texts_per_call=64)
+    items = [(number, generate_texts(size, seed=number)) for number, size in enumerate((700, 1, 300, 0, 1000))]
+    results = list(service.encode_documents_streamed(iter(items)))
+    assert [result.key for result in results] == [0, 1, 2, 3, 4] and all(r.error is None for r in results)
+    for result, (_, texts) in zip(results, items):
+        assert result.vectors.shape == (len(texts), 384) and result.vectors.dtype == np.float32
+        np.testing.assert_allclose(result.vectors, service.encode_documents(texts), atol=1e-3)
+    reference = minilm.encode_documents(items[2][1])
+    assert np.min(np.sum(results[2].vectors * reference, axis=1)) > 0.99

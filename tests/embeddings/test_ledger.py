@@ -127,7 +127,7 @@ def test_verify_refuses_to_embed_with_another_model(segments_at, minilm, cls_mod
     assert report["checks"]["stale"]["ok"] is None
 
 
-def test_the_swaps_catch_up_under_its_lock_refuses_another_model(segments_at, minilm, cls_model, schema_dump):
+def test_the_swap_refuses_another_model_for_its_late_arrivals_before_any_lock(segments_at, minilm, cls_model, schema_dump):
     segments_at("expanded")
     add_segments(sentences(20))
     run_backfill(minilm)

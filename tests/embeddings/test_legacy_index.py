@@ -114,6 +114,7 @@ def test_after_the_swap_it_is_rebuilt_on_the_renamed_legacy_column(expanded):
 
 def test_a_busy_table_makes_the_drop_give_up_and_leaves_the_index_and_no_record(expanded, settings):
     settings.MIGRATION_LOCK_TIMEOUT = "200ms"
+    settings.MIGRATION_LOCK_RETRY_SECONDS = 1
     params = connection.get_connection_params()
     other = psycopg2.connect(host=params["host"], dbname=params["dbname"], user=params.get("user") or "postgres")
     try:

@@ -35,7 +35,9 @@ def adopt_and_expand():
 def run(*args):
     process = manage(*args)
     out, err = process.communicate(timeout=900)
-    assert process.returncode == 0, f"manage.py {' '.join(args)} exited {process.returncode}:\n{out}\n{err}"
+    inconclusive = args[0] == "embedding_eval" and process.returncode == 3  # too few segments to judge
+    assert process.returncode == 0 or inconclusive, \
+        f"manage.py {' '.join(args)} exited {process.returncode}:\n{out}\n{err}"
     return out
 
 

@@ -53,7 +53,10 @@ class StopAfter:
         pass
 
 
-def test_contract_interrupted_while_clearing_resumes_and_keeps_every_value(swapped_demo, sql):
+def test_contract_interrupted_while_clearing_resumes_and_keeps_every_value(swapped_demo, sql, monkeypatch):
+    from segments.switch import server_loop
+
+    monkeypatch.setattr(server_loop, "SECONDS_PER_CALL", 0.0)  # the server's loop answers after each batch
     before = stored(sql)
 
     with pytest.raises(Interrupt):
@@ -91,9 +94,9 @@ def test_a_batch_blocked_by_an_application_transaction_stops_the_contract_with_t
 
     monkeypatch.setattr(contract, "LOCK_TIMEOUT", "100ms")
     monkeypatch.setattr(contract, "LOCK_ATTEMPTS", 2)
-    raw = contract.raw_connection("default")
-    contract.drop_legacy_indexes(raw, out=lambda line: None)  # what the contract does before its batches
-    raw.close()
+    link = contract.link_for("default")
+    contract.drop_legacy_indexes(link, out=lambda line: None)  # what the contract does before its batches
+    link.close()
     (first,), = sql("SELECT min(id) FROM segments")
     application = open_connection("default", "app")  # a transaction holding the first row's lock
     try:
@@ -142,8 +145,11 @@ class SnapshotDuringClearing:
 
 
 def test_contract_waits_for_a_snapshot_older_than_its_clearing_names_it_and_then_gives_the_space_back(
-    swapped_demo, sql
+    swapped_demo, sql, monkeypatch
 ):
+    from segments.switch import server_loop
+
+    monkeypatch.setattr(server_loop, "SECONDS_PER_CALL", 0.0)  # the snapshot is taken after the first batch
     toast_before, said = _toast_bytes(sql), []
     snapshot = SnapshotDuringClearing(seconds=3)
 
@@ -156,9 +162,10 @@ def test_contract_waits_for_a_snapshot_older_than_its_clearing_names_it_and_then
 
 
 def test_contract_names_what_still_holds_the_space_after_its_wait(swapped_demo, sql, monkeypatch):
-    from segments.switch import contract
+    from segments.switch import contract, server_loop
 
     monkeypatch.setattr(contract, "WAIT_FOR_OLDER_TRANSACTIONS_SECONDS", 1)
+    monkeypatch.setattr(server_loop, "SECONDS_PER_CALL", 0.0)  # the snapshot is taken after the first batch
     toast_before, said = _toast_bytes(sql), []
     snapshot = SnapshotDuringClearing(seconds=60)
     try:

@@ -30,13 +30,13 @@ def test_plain_migrate_expands_and_stops_before_the_index_even_when_the_backfill
 
     out = migrate()
     assert embedding_schema().phase == "expanded"
-    assert applied()[-1] == "0009_embedding_on_arrival"
+    assert applied()[-1] == "0011_worker_link_and_pause"
     assert "0006_embedding_384_hnsw" not in applied()
     assert "phase: expanded" in out and "next:" in out
 
     run_backfill(HashingEncoder())
     migrate()
-    assert applied()[-1] == "0009_embedding_on_arrival"  # no index, no swap, no drop
+    assert applied()[-1] == "0011_worker_link_and_pause"  # no index, no swap, no drop
     assert not {"0006_embedding_384_hnsw", "0007_swap_embedding", "0008_drop_embedding_legacy"} & set(applied())
 
 

@@ -124,7 +124,7 @@ def test_swap_goes_through_while_the_application_inserts_and_edits(segments_at, 
     assert results, failures
     swap = results[0].details
     print(f"\nswap: writes blocked {swap['writes_blocked_ms']:.1f} ms, reads blocked "
-          f"{swap['reads_blocked_ms']:.1f} ms, {swap['embedded_under_lock']} embedded under the lock, "
+          f"{swap['reads_blocked_ms']:.1f} ms, {swap['left_pending']} left pending and embedded after the commit, "
           f"round {swap['rounds']}; application writes: {writer.writes}, slowest {writer.slowest * 1000:.0f} ms")
     assert embedding_schema().phase == "swapped"
     assert writer.errors == [] and writer.writes > 20
@@ -134,14 +134,15 @@ def test_swap_goes_through_while_the_application_inserts_and_edits(segments_at, 
     assert_every_vector_current(minilm)
 
 
-def test_swap_embeds_late_arrivals_under_its_lock(expanded_and_indexed):
+def test_swap_embeds_late_arrivals_right_after_its_commit_and_none_under_its_lock(expanded_and_indexed):
     encoder = expanded_and_indexed
     late = add_segments(["arrived after the last pass", "so did this one"])
-    no_pass = lambda enc: None  # noqa: E731  (no backfill pass: the two rows must be embedded under the lock)
+    no_pass = lambda enc: None  # noqa: E731  (no backfill pass: the two rows arrive at the swap)
 
     result = steps.swap(encoder=encoder, backfill=no_pass)
 
-    assert result.details["embedded_under_lock"] == 2
+    assert result.details["left_pending"] == 2 and result.details["embedded_after"] == 2
+    assert "none was embedded under the lock" in result.message
     vectors = stored_vectors("embedding")
     assert all(vectors[i] is not None for i in late)
     assert_every_vector_current(encoder)

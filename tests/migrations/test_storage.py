@@ -77,12 +77,12 @@ def test_the_whole_switch_with_each_storage(storage, segments_at):
     assert f"USING hnsw (embedding_384 {opclass})" in index_definition("segments_embedding_384_hnsw")
     report = verify(sample=30, encoder=encoder)
     assert {check.name: check.ok for check in report.checks if check.ok is not None} == {
-        "coverage": True, "dimensions": True, "unit_norms": True, "finite": True, "model": True, "stale": True,
-        "index": True, "index_used": True, "recall": True}, [c.message for c in report.checks]
+        "coverage": True, "dimensions": True, "unit_norms": True, "finite": True, "degenerate": True, "model": True,
+        "stale": True, "index": True, "index_used": True, "recall": True}, [c.message for c in report.checks]
 
     late = add_segments(["a segment that arrived after the backfill: fasting and ketones"])
-    swap = steps.swap(encoder=encoder, backfill=lambda encoder: None)  # the swap embeds it under its lock
-    assert swap.details["embedded_under_lock"] == 1
+    swap = steps.swap(encoder=encoder, backfill=lambda encoder: None)  # the swap embeds it after its commit
+    assert swap.details["embedded_after"] == 1
     assert column_type("embedding") == f"{storage}(384)"
     assert f"USING hnsw (embedding {opclass})" in index_definition("segments_embedding_hnsw")
     assert preflight.inspect().blocking == []  # what `migrate` and `check --database default` run

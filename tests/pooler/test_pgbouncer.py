@@ -301,8 +301,9 @@ def test_an_application_on_the_same_pool_never_sees_the_switchs_settings(pgbounc
             started = time.monotonic()
             code, out, err = finished(manage(*args, env=pooled_env))
             timings.append(f"{app.step}: {time.monotonic() - started:.1f} s")
-            assert code == 0, f"{app.step} through the pooler exited {code}:\n{out}\n{err}\n" \
-                              f"pgbouncer:\n{pgbouncer.log_tail()}"
+            inconclusive = args[0] == "embedding_eval" and code == 3  # its verdict: too few segments to judge
+            assert code == 0 or inconclusive, f"{app.step} through the pooler exited {code}:\n{out}\n{err}\n" \
+                                              f"pgbouncer:\n{pgbouncer.log_tail()}"
             app.text_writes.set()
             if follower is None:  # a follower embeds what arrives from phase 1 on, as in production
                 follower = manage("backfill_embeddings", "--follow", env=pooled_env)

@@ -59,10 +59,29 @@ def test_quick_measures_encode_against_the_pipeline_on_the_cpu(quick):
 
 
 @pytest.mark.slow
+def test_quick_measures_tokenization_by_threads_up_to_the_cpus(quick):
+    scaling, details = quick["tokenization_scaling"], quick["tokenization"]
+    assert list(scaling) == [str(threads) for threads in range(1, details["cpus"] + 1)]
+    assert all(rate > 0 for rate in scaling.values()) and details["speedup"]["1"] == 1.0
+    assert details["path"] == "the model's Rust tokenizer, N threads" and details["model_preprocess_one_thread"] > 0
+    assert details["pipeline_threads"] == 1 and len(details["load_average"]) == 3  # on a CPU the model needs the cores
+    assert "tokenization alone by threads" in render(quick)
+
+
+@pytest.mark.slow
+def test_quick_measures_claims_in_calls_and_streamed(quick):
+    calls = quick["backfill_calls"]
+    assert (calls["rows_per_claim"], calls["claims"]) == (8, 4)
+    assert positive(calls) and positive(calls["streamed"]) and calls["streamed"]["against_one_call"] > 0
+    assert "streamed into one pipeline" in render(quick)
+
+
+@pytest.mark.slow
 def test_quick_names_the_limiting_stage(quick):
     section = quick["limiting_stage"]
     assert section["limiting"] in STAGES
     assert positive(section["stages"]["tokenize"]) and positive(section["stages"]["model"])
+    assert section["stages"]["tokenize"]["threads"] == 1
     assert "skipped" in section["stages"]["copy"]  # nothing is copied on the CPU
     assert section["pipeline_texts_per_s"] > 0 and section["ceiling_texts_per_s"] > 0 and section["reading"]
 
@@ -101,6 +120,7 @@ def test_chosen_devices_are_cuda_indices_that_torch_sees():
     assert devices == () and "no CUDA device" in why
     with pytest.raises(SystemExit, match=r"CUDA device\(s\) 3 not visible"):
         cli.chosen_devices((3,), 1)
+    assert cli.plan_from(cli.parser().parse_args(["--quick", "--rows-per-claim", "4"])).rows_per_claim == 4
     for bad in (["--devices", "0,0"], ["--texts-per-call", "0"]):
         with pytest.raises(SystemExit):
             cli.parser().parse_args(bad)
@@ -152,3 +172,5 @@ def test_on_cuda_the_check_measures_fp16_and_fp32_and_the_device_memory():
     assert {row["dtype"] for row in result["sweep"]} == {"fp32", "fp16"}
     assert all(row["pipeline"]["peak_memory_mb"] > 0 for row in result["sweep"])
     assert positive(result["limiting_stage"]["stages"]["copy"]) and result["target"]["met"] in (True, False)
+    assert "1" in result["tokenization_scaling"] and result["tokenization"]["pipeline_threads"] >= 1
+    assert positive(result["backfill_calls"]["streamed"])  # 2,048 texts: three claims of 1,000

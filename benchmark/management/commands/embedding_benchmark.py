@@ -10,6 +10,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from benchmark import report
 from benchmark.arrival import ArrivalFailed
+from benchmark.live_site import LiveSiteFailed
+from benchmark.remote import RemoteFailed
 from benchmark.encode import CPU_TEXTS_PER_CALL_CANDIDATES, CUDA_TEXTS_PER_CALL_CANDIDATES
 from benchmark.encoders import SHAPES, BenchmarkModelUnavailable
 from benchmark.interrupts import Terminated
@@ -46,6 +48,17 @@ def type_names(raw):
     if not names or set(names) - set(SEARCH_TYPES):
         raise ValueError(raw)
     return names
+
+
+def round_trips_ms(raw):
+    """'0,25,50,100' -> (0.0, 25.0, 50.0, 100.0): round trips in ms, each from 0 to 1000."""
+    values = tuple(float(part) for part in raw.split(",") if part.strip())
+    if not values or min(values) < 0 or max(values) > 1000:
+        raise ValueError(raw)
+    return values
+
+
+round_trips_ms.__name__ = "list of round trips in ms (such as 0,25,50,100)"
 
 
 def _listed(values):
@@ -119,6 +132,30 @@ class Command(BaseCommand):
                                  "EMBEDDING_MODEL when it loads here, else the packaged all-MiniLM-L6-v2).")
         parser.add_argument("--arrival-device", default=Options.arrival_device,
                             help=f"Arrival suite: the model's device (default {Options.arrival_device}).")
+        parser.add_argument("--live-seconds", type=float, default=Options.live_seconds, metavar="S",
+                            help="Live-site suite: how long the application runs in each phase (alone, beside an "
+                                 f"unthrottled backfill, beside a throttled one; default {Options.live_seconds:g}).")
+        parser.add_argument("--live-rate-cap", type=float, default=Options.live_rate_cap, metavar="ROWS_PER_S",
+                            help="Live-site suite: the throttled backfill's --max-rows-per-second (default "
+                                 f"{Options.live_rate_cap:,g}).")
+        parser.add_argument("--live-ops", type=float, default=Options.live_ops, metavar="PER_S",
+                            help="Live-site suite: the application's rounds a second, each a read by id, a search "
+                                 f"and an insert (default {Options.live_ops:g}).")
+        parser.add_argument("--remote-round-trips", type=round_trips_ms, default=Options.remote_round_trips,
+                            metavar="MS,MS", help="Remote suite: the round trips the delay proxy adds (default "
+                            f"{_listed(int(v) for v in Options.remote_round_trips)}; 0 is always run, the reference).")
+        parser.add_argument("--remote-engine-rows", type=int, default=Options.remote_engine_rows, metavar="N",
+                            help=f"Remote suite: segments the engine embeds (default {Options.remote_engine_rows:,}).")
+        parser.add_argument("--remote-switch-rows", type=int, default=Options.remote_switch_rows, metavar="N",
+                            help="Remote suite: segments of the table verified, swapped and contracted (default "
+                                 f"{Options.remote_switch_rows:,}).")
+        parser.add_argument("--remote-arrivals", type=int, default=Options.remote_arrivals, metavar="N",
+                            help=f"Remote suite: segments the follower embeds (default {Options.remote_arrivals}).")
+        parser.add_argument("--remote-arrival-rate", type=float, default=Options.remote_arrival_rate, metavar="PER_S",
+                            help=f"Remote suite: arrivals a second (default {Options.remote_arrival_rate:g}).")
+        parser.add_argument("--remote-app-rate", type=float, default=Options.remote_app_rate, metavar="PER_S",
+                            help="Remote suite: the application's inserts a second during the swap and the undo "
+                                 f"(default {Options.remote_app_rate:g}).")
         parser.add_argument("--seed", type=int, default=0, help="Seed of every random choice (default 0).")
         parser.add_argument("--database", default="default", help="Database alias (default 'default').")
         parser.add_argument("--json", action="store_true", help="Print one JSON object instead of the table.")
@@ -151,7 +188,11 @@ class Command(BaseCommand):
         for name, minimum in (("derive_base", 2), ("index_workers", 0), ("max_scan_tuples", 1), ("arrival_grace", 0)):
             if options[name] is not None and options[name] < minimum:
                 raise CommandError(f"--{name.replace('_', '-')} must be at least {minimum}.")
-        for name in ("arrival_rate", "arrival_seconds"):
+        for name in ("remote_engine_rows", "remote_switch_rows", "remote_arrivals"):
+            if options[name] < 10:
+                raise CommandError(f"--{name.replace('_', '-')} must be at least 10.")
+        for name in ("arrival_rate", "arrival_seconds", "live_seconds", "live_rate_cap", "live_ops",
+                     "remote_arrival_rate", "remote_app_rate"):
             if options[name] <= 0:
                 raise CommandError(f"--{name.replace('_', '-')} must be more than 0.")
         if max(options["ef_search"]) > MAX_EF_SEARCH:
@@ -174,7 +215,13 @@ class Command(BaseCommand):
             max_scan_tuples=options["max_scan_tuples"], arrival_rate=options["arrival_rate"],
             arrival_seconds=options["arrival_seconds"], arrival_grace=options["arrival_grace"],
             arrival_model=options["arrival_model"], arrival_device=options["arrival_device"],
-            arrival_encoder=options.get("arrival_encoder"), seed=options["seed"], using=options["database"],
+            arrival_encoder=options.get("arrival_encoder"), live_seconds=options["live_seconds"],
+            live_rate_cap=options["live_rate_cap"], live_ops=options["live_ops"],
+            remote_round_trips=options["remote_round_trips"], remote_engine_rows=options["remote_engine_rows"],
+            remote_switch_rows=options["remote_switch_rows"], remote_arrivals=options["remote_arrivals"],
+            remote_arrival_rate=options["remote_arrival_rate"], remote_app_rate=options["remote_app_rate"],
+            seed=options["seed"],
+            using=options["database"],
         )
 
     @staticmethod
@@ -199,7 +246,8 @@ class Command(BaseCommand):
     def run(benchmark, progress):
         try:
             return run(benchmark, progress)
-        except (BenchmarkModelUnavailable, SchemaNotReady, SearchVectorsUnavailable, ArrivalFailed) as exc:
+        except (BenchmarkModelUnavailable, SchemaNotReady, SearchVectorsUnavailable, ArrivalFailed,
+                LiveSiteFailed, RemoteFailed) as exc:
             raise CommandError(str(exc)) from None
         except ImproperlyConfigured as exc:
             raise CommandError(f"{exc} Fix the setting, or pass --model-shape bge-small.") from None

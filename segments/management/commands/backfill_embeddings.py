@@ -20,6 +20,12 @@ On a machine with several GPUs, `--workers N` gives each worker a CUDA device of
 round robin over all visible devices or over those `--devices 0,1,...` names; the report shows
 each worker's device and rate.
 
+It yields to the database's health (segments/switch/throttle.py): it waits while an operator has
+paused the switch (`embedding_switch pause`, on any machine), while a streaming replica is more
+than --max-replica-lag seconds behind (BACKFILL_MAX_REPLICA_LAG, 2 by default), and keeps under
+--max-rows-per-second; it says on one line when it starts waiting, why, and when it goes on. A
+follower never holds back a small batch of arrivals: only its catch-up after a burst waits.
+
 Exit status: 0 when every segment with text has its vector (or --limit was reached); 3 when
 the run finished but quarantined segments remain without one (the message says how to list
 and retry them); 1 when the run failed (the message says why and what to run).
@@ -48,6 +54,7 @@ from segments.switch.backfill.follow import Follower, run_until_stopped
 from embeddings.devices import assign_devices, cuda_device_count, parse_devices
 from embeddings.encoder import get_service
 from segments.schema import SchemaNotReady, require_vector_column
+from segments.switch import throttle
 
 SUMMED = ("rows_embedded", "rows_quarantined", "rows_stale", "batches")
 QUARANTINE_LEFT = 3  # exit status: finished, but quarantined segments have no vector
@@ -79,6 +86,13 @@ class Command(BaseCommand):
         parser.add_argument("--poll-seconds", type=float, default=None,
                             help="--follow: how often to look for work without a notification "
                                  "(default FOLLOW_POLL_SECONDS).")
+        parser.add_argument("--max-rows-per-second", type=throttle.rows_per_second_argument, default=None,
+                            metavar="N",
+                            help="Write at most N rows a second, all workers together (default: no cap).")
+        parser.add_argument("--max-replica-lag", type=throttle.replica_lag_argument, default=throttle.SETTING,
+                            metavar="SECONDS",
+                            help="Wait while a streaming replica is more than SECONDS behind (default "
+                                 "BACKFILL_MAX_REPLICA_LAG, 2; off: never). `embedding_switch pause` holds it too.")
 
     def handle(self, *args, **options):
         self.verbosity = options["verbosity"]
@@ -157,7 +171,8 @@ class Command(BaseCommand):
         stop = threading.Event()
         follower = Follower(encoder, using=options["database"], batch_size=options["batch_size"],
                             tuning=Tuning(writers=options["writers"]), stop=stop, say=self._say,
-                            poll_seconds=options["poll_seconds"] or settings.FOLLOW_POLL_SECONDS)
+                            poll_seconds=options["poll_seconds"] or settings.FOLLOW_POLL_SECONDS,
+                            **_limits(options))
         with stopping_on_signals(stop, self._say):  # a second signal while the pass ends changes nothing
             error, ended = run_until_stopped(follower, stop)
         if error is not None:
@@ -172,6 +187,11 @@ class Command(BaseCommand):
         self.stdout.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}")
         self.stdout.flush()
 
+    def _say_aside(self, line):
+        """The same on stderr, where stdout carries the JSON."""
+        self.stderr.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}")
+        self.stderr.flush()
+
     # --- one worker ------------------------------------------------------------------------
 
     def _run_one(self, options, device=None):
@@ -183,7 +203,8 @@ class Command(BaseCommand):
                 report = run_backfill(encoder, batch_size=options["batch_size"], limit=options["limit"],
                                       progress=progress, using=options["database"],
                                       retry_quarantined=options["retry_quarantined"],
-                                      tuning=Tuning(writers=options["writers"]))
+                                      tuning=Tuning(writers=options["writers"]), **_limits(options),
+                                      say=self._say_aside if options["json"] else self._say)
             return report, {"device": _device_of(encoder)}
         except ImproperlyConfigured as exc:  # DimensionMismatch, ModelUnavailable: nothing was read
             raise CommandError(str(exc)) from exc
@@ -254,6 +275,11 @@ class Command(BaseCommand):
         command += ["--limit", str(share)] if share is not None else []
         command += ["--devices", device.split(":")[1]] if device else []
         command += ["--retry-quarantined"] if options["retry_quarantined"] else []
+        if options["max_rows_per_second"] is not None:  # the cap is the run's: each worker takes its share
+            command += ["--max-rows-per-second", repr(options["max_rows_per_second"] / options["workers"])]
+        if options["max_replica_lag"] is not throttle.SETTING:
+            lag = options["max_replica_lag"]
+            command += ["--max-replica-lag", "off" if lag is None else repr(lag)]
         threads = str(max(1, (os.cpu_count() or 1) // options["workers"]))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         return subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, cwd=settings.BASE_DIR)
@@ -323,6 +349,12 @@ def _device_list(raw):
         return parse_devices(raw)
     except ValueError:
         raise argparse.ArgumentTypeError("give CUDA device indices, e.g. 0,1") from None
+
+
+def _limits(options):
+    """The run's throttle settings (segments/switch/throttle.py) from its options."""
+    return {"max_rows_per_second": options.get("max_rows_per_second"),
+            "max_replica_lag": options.get("max_replica_lag", throttle.SETTING)}
 
 
 def _device_of(encoder):

@@ -11,7 +11,7 @@ from segments.switch.status import collect, human_bytes, human_duration
 
 BAR_WIDTH = 30
 MARKS = {"done": "✓", "current": "▶", "todo": "·"}
-SECTIONS = ("_phase", "_rows", "_backfill", "_indexes", "_swap", "_size", "_findings", "_next")
+SECTIONS = ("_phase", "_rows", "_backfill", "_indexes", "_evaluation", "_swap", "_size", "_findings", "_next")
 
 
 def number(value):
@@ -69,6 +69,9 @@ class Command(BaseCommand):
 
     def _backfill(self, status):
         backfill = status["backfill"]
+        if status.get("pause"):
+            yield self.style.WARNING(f"Paused: the switch's bulk writes are {status['pause']['sentence']}; "
+                                     "`python manage.py embedding_switch resume` lets them go on.")
         if not backfill["workers"]:
             yield "Backfill: not running; no follower."
             return
@@ -84,7 +87,10 @@ class Command(BaseCommand):
                    f"{number(worker['rows_done'])} rows  {'–' if rate is None else f'{rate:,.1f}'} rows/s  "
                    f"last batch {'none yet' if last is None else human_duration(last) + ' ago'}"
                    + (f"  -> {worker['column']}" if worker.get("column") else "")
-                   + (f"  ids {ids[0]}..{ids[1]}" if ids else ""))
+                   + (f"  ids {ids[0]}..{ids[1]}" if ids else "")
+                   + _link(worker))
+            if worker.get("waiting_for"):
+                yield self.style.WARNING(f"    waiting: {worker['waiting_for']}")
 
     def _indexes(self, status):
         build = status["index_build"]
@@ -114,6 +120,22 @@ class Command(BaseCommand):
                + (self.style.SUCCESS(" (fits)") if plan["fits"] else self.style.ERROR(" (does NOT fit)")))
         yield f"  memory: {plan['maintenance_work_mem_why']}"
         yield f"  workers: {plan['parallel_workers_why']}"
+
+    def _evaluation(self, status):
+        """The last go/no-go verdict for the two columns' models (segments.evaluation.record)."""
+        found = status.get("evaluation")
+        if found is None:
+            if status["phase"] in ("expanded", "swapped"):
+                yield "Evaluation: none yet for these two models (`python manage.py embedding_eval`)."
+            return
+        style = {"GO": self.style.SUCCESS, "NO-GO": self.style.ERROR}.get(found["verdict"], self.style.WARNING)
+        yield (f"Evaluation: {style(found['verdict'])} ({found['mode']} mode, {human_duration(found['age_seconds'])} "
+               f"ago, by {found['by']})")
+        for judged in found["judged"]:
+            yield (f"  {judged['set']}: recall@10 {judged['old']:.3f} -> {judged['new']:.3f} over {judged['n']} "
+                   f"(95% interval of the change {judged['low']:+.3f}..{judged['high']:+.3f})")
+        for reason in found["reasons"] if found["verdict"] != "GO" else ():
+            yield f"  - {reason}"
 
     def _swap(self, status):
         swap = status["swap"]
@@ -148,3 +170,11 @@ class Command(BaseCommand):
         step = status["next"]
         yield self.style.MIGRATE_HEADING("Next: ") + (step["command"] or "nothing to run")
         yield f"  {step['why']}"
+
+
+def _link(worker):
+    """"  round trip 51 ms, 6 batches in flight": how far the worker is from the database."""
+    if worker.get("round_trip_ms") is None:
+        return ""
+    in_flight = worker.get("batches_in_flight")
+    return f"  round trip {worker['round_trip_ms']:,.0f} ms" + (f", {in_flight} batches in flight" if in_flight else "")

@@ -36,6 +36,11 @@ Consequences:
 - Several workers (processes, machines) share the work through the claims table; each row is
   claimed by one worker at a time. A worker finishes when nothing is pending outside the
   quarantine, waiting for other live workers' batches if need be.
+- It yields to the database's health: before each batch's write the worker's Throttle
+  (segments/switch/throttle.py) holds it back while an operator has paused the switch
+  (`embedding_switch pause`), while a streaming replica lags more than BACKFILL_MAX_REPLICA_LAG
+  seconds, or while the run is over its rate cap (--max-rows-per-second). A batch held back stays
+  claimed and in hand, and is written when the wait ends; nothing is lost or written twice.
 - Transient database errors (dropped connection, server restart, lock timeout) are retried with
   exponential backoff on a fresh connection; after DB_ATTEMPTS failures in a row the run stops
   with a BackfillError, and the next run resumes.
@@ -47,6 +52,8 @@ holds the settings and the entry points.
 """
 from embeddings import ledger
 from segments.schema import TABLE, require_vector_column, vector_column_types
+from segments.switch.throttle import SETTING as THROTTLE_SETTING
+from segments.switch.throttle import Throttle
 
 from .encode import ClaimedBatch, EncodedBatch, encode_batch, encode_texts
 from .pipeline import BEFORE_FIRST_ID, UNTUNED, Run, Target, Tuning, Worker, count_plan
@@ -70,7 +77,8 @@ LOCK_TIMEOUT = "5s"  # a write blocked behind an application transaction gives u
 
 
 def run_backfill(encoder, *, batch_size=None, limit=None, connect=None, progress=None, using="default",
-                 retry_quarantined=False, tuning=None):
+                 retry_quarantined=False, tuning=None, max_rows_per_second=None, max_replica_lag=THROTTLE_SETTING,
+                 say=None):
     """Embed every pending segment of the column holding `encoder`'s model; returns a BackfillReport.
 
     - `batch_size`: rows per claim (and per write transaction): DEFAULT_BATCH_SIZE.
@@ -80,6 +88,10 @@ def run_backfill(encoder, *, batch_size=None, limit=None, connect=None, progress
     - `progress(done, total)`: called from the writer thread after each batch.
     - `retry_quarantined`: try quarantined rows again (once each in this run).
     - `tuning`: a Tuning (write sessions, claims per encode call, commit mode); Tuning() by default.
+    - `max_rows_per_second`, `max_replica_lag`: the run's throttle (segments/switch/throttle.py): a rate
+      cap (None: none) and the replicas' lag limit in seconds (None: none; BACKFILL_MAX_REPLICA_LAG by
+      default). An operator's `embedding_switch pause` holds it back too. `say(line)` hears when it
+      waits and when it goes on.
 
     Raises SchemaNotReady before phase 1, DimensionMismatch when the encoder does not fit the
     column, ledger.ModelMismatch when the column holds another model's vectors (before any row is
@@ -89,10 +101,12 @@ def run_backfill(encoder, *, batch_size=None, limit=None, connect=None, progress
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
     if batch_size < 1 or (limit is not None and limit < 0):
         raise ValueError("batch_size must be at least 1 and limit at least 0")
-    worker = Worker(encoder, connect or connector(using), tuning)
+    connect = connect or connector(using)
+    throttle = Throttle(connect, max_replica_lag=max_replica_lag, max_rows_per_second=max_rows_per_second, say=say)
+    worker = Worker(encoder, connect, tuning, throttle=throttle)
     try:
         target = worker.control.run(lambda connection, cursor: target_for(cursor, worker))
-        worker.start(target.column)
+        worker.start(target.column, batch_size)
         run = Run(worker, target, batch_size=batch_size, limit=limit, progress=progress,
                   retry_quarantined=retry_quarantined)
         report = run.execute()
@@ -152,15 +166,14 @@ def count_pending(using="default", column=None):
     return _read(using, _count_pending, column)
 
 
-def _count_pending(connection, cursor, column):
-    cursor.execute(count_pending_sql(column))
-    return cursor.fetchone()[0]
+def _count_pending(session, column):
+    return session.query(count_pending_sql(column))[0][0]
 
 
 def _read(using, work, *args):
-    """`work(connection, cursor, *args)` in a short-lived planner session; its result."""
+    """`work(session, *args)` in a short-lived planner session; its result."""
     session = Session(connector(using), "planner")
     try:
-        return session.run(work, *args)
+        return work(session, *args)
     finally:
         session.close()

@@ -1,8 +1,11 @@
 """`backfill_embeddings --follow`: the backfill engine, long-running, so that every segment is
 searchable within a second of its commit, at every phase of a switch and after it.
 
-It runs a pass (pipeline.Run) whenever segments arrive, with one Worker kept for its whole life
-(the model loaded once, the database sessions open, the heartbeat running):
+It runs one long pass (pipeline.Run) that does not end when nothing is pending: its claim stage
+waits for the next arrival and claims it at once, with one Worker kept for its whole life (the
+model loaded once, the database sessions open, the heartbeat running). From an arrival's NOTIFY to
+its vector's commit it costs three round trips (a claim, then the batch's message: askdrchaffee/
+round_trips.py), so that a follower far from its database stays within a fraction of a second:
 
 - **Woken at once** by `NOTIFY segments_embedding`, which the table's arrival trigger sends when a
   segment is inserted or its text changes (segments/triggers.py), on a connection of its own that
@@ -21,6 +24,13 @@ It runs a pass (pipeline.Run) whenever segments arrive, with one Worker kept for
   through the claims, each row embedded once.
 - **Visible**: its heartbeat row says host:pid, mode (listen or poll), model, column, device, last
   batch and rows/s (`embedding_status`, the admin).
+- **Gentle in a burst, never late for an arrival**: a batch of at most FREE_ROWS rows (what arrived
+  since the last one, at the application's own pace) is written at once, whatever the database's
+  health: it adds little WAL next to the application's own writes, and holding it back would leave
+  new and edited segments unsearchable, which an operator pausing the switch does not want. A larger
+  batch (a burst: an import, a mass edit, the catch-up after the follower was down) waits like the
+  backfill's, while `embedding_switch pause` is in force, while a replica lags more than
+  BACKFILL_MAX_REPLICA_LAG, and under --max-rows-per-second (segments/switch/throttle.py).
 
 Between passes it clears, a few thousand at a time, the `segments_pending_since` entries of
 segments that have their vectors.
@@ -37,6 +47,7 @@ from askdrchaffee import postgres
 from embeddings import ledger
 from segments import triggers
 from segments.schema import TABLE, SchemaNotReady, pending_sql, vector_column_types
+from segments.switch import throttle
 
 from .pipeline import Run, Worker
 from .report import BackfillError
@@ -45,6 +56,7 @@ from .session import connector
 logger = logging.getLogger(__package__)
 
 STOP_SECONDS = 4.0  # after a stop request, the longest the follower waits for its pass to end
+FREE_ROWS = 100  # a batch of at most this many rows is written whatever the database's health
 CLEANUP_SECONDS = 60.0  # how often the pending_since entries of embedded segments are cleared
 CLEANUP_ROWS = 5000
 RECONNECT_SECONDS = 5.0  # how often a lost listening connection is tried again
@@ -72,6 +84,8 @@ class Listener:
             self._next_try = float("inf")  # a pooler stays one: poll for good
             logger.info("cannot LISTEN: %s", exc)
         except psycopg2.Error as exc:
+            if postgres.connection_refusal(exc):
+                raise  # a setting to fix (DATABASE_DIRECT_URL's, say): the command says which
             self.connection, self._next_try = None, time.monotonic() + RECONNECT_SECONDS
             self.why_not = f"the listening connection failed ({' '.join(str(exc).split())})"
 
@@ -119,11 +133,12 @@ class Follower:
     """
 
     def __init__(self, encoder, *, using="default", connect=None, batch_size, tuning=None, poll_seconds,
-                 say=None, stop=None):
+                 say=None, stop=None, max_rows_per_second=None, max_replica_lag=throttle.SETTING):
         self.encoder, self.using = encoder, using
         self.connect = connect or connector(using)
         self.batch_size, self.tuning, self.poll_seconds = batch_size, tuning, poll_seconds
         self.say = say or (lambda line: None)
+        self.limits = {"max_rows_per_second": max_rows_per_second, "max_replica_lag": max_replica_lag}
         self.stop = stop or threading.Event()
         self.worker = None
         self.listener = None
@@ -143,17 +158,19 @@ class Follower:
         if not self._wait_for_phase_1():
             self.listener.close()
             return
-        self.worker = Worker(self.encoder, self.connect, self.tuning, mode=self.mode, stop=self.stop, forever=True)
+        catch_up = throttle.Throttle(self.connect, free_rows=FREE_ROWS, say=self.say, what="the follower's catch-up",
+                                     **self.limits)
+        self.worker = Worker(self.encoder, self.connect, self.tuning, mode=self.mode, stop=self.stop, forever=True,
+                             throttle=catch_up)
         try:
-            self.worker.start(None)
+            self.worker.start(None, self.batch_size)
             self.say(self._started())
             while not self.stop.is_set():
                 self.worker.heartbeat.mode = self.mode
                 try:
                     target = self._target()
                     if target is not None:
-                        self._pass(target)
-                        self._cleanup(target)
+                        self._follow(target)
                 except errors.UndefinedColumn as exc:  # a swap or an undo renamed a column meanwhile
                     logger.info("columns renamed under the follower (%s); it looks again", exc.diag.message_primary)
                     self.stop.wait(0.1)  # at once, but never in a tight loop
@@ -172,6 +189,8 @@ class Follower:
             try:
                 missing = self._missing()
             except psycopg2.OperationalError as exc:  # the database is not there yet either
+                if postgres.connection_refusal(exc):
+                    raise  # a setting to fix, not a database to wait for: the command says which
                 missing = f"the database cannot be reached ({str(exc).strip().splitlines()[0]})"
             if missing is None:
                 return True
@@ -229,23 +248,37 @@ class Follower:
         self.worker.heartbeat.column = target.column
         return target
 
-    def _pass(self, target):
+    def _follow(self, target):
+        """Embed what `target`'s column lacks, then each arrival as it comes, until stopped, or until the
+        model's column goes (the contract) or the pass fails: then the caller looks for its column again."""
+        run = Run(self.worker, target, batch_size=self.batch_size, count_blank=False,
+                  wait_for_arrivals=self._wait_for_arrivals, on_idle=self._embedded, on_column=self._writing_to)
         try:
-            report = Run(self.worker, target, batch_size=self.batch_size, count_blank=False).execute()
+            run.execute()
         except BackfillError as exc:
             if not self.stop.is_set():
                 self.say(f"Pass stopped: {exc}")
-            return
         except ledger.ModelMismatch as exc:
             self.say(f"Pass stopped: {exc}")
-            return
-        done = report.rows_embedded + report.rows_quarantined
-        if done:
-            self.say(f"Embedded {report.rows_embedded} segment(s) into segments.{report.column} in "
-                     f"{report.seconds:.2f} s" + (f", quarantined {report.rows_quarantined}" if report.rows_quarantined
-                                                   else "") + f"; {report.rows_remaining} left.")
 
-    def _cleanup(self, target):
+    def _wait_for_arrivals(self, stop):
+        """Between bursts: the cleanup when it is due, then wait for a NOTIFY (or the poll interval)."""
+        self._cleanup()
+        self.worker.heartbeat.mode = self.mode
+        self.listener.wait(self.poll_seconds, stop)
+
+    def _writing_to(self, column):
+        """Say so when the model's column moves under the running pass (a swap, an undo)."""
+        if column != self._writing:
+            self.say(f"Writing segments.{column}.")
+            self._writing = column
+            self.worker.heartbeat.column = column
+
+    def _embedded(self, burst):
+        self.say(f"Embedded {burst.rows_embedded} segment(s) into segments.{burst.column} in {burst.seconds:.2f} s"
+                 + (f", quarantined {burst.rows_quarantined}" if burst.rows_quarantined else "") + ".")
+
+    def _cleanup(self):
         """Clear the pending_since entries of segments that are gone, blank or have their vectors."""
         if time.monotonic() - self._last_cleanup < CLEANUP_SECONDS:
             return

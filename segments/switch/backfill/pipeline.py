@@ -11,12 +11,20 @@ Each stage's busy and waiting time is kept (stages.py): the report names the sta
 the pass. `backfill_embeddings` runs one pass; `backfill_embeddings --follow` runs a pass whenever
 segments arrive (follow.py), with the same worker.
 
-The pass writes into the column that holds its model's vectors: each batch's transaction asks the
+The pass writes into the column that holds its model's vectors: each batch's transaction checks the
 model ledger after taking the table's write lock (embeddings/writer.py), so a swap or an undo
 during the pass moves the writes with the column. A claim read under a column name that a swap
 has just renamed is read again under the new name.
+
+**Far from the database** every step is one message (session.py): a claim one round trip, a batch
+two, whatever they hold. What the distance still costs is hidden: the worker measures its round
+trip when it starts (and its heartbeat as it runs), claims several batches a round trip so that the
+encoder never waits for one, and keeps as many batches in flight as the link needs, one per write
+session (`writers_needed`: more sessions when a batch spends more time on the wire than on the
+server), starting sessions as its measures call for them.
 """
 import logging
+import math
 import queue
 import threading
 import time
@@ -47,8 +55,9 @@ _END = object()  # a stage has no more batches
 class Tuning:
     """How a worker spreads its work; none of it changes what is written.
 
-    - `writers`: write sessions. Each batch's UPDATE is one statement that PostgreSQL runs on one
-      core; with two sessions one batch is applied while the next is staged and committed.
+    - `writers`: write sessions next to the database. Each batch's UPDATE is one statement that
+      PostgreSQL runs on one core; with two sessions one batch is applied while the next is staged
+      and committed. Far from it, more (`writers_needed`), up to `max_writers`.
     - `encode_window`: claims encoded in one call when that many are ready (more texts sorted by
       length together; fuller device batches).
     - `synchronous_commit`: False lets a batch's commit return before its WAL reaches the disk
@@ -59,28 +68,50 @@ class Tuning:
     writers: int = 2
     encode_window: int = 4
     synchronous_commit: bool = False
+    max_writers: int = 8
 
     def __post_init__(self):
         if self.writers < 1 or self.encode_window < 1:
             raise ValueError("writers and encode_window must be at least 1")
+        if self.max_writers < self.writers:
+            object.__setattr__(self, "max_writers", self.writers)
+
+    @property
+    def session_settings(self):
+        """What the claim and write sessions' transactions set for themselves."""
+        return {} if self.synchronous_commit else {"synchronous_commit": "off"}
+
+
+SERVER_SECONDS_PER_ROW = 5e-5  # a batch's server time before any is measured (1,000 rows: 50 ms)
+MOST_BATCHES_PER_CLAIM = 8
+
+
+def writers_needed(tuning, round_trip, server_seconds):
+    """Write sessions that keep as many batches in flight as the link needs: a batch's message spends
+    its server time there and two round trips on the wire; `tuning.writers` sessions keep up with no
+    wire at all, so the link needs writers x 2 round trips / server time more of them (rounded: a
+    link that costs little next to the server adds none), up to `tuning.max_writers`."""
+    server_seconds = max(server_seconds, 0.005)
+    needed = tuning.writers + round(tuning.writers * 2 * round_trip / server_seconds)
+    return max(tuning.writers, min(tuning.max_writers, needed))
+
+
+def batches_per_claim(round_trip):
+    """Batches one claiming round trip takes: one next to the database, one more per 40 ms of round
+    trip, so that the claims stay ahead of the encoder however far the database is."""
+    return max(1, min(MOST_BATCHES_PER_CLAIM, 1 + math.ceil(round_trip / 0.04 - 1e-9)))
 
 
 # The engine's settings before the tuning above existed: one write session, one claim per
 # encode call, every commit waiting for its WAL flush. The benchmark measures both.
-UNTUNED = Tuning(writers=1, encode_window=1, synchronous_commit=True)
-ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
+UNTUNED = Tuning(writers=1, encode_window=1, synchronous_commit=True, max_writers=1)
 
 
-def count_plan(connection, cursor, column, blank=True):
-    """(pending, of those quarantined, blank) segments: a Session.run work function. The pending
-    counts read the partial index of pending rows; the blank count scans the whole table, so a
-    caller that does not report it (a follower's pass) leaves it out: None."""
-    cursor.execute(sql.count_pending_and_quarantined_sql(column))
-    pending, quarantined = cursor.fetchone()
-    if not blank:
-        return pending, quarantined, None
-    cursor.execute(sql.COUNT_BLANK)
-    return pending, quarantined, cursor.fetchone()[0]
+def count_plan(session, column, blank=True, claims=()):
+    """(pending, of those quarantined, blank) segments, in one message on `session` that first releases
+    `claims` (ids). The pending counts read the partial index of pending rows; the blank count scans
+    the whole table, so a caller that does not report it (a follower's pass) leaves it out: None."""
+    return tuple(session.query(sql.final_counts_message(column, blank), {"claims": list(claims)})[0])
 
 
 @dataclass
@@ -110,37 +141,66 @@ class Worker:
     the database sessions (from `connect(role)`, a connection factory), and the heartbeat.
     `forever`: its sessions retry without end (the follower), instead of DB_ATTEMPTS times."""
 
-    def __init__(self, encoder, connect, tuning=None, mode="backfill", stop=None, forever=False):
+    def __init__(self, encoder, connect, tuning=None, mode="backfill", stop=None, forever=False, throttle=None):
         self.encoder = encoder
         self.identity = model_identity(encoder)
         self.tuning = tuning or Tuning()
         self.stop = stop or threading.Event()
-        self.heartbeat = Heartbeat(encoder, mode, self.identity.name)
+        self.throttle = throttle  # segments.switch.throttle.Throttle: asked before each batch's write
+        self.heartbeat = Heartbeat(encoder, mode, self.identity.name, throttle=throttle)
+        self.connect, self.forever = connect, forever
+        settings = self.tuning.session_settings
         self.control = Session(connect, "control", self.stop, forever=forever)
-        self.reader = Session(connect, "reader", self.stop, on_reconnect=self._adopt_claims, forever=forever)
-        self.writers = [Session(connect, "writer", self.stop, forever=forever) for _ in range(self.tuning.writers)]
+        self.reader = Session(connect, "reader", self.stop, on_reconnect=self._adopt_claims, forever=forever,
+                              settings=settings)
+        self.writers = [self.new_writer() for _ in range(self.tuning.writers)]
         self.beat_session = Session(connect, "heartbeat", self.stop)
+        self.round_trip = 0.0  # seconds, measured when the worker starts; the heartbeat's measure after
+        self.known_claims = None  # the running pass's claims, as it heard of them (a callable)
         self.started = False
 
-    def start(self, column):
-        """Write the heartbeat row and start its thread (once)."""
+    def new_writer(self):
+        """Another write session (its connection opened at its first batch)."""
+        return Session(self.connect, "writer", self.stop, forever=self.forever, settings=self.tuning.session_settings)
+
+    def start(self, column, batch_size=None):
+        """Measure the round trip, open the sessions a pass needs at that distance, all at once (a
+        connection costs a few round trips), write the heartbeat row and start its thread (once)."""
         if self.started:
             return
-        self.control.run(lambda connection, cursor: self.heartbeat.start(cursor, column, not self.control.pooled))
+        self.round_trip = self.control.round_trip_ms(times=3) / 1000
+        self.heartbeat.round_trip_ms = self.round_trip * 1000
+        rows = batch_size or 1000
+        while len(self.writers) < writers_needed(self.tuning, self.round_trip, SERVER_SECONDS_PER_ROW * rows):
+            self.writers.append(self.new_writer())
+        opening = [threading.Thread(target=_open_quietly, args=(session,), daemon=True)
+                   for session in (self.reader, self.beat_session, *self.writers)]
+        for thread in opening:
+            thread.start()
+        self.control.query(self.heartbeat.start_sql(self.control, column, not self.control.pooled))
+        for thread in opening:
+            thread.join()  # a connection that failed is opened again, with retries, at its first use
         self.heartbeat.run_in_background(self.beat_session)
         self.started = True
+
+    def measured_round_trip(self):
+        """Seconds: the heartbeat's latest measure, or the one taken at the start."""
+        measured = self.heartbeat.round_trip_ms
+        return self.round_trip if measured is None else measured / 1000
 
     def close(self):
         """Mark the run finished and close the sessions."""
         self.heartbeat.stop_background()
         try:
             if self.started:
-                self.control.run(lambda connection, cursor: self.heartbeat.finish(cursor))
+                self.heartbeat.finish(self.control)
         except BackfillError as exc:
             logger.warning("could not mark the worker finished: %s", exc)
         finally:
             for session in (self.reader, *self.writers, self.control, self.beat_session):
                 session.close()
+            if self.throttle is not None:
+                self.throttle.close()
 
     def column_now(self, cursor, column):
         """The column holding this worker's model now: `column`, or its name after a swap or an undo;
@@ -152,21 +212,38 @@ class Worker:
         return None if column in recorded else column
 
     def _adopt_claims(self, cursor):
-        """After a reconnect, the claims in flight name the new session (else, on a direct
-        connection, they would look dead to other workers)."""
+        """After a reconnect: the claims a lost answer made are released (the worker never heard of them),
+        and those in flight name the new session (else, on a direct connection, they would look dead
+        to other workers)."""
+        known = self.known_claims() if self.known_claims is not None else []
+        cursor.execute(sql.DROP_UNHEARD_CLAIMS, [str(self.heartbeat.id), list(known)])
         cursor.execute(sql.ADOPT_CLAIMS, [str(self.heartbeat.id)])
 
 
+def _open_quietly(session):
+    """Open `session`'s connection ahead of its first use; a failure waits for that use, which reports it."""
+    try:
+        session.connection()
+    except Exception as exc:  # reported, with its retries and its fix, by the session's first step
+        logger.debug("opening the %s session ahead failed: %s", session.role, exc)
+
+
 class Run:
-    """One pass of a worker over the pending segments of `target` (see the module docstring)."""
+    """One pass of a worker over the pending segments of `target` (see the module docstring).
+
+    `wait_for_arrivals(stop)`, when given (the follower), makes the pass go on after the last
+    pending segment: its claim stage waits for the next arrival instead of ending, and each burst
+    embedded is reported to `on_idle(report)` as the stage goes back to waiting. `on_column(name)`
+    hears of each move of the column (a swap or an undo renamed it)."""
 
     def __init__(self, worker, target, *, batch_size, limit=None, progress=None, retry_quarantined=False,
-                 count_blank=True):
+                 count_blank=True, wait_for_arrivals=None, on_idle=None, on_column=None):
         self.worker, self.target = worker, target
         self.count_blank = count_blank  # a follower's passes leave out the final count's table scan
         self.encoder, self.tuning, self.stop = worker.encoder, worker.tuning, worker.stop
         self.batch_size, self.limit, self.progress = batch_size, limit, progress
         self.retry_quarantined = retry_quarantined
+        self.wait_for_arrivals, self.on_idle, self.on_column = wait_for_arrivals, on_idle, on_column
         self.report = BackfillReport(column=target.column)
         self.batch_done = threading.Event()  # set by a write thread after each batch, and on stopping
         self.stages_stop = threading.Event()  # this pass's stages stop (a failure, or the worker stopping)
@@ -175,12 +252,21 @@ class Run:
         self.open_claims = set()
         self.claimed_queue = queue.Queue(max(QUEUE_DEPTH, self.tuning.encode_window))
         self.encoded_queue = queue.Queue(max(QUEUE_DEPTH, self.tuning.writers))
-        self.clocks = {"claim": [StageClock()], "encode": [StageClock()],
-                       "write": [StageClock() for _ in worker.writers]}
-        self.claim_query = sql.claim_sql(target.column, retry_quarantined)
+        self.clocks = {"claim": [StageClock()], "encode": [StageClock()], "write": []}
+        self.writer_threads = []
+        self.server_seconds = SERVER_SECONDS_PER_ROW * batch_size  # a batch's time on the server, measured as it runs
+        self.claim_query = sql.claim_message(target.column, retry_quarantined)
+        self.vector_writers = {}  # write session: its VectorWriter
+        self.ledger_writer = VectorWriter(None, target.column, target.dims, identity=worker.identity,
+                                          type_name=target.storage)  # what the pass learns of the ledger, once
+        self.ready = threading.Event()  # the pass's counts and the ledger's entry are in: the writes may go
         self.since = None
         self.total = 0
+        self.blank = None  # blank segments, counted as the pass starts
+        self.final_counts = None  # (pending, quarantined), when the last claim found nothing open
         self.done = 0
+        self.burst = BackfillReport(column=target.column)  # what a follower embedded since it last waited
+        self.burst_started = None  # when its first batch was claimed
 
     @property
     def stopping(self):
@@ -189,37 +275,64 @@ class Run:
     def execute(self):
         """Run the stages to the end; the BackfillReport, or the first stage's failure."""
         started = time.monotonic()
+        self.worker.heartbeat.in_flight = lambda: len(self.open_claims)
+        self.worker.known_claims = self._open_claim_ids
+        claim = threading.Thread(target=self._guarded, args=(self._claim_stage,), name="backfill-claim")
+        setup = threading.Thread(target=self._guarded, args=(self._set_up, claim), name="backfill-setup")
         try:
-            self.since, self.total = self._following_renames(self.worker.control, self._prepare)
-            if self.limit is not None:
-                self.total = min(self.total, self.limit)
-            self._report_progress()
-            threads = [threading.Thread(target=self._guarded, args=(self._claim_stage,), name="backfill-claim")]
-            threads += [threading.Thread(target=self._guarded, args=(self._write_stage, session, clock),
-                                         name=f"backfill-write-{number}")
-                        for number, (session, clock) in enumerate(zip(self.worker.writers, self.clocks["write"]), 1)]
-            for thread in threads:
-                thread.start()
+            # The pass's counts and the ledger's entry (a few round trips) are read beside the first claims
+            # and encoding; the writes wait for them.
+            setup.start()
+            if not self.retry_quarantined:
+                claim.start()
+            self._add_writers(writers_needed(self.tuning, self.worker.round_trip, self.server_seconds))
             try:
                 self._guarded(self._encode_stage)
             except BaseException:  # KeyboardInterrupt: stop the other stages too
                 self.stages_stop.set()
                 raise
             finally:
-                for thread in threads:
+                setup.join()
+                if claim.ident is not None:
+                    claim.join()
+                for thread in list(self.writer_threads):
                     thread.join()
         finally:
             self.report.seconds = time.monotonic() - started
             self.report.stages = stage_figures(self.clocks, self.report.seconds)
             self.report.limited_by = limiting_stage(self.report.stages)
             self.report.column = self.target.column
+            self.report.writers = len(self.writer_threads)
+            self.report.round_trip_ms = round(self.worker.measured_round_trip() * 1000, 1)
             self._finish()
+            self.worker.heartbeat.in_flight = self.worker.known_claims = None
         if self.failures:
             error = self.failures[0]
             if isinstance(error, BackfillError):
                 error.report = self.report
             raise error
         return self.report
+
+    def _set_up(self, claim):
+        """The pass's counts (`since`, the total, the blank count) and the ledger's entry for its column;
+        then the claims, if they waited for `since` (a retry of the quarantine)."""
+        try:
+            self.since, total, self.blank = self._following_renames(self.worker.control, self._prepare)
+            self.total = total if self.limit is None else min(total, self.limit)
+            self._report_progress()
+            if self.retry_quarantined:
+                claim.start()  # its claims retry the entries recorded before the pass's start time
+            self._following_renames(self.worker.control, self._resolve_ledger)
+        finally:
+            self.ready.set()  # a failure has stopped the stages: the writers need not wait
+
+    def _resolve_ledger(self, session):
+        def resolve(connection):
+            self.ledger_writer.connection = connection
+            with connection.cursor() as cursor:
+                self.ledger_writer.resolve(cursor)
+        session.call(resolve)
+        self._moved_to(self.ledger_writer.column)
 
     def _guarded(self, stage, *args):
         try:
@@ -235,23 +348,27 @@ class Run:
         clock = self.clocks["claim"][0]
         after, claimed = BEFORE_FIRST_ID, 0
         while not self.stopping:
-            room = self.batch_size if self.limit is None else min(self.batch_size, self.limit - claimed)
+            room = self._room(claimed)
             if room <= 0:
                 break
             with clock.timing("busy"):
-                batch = self._claim_renamed_safely(after, room)
-            if batch is not None:
-                claimed, after = claimed + len(batch.ids), batch.ids[-1]
+                batches, counts = self._claim_renamed_safely(after, room)
+            if batches:
+                self.burst_started = self.burst_started or time.monotonic()
+                claimed, after = claimed + sum(len(batch.ids) for batch in batches), batches[-1].ids[-1]
                 with clock.timing("waiting_for_room"):
-                    if not self._put(self.claimed_queue, batch):
+                    if not all(self._put(self.claimed_queue, batch) for batch in batches):
                         return
             elif after != BEFORE_FIRST_ID:
                 after = BEFORE_FIRST_ID  # once more from the start: texts changed behind the cursor
+            elif self.wait_for_arrivals is not None:
+                with clock.timing("waiting_for_input"):
+                    self._wait_for_arrivals()
             else:
                 self.batch_done.clear()
-                with clock.timing("busy"):
-                    left = self._following_renames(self.worker.reader, self._count_open)
+                left, pending, quarantined = counts
                 if left == 0:
+                    self.final_counts = (pending, quarantined)
                     break
                 # The last rows are in batches in flight: this worker's (look again as soon as one
                 # of them is written) or another worker's (look again after POLL_SECONDS).
@@ -259,14 +376,34 @@ class Run:
                     self.batch_done.wait(POLL_SECONDS)
         self._put(self.claimed_queue, _END)
 
+    def _room(self, claimed):
+        """Rows the next claiming round trip takes: batches_per_claim() batches, within the limit."""
+        room = self.batch_size * batches_per_claim(self.worker.measured_round_trip())
+        return room if self.limit is None else min(room, self.limit - claimed)
+
+    def _wait_for_arrivals(self):
+        """(A follower:) report the burst just embedded once it is all written, then wait for the next arrival."""
+        while self._open_claim_ids() and not self.stopping:
+            self.batch_done.clear()
+            self.batch_done.wait(POLL_SECONDS)
+        with self.lock:
+            burst, self.burst = self.burst, BackfillReport(column=self.target.column)
+            burst.column, burst.seconds = self.target.column, time.monotonic() - (self.burst_started or time.monotonic())
+            self.burst_started = None
+        if burst.rows_embedded or burst.rows_quarantined:
+            self.worker.heartbeat.beat_now()
+            if self.on_idle is not None:
+                self.on_idle(burst)
+        self.wait_for_arrivals(self.stop)
+
     def _claim_renamed_safely(self, after, room):
         return self._following_renames(self.worker.reader, self._claim, after, room)
 
     def _following_renames(self, session, work, *args):
-        """`session.run(work, *args)`; when a swap or an undo renamed the column since the pass began,
-        the column's new name is looked up in the model ledger and the work done again."""
+        """`work(session, *args)`; when a swap or an undo renamed the column since the pass began, the
+        column's new name is looked up in the model ledger and the work done again."""
         try:
-            return session.run(work, *args)
+            return work(session, *args)
         except errors.UndefinedColumn as exc:
             if self.target.column not in (exc.diag.message_primary or ""):
                 raise  # another column is missing: not a rename of this pass's column
@@ -275,15 +412,17 @@ class Run:
                 raise BackfillError(f"{TABLE}.{self.target.column} is gone, and no column holds "
                                     f"{self.worker.identity.name}'s vectors any more.") from None
             self._moved_to(column)
-            return session.run(work, *args)
+            return work(session, *args)
 
     def _moved_to(self, column):
         with self.lock:
-            if column != self.target.column:
-                logger.info("the column of %s is now %s (was %s)", self.worker.identity.name, column,
-                            self.target.column)
-                self.target.column = column
-                self.claim_query = sql.claim_sql(column, self.retry_quarantined)
+            if column == self.target.column:
+                return
+            logger.info("the column of %s is now %s (was %s)", self.worker.identity.name, column, self.target.column)
+            self.target.column = column
+            self.claim_query = sql.claim_message(column, self.retry_quarantined)
+        if self.on_column is not None:
+            self.on_column(column)
 
     def _encode_stage(self):
         clock = self.clocks["encode"][0]
@@ -297,8 +436,7 @@ class Run:
                 with clock.timing("waiting_for_room"):
                     if not all(self._put(self.encoded_queue, batch) for batch in encoded):
                         return
-        for _ in self.worker.writers:
-            self._put(self.encoded_queue, _END)
+        self._put(self.encoded_queue, _END)  # each writer passes it on as it ends
 
     def _window(self):
         """(up to encode_window claimed batches, whether the claim stage has ended): waits for
@@ -317,24 +455,78 @@ class Run:
             batches.append(batch)
         return batches, False
 
+    def _add_writers(self, wanted):
+        """Start write threads (each with a session of its own) until `wanted` run."""
+        with self.lock:
+            while len(self.writer_threads) < wanted:
+                number = len(self.writer_threads)
+                if number >= len(self.worker.writers):
+                    self.worker.writers.append(self.worker.new_writer())
+                clock = StageClock()
+                self.clocks["write"].append(clock)
+                thread = threading.Thread(target=self._guarded, args=(self._write_stage, self.worker.writers[number], clock),
+                                          name=f"backfill-write-{number + 1}")
+                self.writer_threads.append(thread)
+                self.encoded_queue.maxsize = max(self.encoded_queue.maxsize, len(self.writer_threads))
+                thread.start()
+
     def _write_stage(self, session, clock):
         while True:
             with clock.timing("waiting_for_input"):
                 batch = self._get(self.encoded_queue)
             if batch is _END:
+                self._end_for_the_other_writers()
                 return
             with clock.timing("busy"):
                 batch = checked(batch, self.target.dims)
-                written, quarantined = session.run(self._write, batch)
+            with clock.timing("waiting_for_input"):
+                while not self.ready.wait(0.2):
+                    if self.stopping:
+                        return
+            if self.stopping:
+                return
+            throttle = self.worker.throttle
+            if throttle is not None:
+                with clock.timing("waiting_for_room"):
+                    if not throttle.before_write(len(batch.ids) + len(batch.failed), self.stop):
+                        return  # stopped while held back: the claim is released at the end of the pass
+            with clock.timing("busy"):
+                started = time.perf_counter()
+                written = session.write(self._writer(session), (batch.ids, batch.md5s, batch.vectors),
+                                        *self._statements(session, batch)) \
+                    if batch.ids else self._write_failures_only(session, batch)
+                self._measured(time.perf_counter() - started, len(batch.ids))
+            self._moved_to(self.vector_writers[session].column if batch.ids else self.target.column)
+            self.worker.heartbeat.batch(len(batch.ids) + len(batch.failed), self.target.column)
             with self.lock:
                 self.open_claims.discard(batch.claim_id)
-                self.report.batches += 1
-                self.report.rows_embedded += written
-                self.report.rows_stale += len(batch.ids) - written
-                self.report.rows_quarantined += quarantined
+                for report in (self.report, self.burst):
+                    report.batches += 1
+                    report.rows_embedded += written
+                    report.rows_stale += len(batch.ids) - written
+                    report.rows_quarantined += len(batch.failed)
                 self.done += len(batch.ids) + len(batch.failed)
                 self._report_progress()
+            for segment_id, _, reason in batch.failed:
+                logger.warning("segment %s quarantined: %s", segment_id, reason)
             self.batch_done.set()
+
+    def _end_for_the_other_writers(self):
+        try:
+            self.encoded_queue.put_nowait(_END)
+        except queue.Full:
+            pass  # a writer's batch came after the end: cannot be (the queue is in order)
+
+    def _measured(self, seconds, rows):
+        """Learn a batch's server time (its write less two round trips), and start more write sessions
+        when the link needs them (writers_needed)."""
+        if rows < self.batch_size // 2:
+            return  # a small batch says little of a full one's
+        server = max(0.0, seconds - 2 * self.worker.measured_round_trip())
+        self.server_seconds = 0.8 * self.server_seconds + 0.2 * server
+        wanted = writers_needed(self.tuning, self.worker.measured_round_trip(), self.server_seconds)
+        if wanted > len(self.writer_threads):
+            self._add_writers(wanted)
 
     def _put(self, target, item):
         while not self.stopping:
@@ -363,69 +555,69 @@ class Run:
         with self.lock:
             return sorted(self.open_claims)
 
-    # The transactions.
+    # The steps, one message each.
 
-    def _prepare(self, connection, cursor):
-        cursor.execute(sql.obsolete_quarantine_sql(self.target.column))
-        cursor.execute(sql.start_sql(self.target.column))
-        return cursor.fetchone()
+    def _prepare(self, session):
+        return tuple(session.query(sql.prepare_message(self.target.column, self.count_blank))[0])
 
-    def _claim(self, connection, cursor, after, limit):
-        self._commit_setting(cursor)
-        cursor.execute(sql.LOCK_CLAIMS, [sql.CLAIM_LOCK_KEY])
-        cursor.execute(sql.DELETE_DEAD_CLAIMS)
-        cursor.execute(self.claim_query, {"after": after, "limit": limit, "since": self.since})
-        rows = cursor.fetchall()
-        if not rows:
-            return None
-        cursor.execute(sql.INSERT_CLAIM, {"first": rows[0][0], "last": rows[-1][0], "name": worker_name(),
-                                          "worker": str(self.worker.heartbeat.id), "lease": LEASE_SECONDS,
-                                          "session": not self.worker.reader.pooled})
-        claim_id = cursor.fetchone()[0]
-        connection.commit()
+    def _claim(self, session, after, limit):
+        """Claim up to `limit` rows after id `after`, cut into claims of batch_size rows, in one round trip:
+        (a ClaimedBatch per claim, None); ([], (open, pending, quarantined)) when nothing was taken."""
+        rows = session.query(self.claim_query, {
+            "key": sql.CLAIM_LOCK_KEY, "after": after, "limit": limit, "since": self.since, "batch": self.batch_size,
+            "name": worker_name(), "worker": str(self.worker.heartbeat.id), "lease": LEASE_SECONDS,
+            "session": not session.pooled})
+        if rows and rows[0][0] is None:
+            return [], tuple(rows[0][4:])
+        batches = {}
+        for segment_id, text, md5, claim_id, *_counts in rows:
+            batch = batches.setdefault(claim_id, ClaimedBatch(claim_id, [], [], []))
+            batch.ids.append(segment_id)
+            batch.texts.append(text)
+            batch.md5s.append(md5)
         with self.lock:
-            self.open_claims.add(claim_id)
-        ids, texts, md5s = (list(column) for column in zip(*rows))
-        return ClaimedBatch(claim_id, ids, texts, md5s)
+            self.open_claims.update(batches)
+        return sorted(batches.values(), key=lambda batch: batch.ids[0]), None
 
-    def _count_open(self, connection, cursor):
-        cursor.execute(sql.count_open_sql(self.target.column, self.retry_quarantined), {"since": self.since})
-        return cursor.fetchone()[0]
+    def _writer(self, session):
+        """The session's VectorWriter (one each: it keeps what it learnt of the model ledger)."""
+        writer = self.vector_writers.get(session)
+        if writer is None:
+            writer = self.vector_writers[session] = VectorWriter(
+                None, self.target.column, self.target.dims, identity=self.worker.identity,
+                type_name=self.target.storage)  # the target's type: no catalogue read a batch
+            writer.follow(self.ledger_writer)
+        return writer
 
-    def _commit_setting(self, cursor):
-        if not self.tuning.synchronous_commit:
-            cursor.execute(ASYNC_COMMIT)
+    def _statements(self, session, batch):
+        """(before, after) the COPY of a batch's message: its quarantine, its claim's end and the
+        heartbeat's count; after the COPY, the quarantine entries of the rows written dropped."""
+        before = [*self._quarantine_sql(session, batch), session.mogrify(sql.DELETE_CLAIM, [batch.claim_id])]
+        after = [sql.unquarantine_staged_sql(self._writer(session).staging_table) % len(batch.ids)]
+        return before, after
 
-    def _write(self, connection, cursor, batch):
-        self._commit_setting(cursor)
-        written = 0
-        if batch.ids:
-            writer = VectorWriter(connection, self.target.column, self.target.dims, identity=self.worker.identity,
-                                  type_name=self.target.storage)  # the target's type: no catalogue read a batch
-            written = writer.write(batch.ids, batch.md5s, batch.vectors)
-            self._moved_to(writer.column)
-            cursor.execute(sql.unquarantine_staged_sql(writer.staging_table), [len(batch.ids)])
-        quarantined = 0
-        if batch.failed:
-            ids, md5s, reasons = zip(*batch.failed)
-            cursor.execute(sql.QUARANTINE, [list(ids), [str(m) for m in md5s], list(reasons)])
-            quarantined = cursor.rowcount
-            for segment_id, _, reason in batch.failed:
-                logger.warning("segment %s quarantined: %s", segment_id, reason)
-        cursor.execute(sql.DELETE_CLAIM, [batch.claim_id])
-        self.worker.heartbeat.batch(cursor, len(batch.ids) + len(batch.failed), self.target.column)
-        return written, quarantined
+    def _quarantine_sql(self, session, batch):
+        if not batch.failed:
+            return []
+        ids, md5s, reasons = zip(*batch.failed)
+        return [session.mogrify(sql.QUARANTINE, [list(ids), [str(m) for m in md5s], list(reasons)])]
+
+    def _write_failures_only(self, session, batch):
+        """A batch with no vector to write (every text failed): its quarantine and its claim's end, one message."""
+        before, _after = self._statements(session, batch)
+        session.query("; ".join(before))
+        return 0
 
     def _finish(self):
-        """Release this pass's leftover claims and count what remains."""
+        """Count what remains (as the last claim said it, or, with claims left over, releasing them)."""
+        leftover = self._open_claim_ids()
+        if self.final_counts is not None and not leftover:
+            self.report.rows_remaining, self.report.rows_in_quarantine = self.final_counts
+            self.report.rows_blank = self.blank
+            return
         try:
             self.report.rows_remaining, self.report.rows_in_quarantine, self.report.rows_blank = (
-                self._following_renames(self.worker.control, self._final_counts, self._open_claim_ids())
-            )
+                self._following_renames(self.worker.control, lambda session: count_plan(
+                    session, self.target.column, self.count_blank, leftover)))
         except BackfillError as exc:
             logger.warning("could not count the remaining rows: %s", exc)
-
-    def _final_counts(self, connection, cursor, claims):
-        if claims:
-            cursor.execute(sql.DELETE_CLAIMS, [claims])
-        return count_plan(connection, cursor, self.target.column, blank=self.count_blank)

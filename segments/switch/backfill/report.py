@@ -29,6 +29,8 @@ class BackfillReport:
     # Per stage (claim, encode, write): threads, busy and waiting seconds, busy share (stages.py).
     stages: dict = field(default_factory=dict)
     limited_by: str | None = None  # the stage busy the largest share of the run
+    writers: int = 0  # write sessions the run used (more far from the database: pipeline.writers_needed)
+    round_trip_ms: float | None = None  # the worker's round trip to the database, as last measured
 
     @property
     def rows_per_second(self):

@@ -1,7 +1,9 @@
 """The SQL text of the backfill: the pending predicate, the claims, the quarantine, the counts.
 
 Table names stay unqualified: the search_path of the engine's connections decides which schema it
-works on (the benchmark's connections point it at scratch copies).
+works on (the benchmark's connections point it at scratch copies). Each step of the engine is one
+message (askdrchaffee/round_trips.py): the statements a step needs are written to run together,
+the one whose rows the step reads last.
 """
 from segments.schema import blank_sql, pending_sql
 
@@ -46,19 +48,59 @@ def claim_sql(column, retry_quarantined=False):
     """
 
 
+def claim_message(column, retry_quarantined=False):
+    """One claiming step as one message: serialised by the claim lock, the dead workers' claims dropped,
+    then up to %(limit)s pending, unclaimed, not quarantined segments after %(after)s taken and cut
+    into claims of %(batch)s rows (one row of embeddings_backfill_claim each, leased to worker
+    %(worker)s). Its rows: (id, text, md5 of the text, claim id, None, None, None), by id; or, when
+    nothing was taken, one row (None x 4, open, pending, quarantined): what is pending and not
+    quarantined (claimed or not), pending, and of those quarantined, so that the worker knows without
+    another round trip whether it is done."""
+    counts = (f"SELECT count(*) FILTER (WHERE NOT {quarantined_sql(retry_quarantined)}), count(*), "
+              f"count(*) FILTER (WHERE {quarantined_sql(False)}) FROM segments s WHERE {pending_sql(column)}")
+    return "; ".join([
+        LOCK_CLAIMS % "%(key)s",
+        DELETE_DEAD_CLAIMS.strip(),
+        f"""WITH picked AS ({claim_sql(column, retry_quarantined).strip()}),
+            numbered AS (SELECT p.*, (row_number() OVER (ORDER BY p.id) - 1) / %(batch)s AS part FROM picked p),
+            me AS (SELECT a.pid, a.backend_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()),
+            claims AS (
+                INSERT INTO embeddings_backfill_claim (first_id, last_id, worker_pid, worker_started_at, worker_name,
+                                                       claimed_at, worker_id, expires_at)
+                SELECT min(n.id), max(n.id), CASE WHEN %(session)s THEN (SELECT pid FROM me) END,
+                       CASE WHEN %(session)s THEN (SELECT backend_start FROM me) END, %(name)s, now(), %(worker)s,
+                       now() + %(lease)s * interval '1 second'
+                FROM numbered n GROUP BY n.part
+                RETURNING id, first_id, last_id)
+        SELECT n.id, n.text, n.md5, c.id, NULL::bigint, NULL::bigint, NULL::bigint
+        FROM numbered n JOIN claims c ON n.id BETWEEN c.first_id AND c.last_id
+        UNION ALL
+        SELECT NULL, NULL, NULL, NULL, counts.* FROM ({counts}) counts WHERE NOT EXISTS (SELECT 1 FROM numbered)
+        ORDER BY 1""",
+    ])
+
+
+def prepare_message(column, blank=True):
+    """A pass's first step: quarantine entries that no longer apply dropped; its row: (the run's start
+    time, its quarantine cutoff; how many segments need a vector; how many are blank: None when not
+    counted, a table scan a follower's pass leaves out)."""
+    blank_count = f"({COUNT_BLANK})" if blank else "NULL::bigint"
+    return (f"{obsolete_quarantine_sql(column).strip()}; "
+            f"SELECT now(), count(*), {blank_count} FROM segments s WHERE {pending_sql(column)}")
+
+
+def final_counts_message(column, blank=True):
+    """A pass's last step when its claims did not say it already: its leftover claims (%(claims)s)
+    released; its row: (pending, of those quarantined, blank: None when not counted)."""
+    blank_count = f"({COUNT_BLANK})" if blank else "NULL::bigint"
+    return (f"DELETE FROM embeddings_backfill_claim WHERE id = ANY(%(claims)s::int[]); "
+            f"SELECT count(*), count(*) FILTER (WHERE {quarantined_sql(False)}), {blank_count} "
+            f"FROM segments s WHERE {pending_sql(column)}")
+
+
 def count_pending_sql(column):
     """How many segments need a vector."""
     return f"SELECT count(*) FROM segments s WHERE {pending_sql(column)}"
-
-
-def start_sql(column):
-    """The run's start time (its quarantine cutoff) and how many segments need a vector."""
-    return f"SELECT now(), count(*) FROM segments s WHERE {pending_sql(column)}"
-
-
-def count_open_sql(column, retry_quarantined):
-    """How many pending segments the quarantine does not hold back (claimed or not)."""
-    return f"SELECT count(*) FROM segments s WHERE {pending_sql(column)} AND NOT {quarantined_sql(retry_quarantined)}"
 
 
 def count_pending_and_quarantined_sql(column):
@@ -89,6 +131,9 @@ ADOPT_CLAIMS = """
     WHERE a.pid = pg_backend_pid() AND embeddings_backfill_claim.worker_id = %s
       AND embeddings_backfill_claim.worker_pid IS NOT NULL
 """
+# A claim of this worker it never heard of: made by a claiming message whose answer a lost or silent
+# link swallowed (its rows would otherwise stay claimed by a worker that does not know it holds them).
+DROP_UNHEARD_CLAIMS = "DELETE FROM embeddings_backfill_claim WHERE worker_id = %s AND NOT (id = ANY(%s::int[]))"
 DELETE_CLAIM = "DELETE FROM embeddings_backfill_claim WHERE id = %s"
 DELETE_CLAIMS = "DELETE FROM embeddings_backfill_claim WHERE id = ANY(%s)"
 

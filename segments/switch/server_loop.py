@@ -1,0 +1,226 @@
+"""Work that loops over batches, run on the server: the contract's clearing and moving, and its waits.
+
+The contract clears and rewrites a table in thousands of short transactions (a short one for each
+batch, so that no application write waits long behind it). Sent from a client one statement at a
+time, each costs a few round trips: far from the database (51 ms a round trip) 5,000 rows took 56 s
+that took 3.5 s next to it. Here the loop runs on the server instead: a procedure of the session's
+own (created in `pg_temp` on the contract's connection: it needs no privilege but TEMP, and goes
+with the session) runs one batch statement again and again, committing after each, for up to
+SECONDS_PER_CALL, then answers: one round trip per second of work, whatever the batches hold.
+Waiting for the transactions that hold VACUUM back is a function of the same kind, which looks
+every 0.2 s on the server.
+
+`ServerLink` is that connection: in autocommit mode (a procedure that commits cannot run inside a
+transaction), its routines created when it opens, opened again after it drops or goes silent (each
+call has a deadline: askdrchaffee/round_trips.py), with backoff, one log line per retry.
+"""
+import logging
+import time
+
+from django.core.management.base import CommandError
+from psycopg2 import errors
+
+from askdrchaffee import postgres, round_trips
+from askdrchaffee.postgres import QUERY_SHOWN
+from segments.switch import horizon
+
+logger = logging.getLogger(__name__)
+
+SECONDS_PER_CALL = 1.0  # the server's loop answers after this much work
+LINK_GRACE_SECONDS = 10  # a call not answered this long after its own time went through a silent link
+LINK_ATTEMPTS = 8  # tries of one call on new connections before the contract stops
+WAIT_STEP_SECONDS = 5.0  # the server's wait for older transactions answers at least this often
+QUERY_SECONDS = 60.0  # a look at the table (a count, its sizes) is answered within this, or the link is silent
+PATIENT = None  # no deadline: VACUUM and the concurrent index drops take as long as they take
+FIRST_ID = -(2**31) - 1  # below every id (a literal PostgreSQL reads as bigint, so the id index serves)
+
+BATCHES = """
+CREATE OR REPLACE PROCEDURE pg_temp.segments_batches(
+    statement text, INOUT after bigint, INOUT done bigint, INOUT blocked boolean,
+    most bigint, seconds double precision, lock_timeout text, replica boolean)
+LANGUAGE plpgsql AS $procedure$
+DECLARE
+    deadline timestamptz := clock_timestamp() + make_interval(secs => seconds);
+    rows_done bigint;
+    next_after bigint;
+BEGIN
+    blocked := false;
+    LOOP
+        PERFORM set_config('lock_timeout', lock_timeout, true);
+        IF replica THEN
+            PERFORM set_config('session_replication_role', 'replica', true);
+        END IF;
+        BEGIN
+            EXECUTE statement INTO rows_done, next_after USING after;
+        EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+            blocked := true;
+        END;
+        EXIT WHEN blocked;
+        done := done + rows_done;
+        after := next_after;
+        COMMIT;
+        EXIT WHEN after IS NULL OR done >= most OR clock_timestamp() >= deadline;
+    END LOOP;
+END
+$procedure$
+"""
+
+HOLDERS = f"""
+CREATE OR REPLACE FUNCTION pg_temp.segments_holders(p_since timestamptz, p_seconds double precision,
+                                                    p_shown int)
+RETURNS TABLE (who text, state text, seconds numeric, application text, query text)
+LANGUAGE plpgsql AS $function$
+#variable_conflict use_column
+DECLARE
+    deadline timestamptz := clock_timestamp() + make_interval(secs => p_seconds);
+BEGIN
+    LOOP
+        PERFORM pg_stat_clear_snapshot();
+        EXIT WHEN NOT EXISTS ({horizon.SESSIONS_SQL.replace("%(since)s", "p_since").replace("%(shown)s", "p_shown")})
+                  OR clock_timestamp() >= deadline;
+        PERFORM pg_sleep(0.2);
+    END LOOP;
+    PERFORM pg_stat_clear_snapshot();
+    RETURN QUERY {horizon.SESSIONS_SQL.replace("%(since)s", "p_since").replace("%(shown)s", "p_shown")};
+END
+$function$
+"""
+
+
+class ContractLinkLost(CommandError):
+    """The contract's connection kept failing; what was done stays done."""
+
+
+class ServerLink:
+    """The contract's connection of its own (module docstring), from `connect()`."""
+
+    def __init__(self, connect, what="the contract"):
+        self.connect, self.what = connect, what
+        self.connection = None
+        self.opened_at = 0.0
+        self.round_trips_before = 0  # of the connections closed so far
+        self.abandoned = []  # server sessions left behind a silent link
+
+    @property
+    def round_trips(self):
+        """Messages sent over all its connections (askdrchaffee.round_trips)."""
+        return self.round_trips_before + round_trips.round_trips(self.connection)
+
+    def open(self):
+        if self.connection is not None and round_trips.stale(self.opened_at):
+            self.close()  # made before a link went silent: silent too
+        if self.connection is None or self.connection.closed:
+            self.opened_at = time.monotonic()
+            connection = self.connect()
+            try:
+                connection.autocommit = True
+                round_trips.end_abandoned(connection, self.abandoned)  # the contract's link is direct
+                self.abandoned = []
+                with connection.cursor() as cursor:
+                    cursor.execute(round_trips.message(BATCHES, HOLDERS))
+            except BaseException:
+                connection.close()
+                raise
+            self.connection = connection
+        return self.connection
+
+    def run(self, work, seconds=QUERY_SECONDS):
+        """work(cursor) on the connection, answered within `seconds` (PATIENT: no deadline; TCP keepalives
+        still notice a link that stops acknowledging) and LINK_GRACE_SECONDS; after a lost or silent
+        link, again on a new connection (LINK_ATTEMPTS in all, one log line each). Its result."""
+        for attempt in range(1, LINK_ATTEMPTS + 1):
+            try:
+                return self._once(work, seconds)
+            except postgres.TRANSIENT_ERRORS as exc:
+                if postgres.connection_refusal(exc) or not _transient(exc):
+                    raise
+                self._lost(exc, attempt)
+
+    def _lost(self, exc, attempt):
+        """After the connection failed with `exc`: close it, then wait before the next attempt, or give up."""
+        if isinstance(exc, round_trips.LinkSilent):
+            self.abandoned.append(exc.backend_pid)
+        self.close()
+        if attempt == LINK_ATTEMPTS:
+            raise ContractLinkLost(
+                f"The contract's connection kept failing ({LINK_ATTEMPTS} attempts): {' '.join(str(exc).split())}. "
+                "What it did stays done; run `manage.py embedding_switch contract --confirm` again.") from exc
+        pause = min(5.0, 0.25 * 2 ** attempt)
+        logger.warning("%s: the connection failed (attempt %d/%d): %s; trying again in %.1f s", self.what, attempt,
+                       LINK_ATTEMPTS, " ".join(str(exc).split()), pause)
+        time.sleep(pause)
+
+    def _once(self, work, seconds):
+        connection = self.open()
+        limit = None if seconds is None else seconds + LINK_GRACE_SECONDS
+        with connection.cursor() as cursor, round_trips.deadline(connection, limit, self.what):
+            return work(cursor)
+
+    def close(self):
+        if self.connection is not None:
+            self.round_trips_before += round_trips.round_trips(self.connection)
+            try:
+                self.connection.close()
+            except Exception:  # already broken: closing it is all that was asked
+                pass
+            self.connection = None
+
+
+def _transient(exc):
+    """A lost connection or a link gone silent: worth a new connection. Not a lock timeout or a
+    deadlock (the batches' own answer to those is `blocked`), not a statement's error."""
+    if isinstance(exc, (errors.LockNotAvailable, errors.DeadlockDetected, errors.QueryCanceled)):
+        return False
+    return isinstance(exc, postgres.TRANSIENT_ERRORS)
+
+
+def batches(link, statement, *, local, on_batches=None, before_call=None, most=None, lock_attempts=5):
+    """Run `statement` on the server again and again (one transaction each) until it says nothing is left:
+    it takes the id to go on after ($1) and answers (rows done, the id to go on after; NULL when done).
+    Each call of the server's loop works for up to SECONDS_PER_CALL (and at most `most` rows);
+    `before_call(most)` may hold a call back (a throttle); `on_batches(rows)` hears of each call's rows.
+    A batch that waits for a lock longer than `local`'s lock_timeout rolls back and the call answers:
+    it is tried again after a pause, `lock_attempts` times in a row, then LockBlocked. The total."""
+    after, total, blocked_in_a_row = FIRST_ID, 0, 0
+    most = most or 2**62
+    replica = local.get("session_replication_role") == "replica"
+    while after is not None:
+        if before_call is not None:
+            before_call(most)
+        after, done, blocked = link.run(lambda cursor: _call(cursor, statement, after, most, local, replica),
+                                        SECONDS_PER_CALL + postgres.parse_duration_ms(local["lock_timeout"]) / 1000)
+        total += done
+        if on_batches is not None and done:
+            on_batches(done)
+        blocked_in_a_row = blocked_in_a_row + 1 if blocked else 0
+        if blocked_in_a_row >= lock_attempts:
+            raise LockBlocked(total)
+        if blocked:
+            time.sleep(0.1 * blocked_in_a_row)
+    return total
+
+
+class LockBlocked(Exception):
+    """A batch kept waiting behind the application's locks; `done` rows were done before."""
+
+    def __init__(self, done):
+        super().__init__(done)
+        self.done = done
+
+
+def _call(cursor, statement, after, most, local, replica):
+    cursor.execute("CALL pg_temp.segments_batches(%s, %s, 0, false, %s, %s, %s, %s)",
+                   [statement, after, most, SECONDS_PER_CALL, local["lock_timeout"], replica])
+    return cursor.fetchone()
+
+
+def holders_after(link, since, seconds):
+    """horizon.Holder of each transaction that can still see row versions written before `since`,
+    after waiting on the server up to `seconds` (in steps of WAIT_STEP_SECONDS) for them to end."""
+    rows = link.run(lambda cursor: _holders(cursor, since, seconds), seconds)
+    return [horizon.describe(*row) for row in rows]
+
+
+def _holders(cursor, since, seconds):
+    cursor.execute("SELECT * FROM pg_temp.segments_holders(%s, %s, %s)", [since, seconds, QUERY_SHOWN + 1])
+    return cursor.fetchall()

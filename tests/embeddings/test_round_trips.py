@@ -1,0 +1,160 @@
+"""Round trips are the unit of cost far from the database: every loop of the switch costs a constant,
+small number of them per step, whatever the step holds (askdrchaffee/round_trips.py counts them).
+
+- a backfill batch: two (its message, with the COPY's own), a claim: one, for 10 rows or 200;
+- the follower: one claim and one batch's message from an arrival to its vector's commit;
+- the contract's clearing: one round trip per call of the server's loop, not per batch;
+- the swap and the undo: one message from the table's lock to the commit.
+"""
+import pytest
+from django.db import connection
+
+from askdrchaffee import round_trips
+from embeddings.fakes import HashingEncoder
+from segments.switch import steps
+from segments.switch.backfill import Run, Worker, connector, run_backfill, target_for
+from segments.switch.backfill import count_pending
+from tests.embeddings.conftest import add_segments, sentences
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def counted_pass(batch_size):
+    """One backfill pass over what is pending, its sessions' round trips counted from after the worker
+    opened them: ({"reader": n, "writers": n}, the pass's BackfillReport)."""
+    worker = Worker(HashingEncoder(), connector("default"))
+    try:
+        target = worker.control.run(lambda connection_, cursor: target_for(cursor, worker))
+        worker.start(target.column, batch_size)
+        before = {"reader": worker.reader.round_trips, "writers": sum(s.round_trips for s in worker.writers)}
+        report = Run(worker, target, batch_size=batch_size).execute()
+        after = {"reader": worker.reader.round_trips, "writers": sum(s.round_trips for s in worker.writers)}
+        return {key: after[key] - before[key] for key in after}, report
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize("batch_size", [10, 200])
+def test_a_backfill_batch_costs_two_round_trips_and_a_claim_one_whatever_they_hold(segments_at, batch_size):
+    segments_at("expanded")
+    add_segments(sentences(400))
+
+    spent, report = counted_pass(batch_size)
+
+    assert report.rows_embedded == 400 and count_pending() == 0
+    assert spent["writers"] == 2 * report.batches  # the batch's message, and the COPY asking for its data
+    # a claim takes one round trip (several batches at a time far from the database); the last ones find
+    # the rows in flight, then nothing: at most a few more than the batches
+    assert spent["reader"] <= report.batches + 3
+
+
+def test_the_message_of_a_batch_holds_the_copy_and_every_statement_of_its_transaction():
+    from embeddings.writer import VectorWriter
+
+    connection.ensure_connection()
+    raw = connector("default")("writer")
+    raw.autocommit = True
+    try:
+        ids = add_segments(["one text", "another text"])
+        writer = VectorWriter(raw, "embedding", 384, identity=HashingEncoder().model_identity())
+        with raw.cursor() as cursor:
+            writer.resolve(cursor)  # the first batch's full look at the model ledger
+        before = round_trips.round_trips(raw)
+        with raw.cursor() as cursor:
+            cursor.execute("SELECT id, md5(text)::uuid FROM segments WHERE id = ANY(%s) ORDER BY id", [ids])
+            md5s = [md5 for _, md5 in cursor.fetchall()]
+        counted = round_trips.round_trips(raw)
+        written = writer.write(ids, md5s, HashingEncoder().encode_documents(["one text", "another text"]))
+        assert written == 2 and round_trips.round_trips(raw) - counted == 2
+        assert counted - before == 1
+    finally:
+        raw.close()
+
+
+def test_the_swap_and_the_undo_send_their_lock_checks_renames_and_record_in_one_message(segments_at):
+    segments_at("expanded")
+    add_segments(sentences(30))
+    run_backfill(HashingEncoder())
+    steps.index()
+    sent = []
+
+    def record(execute, sql, params, many, context):
+        sent.append(sql)
+        return execute(sql, params, many, context)
+
+    for name, step in (("swap", lambda: steps.swap(encoder=HashingEncoder())), ("undo", steps.undo)):
+        sent.clear()
+        with connection.execute_wrapper(record):
+            step()
+        locking = [sql for sql in sent if "IN EXCLUSIVE MODE" in sql]
+        assert len(locking) == 1, locking
+        message = locking[0]
+        for part in ("ACCESS EXCLUSIVE", "RENAME COLUMN", "embeddings_vector_column", "CREATE TRIGGER",
+                     "INSERT INTO django_migrations" if name == "swap" else "DELETE FROM django_migrations",
+                     "INSERT INTO segments_switch_event"):
+            assert part in message, part
+        assert connection.get_autocommit()  # one implicit transaction: the server commits at the message's end
+
+
+def test_the_follower_embeds_an_arrival_in_a_claim_and_a_batchs_message(segments_at):
+    import threading
+    import time
+
+    from segments.switch.backfill.follow import Follower
+
+    segments_at("expanded")
+    stop, lines = threading.Event(), []
+    follower = Follower(HashingEncoder(), batch_size=100, poll_seconds=2.0, say=lines.append, stop=stop)
+    thread = threading.Thread(target=follower.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: any(line.startswith("Following") for line in lines))
+        time.sleep(0.5)  # its first look at the table is over: it waits for an arrival
+        worker = follower.worker
+        sessions = lambda: (worker.reader.round_trips, sum(s.round_trips for s in worker.writers))  # noqa: E731
+        before = sessions()
+        add_segments(["a segment that just arrived"])
+        assert wait_for(lambda: count_pending() == 0)
+        time.sleep(0.5)  # its claim stage has gone back to waiting
+        reader, writers = (after - first for after, first in zip(sessions(), before))
+    finally:
+        stop.set()
+        thread.join(10)
+        connection.close()
+    assert writers == 2  # the arrival's batch: one message, and the COPY's own round trip
+    assert reader <= 3  # its claim, and the looks that find nothing more (beside the write, not before it)
+
+
+def test_the_contracts_round_trips_do_not_grow_with_its_batches(segments_at, monkeypatch):
+    from segments.switch import contract
+
+    spent = {}
+    for rows_per_transaction in (10, 100):
+        segments_at("expanded")
+        add_segments(sentences(300))
+        with connection.cursor() as cursor:
+            cursor.execute("UPDATE segments SET embedding = ('[' || array_to_string(array_fill(0.5::real, "
+                           "ARRAY[1536]), ',') || ']')::vector")
+        run_backfill(HashingEncoder())
+        steps.index()
+        steps.swap(encoder=HashingEncoder())
+        links = []
+        original = contract.link_for
+        monkeypatch.setattr(contract, "link_for", lambda using: links.append(original(using)) or links[-1])
+        result = steps.contract(confirmed=True, rows_per_transaction=rows_per_transaction)
+        assert result.details["legacy_vectors_cleared"] == 300
+        spent[rows_per_transaction] = links[0].round_trips
+        monkeypatch.setattr(contract, "link_for", original)
+    # 30 clearing transactions or 3: the same few calls of the server's loop
+    assert 0 < spent[10] == spent[100], spent
+
+
+def wait_for(condition, seconds=10):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

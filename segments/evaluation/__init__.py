@@ -4,7 +4,7 @@ side, ending in a verdict the swap respects (`manage.py embedding_eval`, docs/ev
     run.py         one evaluation, from the phase to the verdict (`evaluate`, `Options`)
     sides.py       which columns, which models, whether each runs here; the mode (models or stored)
     queries.py     known-item queries from the segments, a labelled file, the questions users asked
-    searching.py   each column's own search, timed, within a time budget and a statement timeout
+    searching.py   each column's own search, in batches of one round trip, timed on the server, within a budget
     metrics.py     recall@1, recall@10, MRR@10, per slice, the paired change, the agreement
     neighbours.py  the stored-vector mode: each column's neighbours from the same moment
     health.py      vectors that cannot serve a search: zero, collapsed, duplicated

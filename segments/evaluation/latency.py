@@ -5,12 +5,14 @@ live search embeds it), and how long the search takes through the column's real 
 points are the curve an operator picks `HNSW_EF_SEARCH` on.
 
 A column without a valid HNSW index has no curve: every search scans the table (its exact search's
-timing is given).
+timing is given). Search times are the server's (segments.evaluation.searching): the network between
+this machine and the database is not in them, so an evaluation run far from the database reports what
+the application next to it would see.
 """
 import time
 
 from segments.evaluation import stats
-from segments.evaluation.searching import bounded, search
+from segments.evaluation.searching import mean_pace, search_all
 from segments.search import cosine_index
 
 DEFAULT_EF_SEARCH = (20, 40, 100, 200)
@@ -33,28 +35,22 @@ def curve(cursor, budget, vectors, column, ef_values, using="default"):
     """{"index", "exact", "points": [{"ef_search", "recall_at_10", "p50_ms", "p95_ms", "p99_ms"}]} of
     `column` (a table.Column) with `vectors` as the questions."""
     index = cosine_index(column.name, using)
-    exact, spent = [], []
-    for vector in vectors:
-        found = bounded(cursor, budget, lambda v=vector: search(cursor, v, column, exact=True, using=using))
-        if found is not None:
-            exact.append((vector, found[0]))
-            spent.append(found[1])
+    found = search_all(cursor, budget, vectors, column, exact=True, using=using)
+    exact = [(vector, item[0]) for vector, item in zip(vectors, found) if item is not None]
+    spent = [item[1] for item in found if item is not None]
     shown = {"index": index[0] if index and index[1] else None, "exact": stats.timings(spent), "points": []}
     if shown["index"] is None:
         return shown
     for ef in sorted(set(ef_values)):
-        shown["points"].append(_point(cursor, budget, exact, column, ef, using))
+        shown["points"].append(_point(cursor, budget, exact, column, ef, mean_pace(found), using))
     return shown
 
 
-def _point(cursor, budget, exact, column, ef, using):
-    recalls, spent = [], []
-    for vector, truth in exact:
-        found = bounded(cursor, budget, lambda v=vector: search(cursor, v, column, ef_search=ef, using=using))
-        if found is None:
-            continue
-        spent.append(found[1])
-        recalls.append(_recall(truth, found[0]))
+def _point(cursor, budget, exact, column, ef, pace, using):
+    found = search_all(cursor, budget, [vector for vector, _ in exact], column, pace, ef_search=ef, using=using)
+    kept = [(truth, item) for (_, truth), item in zip(exact, found) if item is not None]
+    recalls = [_recall(truth, item[0]) for truth, item in kept]
+    spent = [item[1] for _, item in kept]
     mean = sum(recalls) / len(recalls) if recalls else None
     return {"ef_search": ef, "recall_at_10": mean, **stats.timings(spent)}
 

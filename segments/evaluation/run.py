@@ -13,7 +13,7 @@ from segments.evaluation import health, latency, metrics, neighbours, queries, s
 from segments.evaluation.verdict import Rules, decide
 
 HEALTH_ROWS = 1000  # vectors of each column looked at for zero, collapsed and duplicated ones
-CHUNK = 50  # searches per read-only transaction
+CHUNK = searching.MAX_BATCH  # questions per read-only transaction (a few statements: searching.py)
 
 
 @dataclass
@@ -53,7 +53,7 @@ def evaluate(using="default", options=None, encoders=None, progress=None):
     report = {"phase": phase, "mode": mode, "mode_why": why, "old": old.as_dict(), "new": new.as_dict(),
               "rows": judged_rows, "ef_search": settings.HNSW_EF_SEARCH, "options": options.as_dict(),
               "at": timezone.now().isoformat()}
-    budget = searching.Budget(options.seconds)
+    budget = searching.Budget(options.seconds, options.statement_timeout)
     pool = _pool(using, options, old, new)
     say(f"stored vectors: {len(pool['ids'])} segments of whole videos")
     report["health"] = {side.label: _health(pool, side) for side in (old, new)}

@@ -53,14 +53,17 @@ class SegmentRow:
 
 @contextmanager
 def reading(using, timeout_seconds):
-    """A cursor in a READ ONLY transaction whose statements stop after `timeout_seconds` (inside a caller's
-    transaction: a savepoint, read-write as the caller's is, with the timeout put back after)."""
+    """A cursor in a READ ONLY transaction whose statements stop after `timeout_seconds`, set in one statement
+    (inside a caller's transaction: a savepoint, read-write as the caller's is, with the timeout put back after)."""
     connection = connections[using]
     outer = connection.in_atomic_block
+    timeout = f"{max(1, math.ceil(timeout_seconds * 1000))}ms"
     with transaction.atomic(using=using), connection.cursor() as cursor:
-        if not outer:
-            cursor.execute("SET TRANSACTION READ ONLY")
-        with postgres.local_settings(cursor, statement_timeout=f"{max(1, math.ceil(timeout_seconds * 1000))}ms"):
+        if outer:
+            with postgres.local_settings(cursor, statement_timeout=timeout):
+                yield cursor
+        else:
+            cursor.execute("SET TRANSACTION READ ONLY; SELECT set_config('statement_timeout', %s, true)", [timeout])
             yield cursor
 
 

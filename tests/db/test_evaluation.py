@@ -2,12 +2,16 @@
 case (no model to load): the demo's simulated legacy vectors beside a new column that either follows
 the videos' subjects (a model whose neighbours are the same moment) or gives every text nearly the same
 vector (a model whose weights mean nothing); with an old column of such vectors too, the models mode with
-labelled questions and the questions users asked. The real models' cases: tests/test_evaluation_models.py.
+labelled questions and the questions users asked. Far from the database: the searches' statements counted
+behind a slow link, their plans, results and timeouts. The real models' cases: tests/test_evaluation_models.py.
 """
+import dataclasses
 import json
+import time
 from io import StringIO
 
 import numpy as np
+import psycopg2
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -17,8 +21,11 @@ from embeddings import ledger
 from embeddings.encoder import normalise
 from embeddings.fakes import HashingEncoder
 from segments.demo_data import SUBJECTS
+from segments.evaluation import run, searching, table
+from segments.evaluation.record import swap_options
 from segments.models import SwitchEvent
 from segments.schema import embedding_schema, vector_column_types
+from segments.search import has_iterative_scan, nearest
 from segments.switch import status, steps
 from segments.switch.backfill import run_backfill
 from segments.switch.verify import verify
@@ -264,3 +271,94 @@ def test_with_both_models_the_questions_users_asked_are_replayed_and_those_label
     summary = SwitchEvent.objects.filter(step="eval").latest("at").details["summary"]
     assert [entry["set"] for entry in summary["judged"]] == [
         "known-item queries", "labelled queries", "logged questions with labels"]
+
+
+class FarLink:
+    """An execute wrapper holding each statement `delay` seconds on the way out and on the way back, as the
+    link to a database abroad does; it counts them."""
+
+    def __init__(self, delay):
+        self.delay, self.statements = delay, 0
+
+    def __call__(self, execute, sql, params, many, context):
+        self.statements += 1
+        time.sleep(self.delay)
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            time.sleep(self.delay)
+
+
+def test_far_from_the_database_the_searches_cost_the_same_few_statements_and_their_times_leave_the_link_out(
+        expanded):
+    encoder = expanded("topical")
+    has_iterative_scan()  # read once per process
+    found = {}
+    for queries in (40, 120):
+        link = FarLink(0.05)  # a 100 ms round trip
+        with connection.execute_wrapper(link):
+            report = run.evaluate(options=dataclasses.replace(swap_options(), queries=queries),
+                                  encoders={"new": encoder})
+        found[queries] = link.statements, report
+
+    assert found[40][0] == found[120][0] < 40  # 28 here; 4 a search when each search ran alone (over 500)
+    for queries, (_, report) in found.items():
+        known, skipped = report["queries"]["known_item"], report["budget"]["skipped"]
+        assert (known["asked"], known["n"], skipped, report["verdict"]) == (queries, queries, 0, "GO")
+        point = report["latency"]["new"]["curve"]["points"][0]
+        assert point["n"] == 10 and point["p95_ms"] < 100  # the server's time, without the round trip
+
+
+def test_a_batch_finds_what_the_application_finds_through_the_index_and_what_exact_search_finds(segments_at):
+    segments_at("expanded")
+    call_command("load_demo_segments", count=3000, seed=2, stdout=StringIO())
+    run_backfill(ENCODERS["topical"])
+    steps.index()
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE segments")
+    column = table.column("embedding_384")
+    questions = [f"what about {subject}" for subject in SUBJECTS[:12]] + [f"{a} and {b}" for a, b in
+                                                                         zip(SUBJECTS, SUBJECTS[5:17])]
+    vectors = ENCODERS["topical"].encode_queries(questions).astype(np.float16).astype(np.float32)  # halfvec's own
+
+    for exact, scans in ((False, ["Index Scan using segments_embedding_384_hnsw on public.segments s",
+                                  "Order By: (s.embedding_384 <=> u.v)"]),
+                         (True, ["Seq Scan on public.segments s"])):
+        with table.reading("default", 30) as cursor:
+            plan = _plan(cursor, column, vectors, exact)
+            found = searching.search_all(cursor, searching.Budget(60), vectors, column, exact=exact)
+
+        assert all(scan in plan for scan in scans) and ("Index" in plan) is not exact
+        assert "Output: u.v, u.n, clock_timestamp()" in plan  # once per question, as it comes out of unnest
+        assert [sorted((hit[4], hit[0]) for hit in hits) for hits, _ in found] == [  # tied rows in either order
+            sorted((row.distance, row.pk) for row in nearest(vector, k=10, column="embedding_384", ef_search=100,
+                                                            exact=exact))
+            for vector in vectors]
+        assert all(0 < seconds < 1 for _, seconds in found)
+
+
+def test_a_batch_the_statement_timeout_stops_is_counted_and_the_searches_go_on(expanded):
+    expanded("topical")
+    column = table.column("embedding_384")
+    vectors = ENCODERS["topical"].encode_queries(SUBJECTS[:3])
+    budget = searching.Budget(60)
+    locker = psycopg2.connect(**connection.get_connection_params())
+    with table.reading("default", 0.2) as cursor:
+        with locker.cursor() as other:
+            other.execute("LOCK TABLE segments IN ACCESS EXCLUSIVE MODE")  # every search waits past 0.2 s
+            stopped = searching.search_all(cursor, budget, vectors, column)
+        locker.rollback()
+        found = searching.search_all(cursor, budget, vectors, column)  # the same transaction goes on
+    locker.close()
+
+    assert stopped == [None, None, None] and budget.timed_out == 3  # the first alone, then one at a time
+    assert [len(hits) for hits, _ in found] == [10, 10, 10] and budget.skipped == 0
+
+
+def _plan(cursor, column, vectors, exact):
+    """EXPLAIN of a batch's search under its configuration's settings."""
+    values = searching.settings_for(100, exact, searching.K)
+    cursor.execute("SELECT " + ", ".join("set_config(%s, %s, true)" for _ in values),
+                   [item for name, value in values.items() for item in (name, str(value))])
+    cursor.execute(f"EXPLAIN (VERBOSE) {searching.search_sql(column)}", [searching.array_literal(vectors), searching.K])
+    return "\n".join(row[0] for row in cursor.fetchall())

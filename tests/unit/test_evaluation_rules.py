@@ -1,9 +1,11 @@
-"""The evaluation's rules without a database: the paired interval, the verdict, the vectors' health and
-the labelled file's format (segments/evaluation/)."""
+"""The evaluation's rules without a database: the paired interval, the verdict, the vectors' health, the
+labelled file's format and the batched searches' arithmetic (segments/evaluation/)."""
+import math
+
 import numpy as np
 import pytest
 
-from segments.evaluation import health, queries, stats
+from segments.evaluation import health, queries, searching, stats
 from segments.evaluation.metrics import judged
 from segments.evaluation.queries import Query
 from segments.evaluation.verdict import GO, INCONCLUSIVE, NO_GO, Rules, decide
@@ -122,3 +124,30 @@ def test_an_unreadable_labelled_file_names_the_problem_and_the_format(tmp_path, 
         queries.read_labelled(path)
 
     assert problem in str(error.value) and "question,answers" in str(error.value)
+
+
+def test_each_question_of_a_batch_takes_the_time_to_its_last_hit_from_its_own_row():
+    # (question, seconds since its row came out of unnest, id, video, start, end, distance), in the statement's order
+    rows = [(1, 0.0011, 7, "v", 0.0, 5.0, 0.30), (1, 0.0012, 8, "v", 5.0, 9.0, 0.10),
+            (1, 0.0013, 9, "w", 1.0, 2.0, 0.10), (2, 0.0040, None, None, None, None, None),  # no hit: its time kept
+            (3, 0.0002, 4, "w", 0.0, 1.0, 0.20)]
+
+    found = searching.per_question(rows, 3)
+
+    assert [seconds for _, seconds in found] == [0.0013, 0.0040, 0.0002]
+    assert [[hit[0] for hit in hits] for hits, _ in found] == [[8, 9, 7], [], [4]]  # by distance, ties as they came
+
+
+def test_a_batch_is_sized_from_the_pace_so_far_well_within_the_statement_timeout():
+    assert searching.batch_size(None, 30.0) == 1  # the pace is not known yet: one question
+    assert searching.batch_size(0.0005, 30.0) == searching.MAX_BATCH
+    assert searching.batch_size(0.1, 30.0) == 20  # BATCH_SECONDS of searching
+    assert searching.batch_size(0.1, 2.0) == 5  # a quarter of a short statement timeout
+    assert searching.batch_size(40.0, 30.0) == searching.batch_size(math.inf, 30.0) == 1
+
+
+def test_a_spent_budget_sends_nothing_and_counts_the_searches_it_skipped():
+    budget = searching.Budget(0)
+
+    assert searching.search_all(None, budget, [[1.0, 0.0]] * 3, None) == [None, None, None]
+    assert (budget.skipped, budget.timed_out) == (3, 0)

@@ -24,6 +24,9 @@
   another CA or for another host, TLS required but not asked for, a wrong password or host. Each
   becomes one line naming the setting to fix (the commands print it, the admin's log shows it), and
   is never retried.
+- **Reads side by side** (`side_by_side`): read-only parts of a report run at once, on connections
+  of their own: far from the database the report costs its longest part's round trips, not their
+  sum.
 - **Sizes and names**: `parse_size` and `human_bytes`, `quote_ident` and `quote_literal`,
   `index_valid`.
 
@@ -485,3 +488,55 @@ def _check_settings(connection, wanted, purpose):
                 f"something between here and the server drops startup options. Set {DIRECT_URL_SETTING} to a "
                 "direct connection. Nothing was done."
             )
+
+
+# --- reads side by side ------------------------------------------------------------------------
+
+def _begun_by_the_first_statement():
+    """An execute wrapper that sends a REPEATABLE READ read-only BEGIN with the first statement."""
+    begun = []
+
+    def wrapper(execute, sql, params, many, context):
+        if not begun and not many:
+            begun.append(True)
+            sql = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;\n" + sql
+        return execute(sql, params, many, context)
+    return wrapper
+
+
+def side_by_side(using, parts, at_once=True):
+    """{name: part()} for the read-only `parts` ({name: callable}).
+
+    `at_once`: each part runs in a thread of its own, on a connection of its own (Django's, per
+    thread), in a REPEATABLE READ read-only transaction of its own (its reads agree with each other;
+    the parts' snapshots are taken within a round trip of each other). No part waits for another,
+    and none holds a connection while waiting for another (behind a pooler, a pool of one connection
+    serves them in turn). Else, or inside the caller's transaction (which may have written what other
+    sessions would not see), they run one after the other on the caller's connection."""
+    import threading
+
+    from django.db import connections
+
+    if not at_once or connections[using].in_atomic_block or len(parts) < 2:
+        return {name: part() for name, part in parts.items()}
+    results, failures = {}, []
+
+    def run(name, part):
+        # The thread's connection is in autocommit: its transaction begins with its first statement, in
+        # the same message, and ends when the connection closes (read only: nothing to commit).
+        try:
+            with connections[using].execute_wrapper(_begun_by_the_first_statement()):
+                results[name] = part()
+        except BaseException as exc:  # the caller's thread raises it
+            failures.append(exc)
+        finally:
+            connections[using].close()
+
+    threads = [threading.Thread(target=run, args=item, name=f"read {item[0]}") for item in parts.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return results

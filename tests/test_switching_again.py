@@ -19,6 +19,7 @@ from django.db import connection
 from embeddings import ledger
 from embeddings.encoder import EmbeddingsService
 from segments.schema import embedding_schema, vector_column_types
+from segments.switch import preflight
 from tests import readme
 from tests.conftest import MINILM_PATH
 from tests.migrations.original_schema import (  # noqa: F401 (fixture)
@@ -55,6 +56,8 @@ def run_block(block):
             assert state() == before, f"a plain migrate after {' '.join(block[number - 1])} changed the table"
         importlib.invalidate_caches()  # makeswitch has just written migration files
         outputs.append(command(*readme.manage_args(argv)))
+        blocking = preflight.inspect().blocking
+        assert not blocking, f"after {' '.join(argv)} the pre-flight finds: {blocking}"
     return outputs
 
 

@@ -83,22 +83,44 @@ class Report:
 
 
 def inspect(using="default"):
-    """The Report for the live table (no table yet: nothing to report)."""
-    connection = connections[using]
-    with connection.cursor() as cursor:
+    """The Report for the live table (no table yet: nothing to report), read on the caller's connection
+    (the privileges it judges are its role's)."""
+    with connections[using].cursor() as cursor:
         if not live_table.table_exists(cursor):
             return Report()
-        table = _Table(cursor, connection)
-        versions = live_table.versions(cursor)
-        findings = [
-            *version_findings(*versions),
-            *storage_findings(versions[2], table.schema),
-            *table.column_findings(),
-            *table.index_findings(live_table.stats_reset(cursor)),
-            *dependent_findings(live_table.dependents(cursor), live_table.rules(cursor), table.phase),
-            *trigger_findings(cursor),
-            *history_findings(live_table.applied_migrations(cursor, "segments"), live_table.alembic_revision(cursor)),
-        ]
+    schema = _schema(using)
+    return report(schema, {name: part() for name, part in parts(using, schema).items()})
+
+
+def parts(using="default", schema=None):
+    """The pre-flight's reads, {name: callable}, independent of each other: `status` reads them side by
+    side with its own (askdrchaffee.postgres.side_by_side); `report` judges what they read. `schema`: the
+    table's EmbeddingSchema as the caller read it (None: no phase yet)."""
+    def read(work):
+        def part():
+            with connections[using].cursor() as cursor:
+                return work(cursor)
+        return part
+
+    return {
+        "preflight table": read(lambda cursor: (_Table(cursor, connections[using], schema).findings(),)),
+        "preflight dependents": read(lambda cursor: (live_table.dependents(cursor), live_table.rules(cursor))),
+        "preflight triggers": read(lambda cursor: trigger_findings(cursor)),
+        "preflight history": read(lambda cursor: (live_table.applied_migrations(cursor, "segments"),
+                                                  live_table.alembic_revision(cursor))),
+    }
+
+
+def report(schema, read):
+    """The Report of the pre-flight's reads (`parts`, run) for a table of EmbeddingSchema `schema` (None: no
+    phase yet)."""
+    phase = None if schema is None else schema.phase
+    findings = [
+        *read["preflight table"][0],
+        *dependent_findings(*read["preflight dependents"], phase),
+        *read["preflight triggers"],
+        *history_findings(*read["preflight history"]),
+    ]
     order = {ERROR: 0, WARNING: 1, INFO: 2}
     return Report(sorted(findings, key=lambda f: order[f.level]))
 
@@ -140,14 +162,24 @@ def version_findings(server_version_num, server_version, vector_version, vector_
 class _Table:
     """The columns and indexes of the live table, judged against the Segment model."""
 
-    def __init__(self, cursor, connection):
+    def __init__(self, cursor, connection, schema):
         from segments.models import Segment
 
         self.cursor, self.connection, self.model = cursor, connection, Segment
         self.columns = {column.name: column for column in live_table.columns(cursor)}
         self.indexes = live_table.indexes(cursor)
-        self.schema = _schema(connection.alias)
-        self.phase = None if self.schema is None else self.schema.phase
+        self.schema = schema
+        self.phase = None if schema is None else schema.phase
+
+    def findings(self):
+        """What the versions, the table's storage, its columns and its indexes call for."""
+        versions = live_table.versions(self.cursor)
+        return [
+            *version_findings(*versions),
+            *storage_findings(versions[2], self.schema),
+            *self.column_findings(),
+            *self.index_findings(live_table.stats_reset(self.cursor)),
+        ]
 
     # Columns.
 
@@ -220,8 +252,8 @@ class _Table:
 
         if column is not None and column.type_name == "vector":
             return []
-        if column is not None and column.type_name == "halfvec" and self.phase in ("swapped", "final"):
-            return []  # the new column, stored as halfvec (segments/storage.py)
+        if column is not None and column.type_name == "halfvec" and self.phase not in (None, "legacy"):
+            return []  # a column this project made, stored as halfvec (segments/storage.py): live, or replaced next
         if column is None:
             return [Finding(ERROR, "column_missing", f"{TABLE}.embedding is missing: the project needs the legacy "
                             "vector column to start from (it becomes the new 384-dim column at the swap).",

@@ -38,14 +38,17 @@ testing a vector for NULL does not read it), about a second per million rows (0.
 index of pending rows (it holds only the rows still waiting). Everything else reads the
 catalogue, the statistics views and the small bookkeeping tables. `collect(using, scan=False)`
 skips the scan (those counts are then None): `brief()` does, so that `migrate` stays quick.
+
+Far from the database what it costs is round trips: about sixty reads, each one. So after two (the
+phase and the tables there are) its parts run side by side, each on a connection of its own
+(askdrchaffee.postgres.side_by_side), and the status costs its longest part's round trips.
 """
-from contextlib import contextmanager
 
 from django.conf import settings
-from django.db import connections, transaction
+from django.db import connections
 from django.db.migrations.recorder import MigrationRecorder
 
-from askdrchaffee.postgres import human_bytes  # noqa: F401 (the panel and the command show sizes with it)
+from askdrchaffee.postgres import human_bytes, side_by_side  # human_bytes: the panel and the command show sizes
 from embeddings import ledger
 from segments import index_build
 from segments.models import PendingSince, SwitchEvent, SwitchPause
@@ -105,21 +108,10 @@ INDEX_BUILD = """
 def collect(using="default", scan=True):
     """Where the switch stands on database `using`, as a JSON-serialisable dict (module docstring).
 
-    Everything is read in one snapshot, so the counts add up while a backfill writes."""
-    with _one_snapshot(using):
-        return _collect(using, scan)
-
-
-@contextmanager
-def _one_snapshot(using):
-    """A REPEATABLE READ transaction (inside a caller's transaction: that one)."""
-    connection = connections[using]
-    outer = connection.in_atomic_block
-    with transaction.atomic(using=using):
-        if not outer:
-            with connection.cursor() as cursor:
-                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        yield
+    Its parts are read side by side (askdrchaffee.postgres.side_by_side: each in a transaction of its
+    own, the counts in one statement, so that they add up while a backfill writes): far from the
+    database the status costs its longest part's round trips, not all of them in turn."""
+    return _collect(using, scan)
 
 
 def _collect(using, scan):
@@ -128,41 +120,75 @@ def _collect(using, scan):
     except SchemaNotReady as exc:
         return _without_table(using, str(exc))
     tables = set(connections[using].introspection.table_names())
-    before = _event(using, tables, "before")
-    contract = _event(using, tables, "contract", since=before)
-    with connections[using].cursor() as cursor:
-        rows, extra = _rows(cursor, schema, before, scan)
-        status = {
-            "phase": schema.phase,
-            "columns": {"vector": _column(schema.vector_column, schema.vector_dimensions, schema.vector_storage),
-                        "legacy": _column(schema.legacy_column, schema.legacy_dimensions, schema.legacy_storage)},
-            "rows": rows,
-            # Workers and their leased claims come with migration 0009 (whose pending_since table marks it).
-            "backfill": _backfill(cursor, rows, schema.legacy_column,
-                                  heartbeats=PendingSince._meta.db_table in tables,
-                                  claims=PendingSince._meta.db_table in tables,
-                                  waiting=SwitchPause._meta.db_table in tables),
-            "pause": _pause(cursor),
-            "index_build": _index_build(cursor),
-            "indexes": {"hnsw": _hnsw_index(cursor, schema.vector_column),
-                        "legacy": _legacy_index(cursor, schema.legacy_column)},
-            "size": _size(cursor, schema.phase, before, contract),
-            "index_plan": _index_plan(cursor, schema, rows),
-            "models": _models(cursor, tables),
-            **extra,
-        }
-        status["pending_age"] = _pending_age(cursor, schema, status["models"], rows)
-    reason = swap.refusal(using=using)
-    status["evaluation"] = last_verdict(using)
+    parts = side_by_side(using, _parts(using, schema, tables, scan))
+    (rows, extra), index_plan = parts["rows"]
+    models, pending_age = parts["models"]
+    workers, pause, index_build = parts["workers"]
+    indexes, size = parts["indexes"]
+    status = {
+        "phase": schema.phase,
+        "columns": {"vector": _column(schema.vector_column, schema.vector_dimensions, schema.vector_storage),
+                    "legacy": _column(schema.legacy_column, schema.legacy_dimensions, schema.legacy_storage)},
+        "rows": rows,
+        "backfill": _rates(workers, rows, schema.legacy_column),
+        "pause": pause,
+        "index_build": index_build,
+        "indexes": indexes,
+        "size": size,
+        "index_plan": index_plan,
+        "models": models,
+        "pending_age": pending_age,
+        **extra,
+    }
+    reason, status["evaluation"] = parts["swap"], parts["evaluation"]
     reason = reason or (no_go(status["evaluation"]) if schema.phase == "expanded" else None)
     status["swap"] = {"done": schema.is_live, "accepted": reason is None, "refusal": reason}
-    status["preflight"] = _preflight(using)
-    status["adopted"] = _adopted(using)
-    status["migrations_waiting"] = gate.plain_migrate_waiting(using)
+    status["preflight"] = _preflight(preflight.report(schema, parts))
+    status["adopted"], status["migrations_waiting"] = parts["migrations"]
     status["steps"] = steps(status)
     status["warnings"] = warnings(status)
     status["next"] = next_step(status)
     return status
+
+
+def _parts(using, schema, tables, scan):
+    """The status's reads, each a callable on database `using` (side by side: each its own connection)."""
+    def read(work):
+        def part():
+            with connections[using].cursor() as cursor:
+                return work(cursor)
+        return part
+
+    def events():
+        before = _event(using, tables, "before")
+        return before, _event(using, tables, "contract", since=before)
+
+    def rows_and_plan(cursor):
+        rows, extra = _rows(cursor, schema, events()[0], scan)
+        return (rows, extra), _index_plan(cursor, schema, rows)
+
+    def indexes_and_size(cursor):
+        return ({"hnsw": _hnsw_index(cursor, schema.vector_column), "legacy": _legacy_index(cursor, schema.legacy_column)},
+                _size(cursor, schema.phase, *events()))
+
+    def models_and_age(cursor):
+        models = _models(cursor, tables)
+        return models, _pending_age(cursor, schema, models)
+
+    return {
+        "rows": read(rows_and_plan),
+        "models": read(models_and_age),
+        # Workers and their leased claims come with migration 0009 (whose pending_since table marks it).
+        "workers": read(lambda cursor: (_workers(cursor, heartbeats=PendingSince._meta.db_table in tables,
+                                                 claims=PendingSince._meta.db_table in tables,
+                                                 waiting=SwitchPause._meta.db_table in tables),
+                                        _pause(cursor), _index_build(cursor))),
+        "indexes": read(indexes_and_size),
+        "swap": lambda: swap.refusal(using=using),
+        "evaluation": lambda: last_verdict(using),
+        "migrations": lambda: (_adopted(using), gate.plain_migrate_waiting(using)),
+        **preflight.parts(using, schema),
+    }
 
 
 def brief(using="default"):
@@ -256,15 +282,18 @@ PENDING_AGE = f"""
 """
 
 
-def _pending_age(cursor, schema, models, rows):
+def _pending_age(cursor, schema, models):
     """{column: seconds the oldest waiting segment has waited, or None} for the columns this project
     fills (the new model's; and the live one when its vectors were written here)."""
     columns = [schema.vector_column] if schema.vector_column else []
     if schema.phase == "expanded" and models.get(schema.legacy_column, {}).get("source") not in (None, "declared",
                                                                                                 "simulated"):
         columns.append(schema.legacy_column)
-    cursor.execute("SELECT to_regclass('segments_pending_since') IS NOT NULL")
-    if not cursor.fetchone()[0] or (rows["pending"] or 0) > PENDING_AGE_READ_UP_TO:
+    pending = f"(SELECT count(*) FROM {TABLE} s WHERE {pending_sql(schema.vector_column)})" if schema.vector_column \
+        else "0"
+    cursor.execute(f"SELECT to_regclass('segments_pending_since') IS NOT NULL, {pending}")
+    has_table, pending_now = cursor.fetchone()
+    if not has_table or pending_now > PENDING_AGE_READ_UP_TO:
         return dict.fromkeys(columns)
     ages = {}
     for column in columns:
@@ -284,11 +313,9 @@ def live_column(status):
     return None
 
 
-def _backfill(cursor, rows, other_column, heartbeats=True, claims=True, waiting=True):
+def _workers(cursor, heartbeats=True, claims=True, waiting=True):
     """The workers running now: heartbeats of live runs, and live claims of workers that have not
-    written a batch yet; the rows/s and the ETA (of the pending rows the quarantine does not hold) of
-    those filling the new model's column: not those writing `other_column` (the other model's: its
-    follower). A heartbeat may name a column a swap has renamed since: it counts as the new model's."""
+    written a batch yet."""
     workers = []
     if heartbeats:
         cursor.execute(HEARTBEATS.format(waiting="w.waiting_for" if waiting else "NULL",  # 0011 adds them
@@ -318,6 +345,13 @@ def _backfill(cursor, rows, other_column, heartbeats=True, claims=True, waiting=
                      "round_trip_ms": None, "batches_in_flight": None}]
             workers.append(mine[0])
         mine[0].update(claims=claims, claimed_ids=[first_id, last_id])
+    return workers
+
+
+def _rates(workers, rows, other_column):
+    """The workers with the rows/s and the ETA (of the pending rows the quarantine does not hold) of those
+    filling the new model's column: not those writing `other_column` (the other model's: its follower).
+    A heartbeat may name a column a swap has renamed since: it counts as the new model's."""
     filling = [worker for worker in workers if other_column is None or worker["column"] != other_column]
     rates = [worker["rows_per_s"] for worker in filling if worker["rows_per_s"]]
     rate = round(sum(rates), 1) if rates else None
@@ -393,8 +427,7 @@ def _size(cursor, phase, before, contract):
             "after_contract_bytes": after if after is not None or phase != "final" else now}
 
 
-def _preflight(using):
-    report = preflight.inspect(using)
+def _preflight(report):
     return {"findings": [{"level": f.level, "code": f.code, "message": f.message, "fix": f.fix}
                          for f in report.findings],
             "blocking": len(report.blocking)}

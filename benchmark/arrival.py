@@ -36,16 +36,13 @@ The NOTIFY channel is database-wide: the live table's arrivals wake the benchmar
 wake a follower of the live table, which finds nothing to do there. The claim step's advisory
 lock is database-wide as well: the two followers' claims take turns, each a few milliseconds.
 """
-import json
 import os
 import random
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +51,7 @@ from django.db import connections
 
 from askdrchaffee import postgres
 from benchmark import backfill
+from benchmark.child_process import ChildProcess
 from benchmark.encoders import BenchmarkModelUnavailable
 from benchmark.shapes import ensure_pending_index
 from embeddings.encoder import ModelUnavailable, check_loadable
@@ -337,45 +335,23 @@ def child_config(ctx, model, mode):
     }
 
 
-class Child:
+class Child(ChildProcess):
     """A `python -m benchmark.arrival_child` process, its output read as it comes."""
 
     def __init__(self, config):
         self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", CHILD_MODULE], cwd=settings.BASE_DIR, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.events, self.output = [], deque(maxlen=30)
         self.ready, self.following, self.loaded_seconds, self.mode = threading.Event(), False, None, None
-        self.readers = [threading.Thread(target=self._read_events, daemon=True),
-                        threading.Thread(target=self._read_errors, daemon=True)]
-        for reader in self.readers:
-            reader.start()
-        self.process.stdin.write(json.dumps(config, default=str))
-        self.process.stdin.close()
+        super().__init__(CHILD_MODULE, config)
 
-    def _read_events(self):
-        for line in self.process.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                self.output.append(line.rstrip())
-                continue
-            event["received"] = time.monotonic()
-            self.events.append(event)
-            if event["event"] == "loaded":
-                self.loaded_seconds = event["seconds"]
-            elif event["event"] == "say":
-                self.output.append(event["line"])
-                if event["line"].startswith("Following:"):
-                    self.following, self.mode = True, event.get("mode")
-                    self.ready.set()
-        self.ready.set()  # the process ended: whoever waits finds out
+    def on_event(self, event):
+        if event["event"] == "loaded":
+            self.loaded_seconds = event["seconds"]
+        elif event["event"] == "say" and event["line"].startswith("Following:"):
+            self.following, self.mode = True, event.get("mode")
+            self.ready.set()
 
-    def _read_errors(self):
-        for line in self.process.stderr:
-            self.output.append(line.rstrip())
+    def on_end(self):
+        self.ready.set()  # whoever waits finds out
 
     def tail(self):
         return "\n".join(self.output) or "(no output)"

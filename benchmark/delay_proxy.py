@@ -8,6 +8,8 @@ in order, without limiting the bandwidth: a round trip through it costs twice th
 a direct one (`measure_added_ms` measures what it really adds). It prints `listening on PORT` when
 ready. SIGUSR1 makes the connections open at that moment go silent: nothing more is forwarded on
 them and nothing is closed, as when a home router drops its NAT entry (new connections work).
+SIGUSR2 makes it print the bytes it has forwarded so far, `bytes up U down D` (up: from the clients
+to the server).
 
 `DelayProxy` runs it in a thread of the calling process (for a test that needs no precision);
 `ProxyProcess` runs it as a process of its own, so that timing the caller does not share a GIL
@@ -32,6 +34,7 @@ class Forwarder:
         self.target, self.delay = target, delay_ms / 1000
         self.links = set()  # the open connections' silence flags
         self.writers = set()  # the open connections' sockets, both sides
+        self.forwarded = {"up": 0, "down": 0}  # bytes, to the server and back
         self.server = None
 
     async def start(self, port=0):
@@ -65,8 +68,8 @@ class Forwarder:
         self.links.add(silent)
         self.writers.update((client_writer, server_writer))
         try:
-            await asyncio.gather(self._pipe(client_reader, server_writer, silent),
-                                 self._pipe(server_reader, client_writer, silent))
+            await asyncio.gather(self._pipe(client_reader, server_writer, silent, "up"),
+                                 self._pipe(server_reader, client_writer, silent, "down"))
         finally:
             self.links.discard(silent)
             for writer in (client_writer, server_writer):
@@ -78,7 +81,7 @@ class Forwarder:
         for writer in list(self.writers):
             writer.close()
 
-    async def _pipe(self, reader, writer, silent):
+    async def _pipe(self, reader, writer, silent, direction):
         """Copy `reader` to `writer`, each chunk `delay` seconds late, in order; drop it all once `silent`."""
         pending = asyncio.Queue()
 
@@ -102,6 +105,7 @@ class Forwarder:
                 if not data:
                     break
                 if not silent.is_set():
+                    self.forwarded[direction] += len(data)
                     pending.put_nowait((time.monotonic() + self.delay, data))
             if silent.is_set():
                 await asyncio.Event().wait()  # a silent link never says it closed
@@ -167,6 +171,12 @@ class ProxyProcess:
     def silence(self):
         self.process.send_signal(signal.SIGUSR1)
 
+    def forwarded(self):
+        """(bytes up, bytes down) forwarded so far."""
+        self.process.send_signal(signal.SIGUSR2)
+        line = self.process.stdout.readline().split()
+        return int(line[2]), int(line[4])
+
     def __exit__(self, *exc):
         self.process.terminate()
         try:
@@ -201,6 +211,8 @@ def main(argv=None):
     forwarder = Forwarder(args.target, args.delay_ms)
     port = loop.run_until_complete(forwarder.start(args.port))
     loop.add_signal_handler(signal.SIGUSR1, forwarder.silence)
+    loop.add_signal_handler(signal.SIGUSR2, lambda: print(
+        f"bytes up {forwarder.forwarded['up']} down {forwarder.forwarded['down']}", flush=True))
     loop.add_signal_handler(signal.SIGTERM, loop.stop)
     print(f"listening on {port}", flush=True)
     loop.run_forever()

@@ -36,13 +36,10 @@ Only scratch tables are written: the engine's connections refuse any table outsi
 schema (backfill.connector), and the application names the scratch tables in full.
 """
 import io
-import json
 import os
 import subprocess
-import sys
 import threading
 import time
-from collections import deque
 
 import numpy as np
 from django.conf import settings
@@ -51,6 +48,7 @@ from django.db import connections
 from askdrchaffee import postgres
 from benchmark import backfill
 from benchmark.arrival import child_database
+from benchmark.child_process import ChildProcess
 from benchmark.measure import percentile_ms
 from benchmark.shapes import DESCRIPTIONS, _id_vector_payload
 from segments.schema import HNSW_EF_CONSTRUCTION, HNSW_M
@@ -161,39 +159,19 @@ def _percentiles(seconds):
 
 # --- the engine beside it -----------------------------------------------------------------------
 
-class EngineChild:
+class EngineChild(ChildProcess):
     """A `python -m benchmark.live_site_child` process, its events read as they come."""
 
     def __init__(self, config):
-        self.process = subprocess.Popen([sys.executable, "-m", CHILD_MODULE], cwd=settings.BASE_DIR, text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.events, self.output = [], deque(maxlen=30)
         self.started = threading.Event()
-        self.readers = [threading.Thread(target=self._read_events, daemon=True),
-                        threading.Thread(target=self._read_errors, daemon=True)]
-        for reader in self.readers:
-            reader.start()
-        self.process.stdin.write(json.dumps(config, default=str))
-        self.process.stdin.close()
+        super().__init__(CHILD_MODULE, config)
 
-    def _read_events(self):
-        for line in self.process.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                self.output.append(line.rstrip())
-                continue
-            self.events.append(event)
-            if event["event"] == "started":
-                self.started.set()
-            elif event["event"] == "say":
-                self.output.append(event["line"])
-        self.started.set()  # it ended: whoever waits finds out
+    def on_event(self, event):
+        if event["event"] == "started":
+            self.started.set()
 
-    def _read_errors(self):
-        for line in self.process.stderr:
-            self.output.append(line.rstrip())
+    def on_end(self):
+        self.started.set()  # whoever waits finds out
 
     @property
     def running(self):

@@ -1,4 +1,5 @@
-"""`--plot FILE.png`: throughput against texts per call, and recall against latency, side by side."""
+"""`--plot FILE.png`: throughput against texts per call, and recall against latency, side by side; for the remote
+suite, each step's cost against the round trip to the database."""
 
 
 def _encode_panel(axes, figures):
@@ -47,6 +48,38 @@ def _search_panel(axes, figures):
     axes.legend(fontsize=8, loc="lower right")
 
 
+def _remote_steps_panel(axes, figures):
+    """Each step's time (or rate) at each round trip, as a multiple of its own figure at round trip 0."""
+    round_trips = [run["measured_ms"] for run in figures["round_trips"]]
+    for key, label in (("engine_simulated_gpu", "backfill engine, simulated GPU (rate)"),
+                       ("engine_zero_cost", "backfill engine, zero-cost model (rate)"),
+                       ("contract", "contract (time)"), ("verify", "verify (time)"), ("status", "status (time)")):
+        axes.plot(round_trips, [ratio[key] for ratio in figures["ratios"]], marker="o", label=label)
+    axes.axhline(1, color="grey", linestyle="--", linewidth=0.8)
+    axes.set_xlabel("round trip to the database, measured (ms)")
+    axes.set_ylabel("against round trip 0 (x)")
+    axes.set_ylim(bottom=0)
+    axes.set_title(f"the switch from afar: {figures['switch_rows']:,} segments, engine {figures['engine_rows']:,}",
+                   fontsize=10)
+    axes.legend(fontsize=8)
+
+
+def _remote_waits_panel(axes, figures):
+    """What the application next to the database waited: its slowest insert during swap and undo, and how long an
+    arrival took to be searchable."""
+    round_trips = [run["measured_ms"] for run in figures["round_trips"]]
+    for step in ("swap", "undo"):
+        axes.plot(round_trips, [run[step]["app_slowest_insert_ms"] for run in figures["round_trips"]], marker="o",
+                  label=f"application's slowest insert during {step} (ms)")
+    axes.plot(round_trips, [1000 * (run["follower"]["p95_s"] or 0) for run in figures["round_trips"]], marker="s",
+              label="arrival searchable, p95 (ms)")
+    axes.set_xlabel("round trip to the database, measured (ms)")
+    axes.set_ylabel("ms")
+    axes.set_ylim(bottom=0)
+    axes.set_title("what the application next to the database saw", fontsize=10)
+    axes.legend(fontsize=8)
+
+
 def draw(results, path):
     """Write the two panels for `results` to the image file `path`."""
     import matplotlib
@@ -55,8 +88,12 @@ def draw(results, path):
     from matplotlib import pyplot
 
     figure, (left, right) = pyplot.subplots(1, 2, figsize=(12, 4.5))
-    _encode_panel(left, results.get("encode"))
-    _search_panel(right, results.get("search"))
+    if "remote" in results and not (results.get("encode") or results.get("search")):
+        _remote_steps_panel(left, results["remote"])
+        _remote_waits_panel(right, results["remote"])
+    else:
+        _encode_panel(left, results.get("encode"))
+        _search_panel(right, results.get("search"))
     machine, model = results.get("machine", {}), results.get("run", {}).get("model")
     title = f"{machine.get('cpu')}, {machine.get('cores')} cores, GPU: {machine.get('gpu') or 'none'}"
     figure.suptitle(title + (f"\nmodel: {model}" if model else ""), fontsize=9)

@@ -16,8 +16,10 @@ the database (this process, on direct connections):
    commit to its vector's (seen by a poll every 10 ms): p50, p95, max;
 3. **verify_embeddings** and **embedding_status**: the commands' wall time;
 4. **the swap and the undo** (`embedding_switch swap`, then `undo`) while the application inserts
-   `--remote-app-rate` segments a second: the slowest insert while each runs, and the writes held as
-   the command says the server measured them;
+   `--remote-app-rate` segments a second: the slowest insert while each runs; of it, what the step's
+   lock caused (the slowest insert running while the server held the writes, by the server's own
+   measure in the step's SwitchEvent, and the longest the application's session was seen blocked by
+   a lock, sampled every 5 ms); and the writes held as the server measured them;
 5. **the contract** (`embedding_switch contract --confirm`, after a second swap): its wall time.
 
 Each round trip works on fresh databases, copied from two templates the suite builds first, next
@@ -115,35 +117,75 @@ def manage(*args, database_url, model, env=None, timeout=COMMAND_SECONDS):
 
 
 class Inserts(threading.Thread):
-    """The application next to the database: `rate` inserts a second, each timed; the slowest in a window."""
+    """The application next to the database: `rate` inserts a second, each timed (by the wall clock, which
+    the server shares here); and, every 5 ms on a connection of its own, whether a lock held by another
+    session blocks its session (`pg_blocking_pids`)."""
+
+    SAMPLE_SECONDS = 0.005
 
     def __init__(self, server, name, rate):
         super().__init__(daemon=True)
         self.server, self.name, self.interval = server, name, 1.0 / rate
-        self.stop, self.times, self.errors = threading.Event(), [], []
+        self.stop, self.times, self.errors, self.blocked = threading.Event(), [], [], []
+        self.pid = None
+        self.sampler = threading.Thread(target=self._sample, daemon=True)
 
     def run(self):
         connection = self.server.connect(self.name)
         connection.autocommit = True
+        self.pid = connection.get_backend_pid()
+        self.sampler.start()
         number = 0
         try:
             while not self.stop.is_set():
                 number += 1
-                started = time.perf_counter()
+                started = time.time()
                 try:
                     with connection.cursor() as cursor:
                         cursor.execute("INSERT INTO segments (video_id, start_sec, end_sec, text) VALUES "
                                        "('application', %s, %s, %s)", [number, number + 1, f"live insert {number}"])
                 except psycopg2.Error as exc:
                     self.errors.append(str(exc))
-                self.times.append((started, time.perf_counter() - started))
+                self.times.append((started, time.time() - started))
                 self.stop.wait(self.interval)
+        finally:
+            connection.close()
+            self.sampler.join(5)
+
+    def _sample(self):
+        connection = self.server.connect(self.name)
+        connection.autocommit = True
+        try:
+            with connection.cursor() as cursor:
+                while not self.stop.is_set():
+                    cursor.execute("SELECT cardinality(pg_blocking_pids(%s)) > 0", [self.pid])
+                    if cursor.fetchone()[0]:
+                        self.blocked.append(time.time())
+                    time.sleep(self.SAMPLE_SECONDS)
         finally:
             connection.close()
 
     def slowest_ms(self, start, end):
+        """The slowest insert begun between `start` and `end` (wall clock), in ms."""
         waits = [seconds for at, seconds in self.times if start <= at <= end]
         return round(max(waits) * 1000, 1) if waits else None
+
+    def slowest_overlapping_ms(self, start, end):
+        """The slowest insert that was running at some moment between `start` and `end`, in ms."""
+        waits = [seconds for at, seconds in self.times if at <= end and at + seconds >= start]
+        return round(max(waits) * 1000, 1) if waits else 0.0
+
+    def longest_blocked_ms(self, start, end):
+        """The longest stretch between `start` and `end` in which every sample found the application's
+        session blocked by a lock, in ms (a stretch of one sample counts as one sampling interval)."""
+        samples = [at for at in self.blocked if start <= at <= end]
+        longest, first, last = 0.0, None, None
+        for at in samples:
+            if last is None or at - last > 3 * self.SAMPLE_SECONDS:
+                first = at
+            last = at
+            longest = max(longest, last - first + self.SAMPLE_SECONDS)
+        return round(longest * 1000, 1)
 
 
 def follower_latency(server, name, through, model, count, rate):
@@ -222,11 +264,17 @@ def switch_steps(server, name, through, model, app_rate):
     app.start()
     try:
         for step in ("swap", "undo"):
-            started = time.perf_counter()
-            seconds, out = manage("manage.py", "embedding_switch", step, "--json", database_url=url, model=model)
-            result = json.loads(out)
-            figures[step] = {"command_s": round(seconds, 2), "app_slowest_insert_ms": app.slowest_ms(
-                started, time.perf_counter()), "writes_held_ms_by_the_server": result["details"]["writes_blocked_ms"]}
+            started = time.time()
+            seconds, _ = manage("manage.py", "embedding_switch", step, "--json", database_url=url, model=model)
+            ended = time.time()
+            held_from, held_ms = _writes_held(server, name, step)
+            figures[step] = {
+                "command_s": round(seconds, 2),
+                "app_slowest_insert_ms": app.slowest_ms(started, ended),
+                "app_slowest_insert_while_writes_held_ms": app.slowest_overlapping_ms(held_from, held_from + held_ms / 1000),
+                "app_longest_blocked_by_a_lock_ms": app.longest_blocked_ms(started, ended),
+                "writes_held_ms_by_the_server": held_ms,
+            }
     finally:
         app.stop.set()
         app.join(10)
@@ -238,7 +286,32 @@ def switch_steps(server, name, through, model, app_rate):
     return figures
 
 
-def engine(server, name, through, rate):
+def _writes_held(server, name, step):
+    """(when, by the server's clock, in seconds since the epoch; for how many ms) the last `step` (the
+    swap or the undo) held the application's writes, from its SwitchEvent."""
+    connection = server.connect(name)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT extract(epoch FROM (details->>'writes_held_from')::timestamptz), "
+                           "(details->>'writes_blocked_ms')::float FROM segments_switch_event WHERE step = %s "
+                           "ORDER BY id DESC LIMIT 1", [step])
+            held_from, held_ms = cursor.fetchone()
+    finally:
+        connection.close()
+    return float(held_from), held_ms
+
+
+def engine(server, name, through, rate, proxy):
+    """The engine's runs through the proxy, and the bytes each row sent each way (all its runs together)."""
+    up, down = proxy.forwarded()
+    runs = _engine_runs(server, name, through, rate)
+    up, down = (after - before for after, before in zip(proxy.forwarded(), (up, down)))
+    rows = sum(run["rows"] for run in runs.values())
+    runs["bytes_per_row"] = {"up": round(up / rows), "down": round(down / rows)} if rows else None
+    return runs
+
+
+def _engine_runs(server, name, through, rate):
     env = {**os.environ, "DATABASE_URL": server.url(name, through), "DATABASE_DIRECT_URL": server.url(name, through)}
     done = subprocess.run([sys.executable, "-m", "benchmark.remote_child", "engine", "--simulated-gpu-rate", str(rate)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=COMMAND_SECONDS)
@@ -264,7 +337,7 @@ def one_round_trip(ctx, server, names, round_trip, model):
         ctx.progress(f"remote: round trip {round_trip:g} ms (measured {proxied_ms:.1f} ms through the proxy, "
                      f"{direct_ms:.2f} direct): the engine")
         figures = {"asked_ms": round_trip, "measured_ms": round(proxied_ms, 1), "direct_ms": round(direct_ms, 2),
-                   "engine": engine(server, names["engine"], through, options.simulated_gpu_rate)}
+                   "engine": engine(server, names["engine"], through, options.simulated_gpu_rate, proxy)}
         ctx.progress(f"remote: round trip {round_trip:g} ms: the follower")
         figures["follower"] = follower_latency(server, names["switch"], through, model, options.remote_arrivals,
                                                options.remote_arrival_rate)
@@ -289,6 +362,12 @@ def _ratios(runs):
     return ratios
 
 
+def lock_wait(step):
+    """The application's wait the step's lock caused (ms): the slowest insert running while the server held
+    the writes, or the longest its session was seen blocked by a lock, whichever is longer."""
+    return max(step.get("app_slowest_insert_while_writes_held_ms") or 0.0, step.get("app_longest_blocked_by_a_lock_ms") or 0.0)
+
+
 def targets(runs, ratios):
     """The targets of the remote suite, each True or False (a round trip the run did not measure: absent)."""
     by_rtt = {run["asked_ms"]: (run, ratio) for run, ratio in zip(runs, ratios)}
@@ -298,6 +377,8 @@ def targets(runs, ratios):
         found["engine_at_100ms_at_least_0.8x_round_trip_0"] = ratio["engine_simulated_gpu"] >= 0.8
         found["application_waits_at_most_30ms_during_swap_and_undo_from_100ms"] = max(
             run["swap"]["app_slowest_insert_ms"], run["undo"]["app_slowest_insert_ms"]) <= 30
+        found["application_waits_for_the_lock_at_most_30ms_during_swap_and_undo_from_100ms"] = max(
+            lock_wait(run["swap"]), lock_wait(run["undo"])) <= 30
     if 50.0 in by_rtt:
         run, ratio = by_rtt[50.0]
         found["follower_p95_at_most_0.35s_at_50ms"] = (run["follower"]["p95_s"] or 99) <= 0.35 and \

@@ -13,7 +13,7 @@ application's wait does not depend on where the operator sits:
    segments wait for a vector: a running follower (`backfill_embeddings --follow`) embeds them
    into the renamed column a moment later; without one, the command that ran the swap embeds
    them right after the commit, with the model it loaded beforehand (steps.swap): as many as that
-   model embeds in the lock budget. More than allowed makes the swap give up, changing nothing,
+   model embeds in steps.SWAP_LEFT_SECONDS. More than allowed makes the swap give up, changing nothing,
    saying how many rows it was racing (SwapRaced).
 2. `ACCESS EXCLUSIVE` for the renames: `embedding` -> `embedding_legacy`, the next column ->
    `embedding`, their indexes (`segments_<column>_...` names follow their column), their entries
@@ -31,7 +31,7 @@ to fill) comes as `SwapInputs`.
 """
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from django.core.management.base import CommandError
 from django.db import connections
@@ -297,6 +297,7 @@ def _event_sql(step, views, index_renames):
     return f"""
         INSERT INTO segments_switch_event (step, at, details) VALUES ({quote_literal(step)}, now(), jsonb_build_object(
             'writes_blocked_ms', {held.format('writes')}, 'reads_blocked_ms', {held.format('reads')},
+            'writes_held_from', current_setting('segments.writes_held_from'),
             'left_pending', current_setting('segments.left_pending')::bigint,
             'views_recreated', {quote_literal(json.dumps([view.name for view in views]))}::jsonb,
             'indexes_renamed', {quote_literal(json.dumps(index_renames))}::jsonb))

@@ -58,7 +58,7 @@ def session_alive(schema):
 def test_an_interrupted_run_removes_its_scratch_schema(signum, returncode, message):
     # A shell that runs jobs in the background starts them with SIGINT ignored, and Python then
     # never turns Ctrl-C into KeyboardInterrupt: give the run the default a terminal gives it.
-    process = manage("embedding_benchmark", "--suite", "db-write", "--rows", "20000", "--json",
+    process = manage("embedding_benchmark", "--suite", "db-write", "--rows", "6000", "--json",
                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(scratch_table_exists("write_per_row_update"), "the run to be writing")
     process.send_signal(signum)
@@ -83,7 +83,7 @@ def test_sigterm_during_the_index_build_cancels_it_and_removes_the_scratch_schem
 def test_the_schema_of_a_killed_run_is_removed_by_the_next_run():
     # A shell that runs jobs in the background starts them with SIGINT ignored, and Python then
     # never turns Ctrl-C into KeyboardInterrupt: give the run the default a terminal gives it.
-    process = manage("embedding_benchmark", "--suite", "db-write", "--rows", "20000", "--json",
+    process = manage("embedding_benchmark", "--suite", "db-write", "--rows", "6000", "--json",
                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(scratch_table_exists("write_per_row_update"), "the run to be writing")
     process.send_signal(signal.SIGKILL)

@@ -160,7 +160,8 @@ class Command(BaseCommand):
         parser.add_argument("--database", default="default", help="Database alias (default 'default').")
         parser.add_argument("--json", action="store_true", help="Print one JSON object instead of the table.")
         parser.add_argument("--plot", type=Path, metavar="FILE.png",
-                            help="Draw throughput against texts per call and recall against latency into FILE.png.")
+                            help="Draw throughput against texts per call and recall against latency into FILE.png "
+                                 "(the remote suite run alone: each step's cost against the round trip).")
         parser.add_argument("--compare", type=Path, metavar="OLD.json",
                             help="Show the change against an earlier run's --json output.")
 

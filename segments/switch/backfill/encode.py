@@ -3,9 +3,10 @@
 A vector with NaN or Inf, of the wrong size, or all zeros, and a text whose encoding raises
 (the batch is split to find it), get a reason instead of a vector; the rest of the batch goes on.
 
-The engine encodes a window of claims in one call (`encode_claims`) and leaves the checking of
-each claim's vectors to the thread that writes it (`checked`): the encoder (a GPU) then goes on
-to the next window at once.
+The engine hands the windows of claims, as they come, to the encoder's stream (`encode_windows`,
+embeddings/stream.py: the device goes from one window's texts to the next without waiting at the
+boundary; an encoder without one encodes a window a call, `encode_claims`), and leaves the checking
+of each claim's vectors to the thread that writes it (`checked`).
 """
 from dataclasses import dataclass, field
 
@@ -150,9 +151,37 @@ def encode_claims(encoder, batches, dims):
     try:
         vectors = encoder.encode_documents(texts)
     except Exception as exc:
-        checked_vectors, reasons = _after_failure(encoder, texts, dims, exc, False)
-        return _split(batches, checked_vectors, reasons, dims)
-    _check_count(vectors, len(texts))
+        return _after_a_window_failed(encoder, batches, texts, exc, dims)
+    return _raw(batches, vectors, len(texts))
+
+
+def encode_windows(encoder, windows, dims):
+    """encode_claims() of each window of claimed batches of the iterable `windows`, in order, through
+    the encoder's stream where it has one (embeddings.encoder.encode_items): the device goes from one
+    window's texts to the next without waiting at the boundary. `windows` is read on a thread of the
+    stream's, as claims arrive."""
+    from embeddings.encoder import encode_items
+
+    items = ((batches, [text for batch in batches for text in batch.texts]) for batches in windows)
+    for done in encode_items(encoder, items):
+        batches = done.key
+        texts = [text for batch in batches for text in batch.texts]
+        if done.error is not None:
+            yield _after_a_window_failed(encoder, batches, texts, done.error, dims)
+        else:
+            yield _raw(batches, done.vectors, len(texts))
+
+
+def _after_a_window_failed(encoder, batches, texts, exc, dims):
+    """The EncodedBatches of a window whose encoding raised `exc`: its texts again in halves, to find the
+    failing ones."""
+    checked_vectors, reasons = _after_failure(encoder, texts, dims, exc, False)
+    return _split(batches, checked_vectors, reasons, dims)
+
+
+def _raw(batches, vectors, count):
+    """A RawBatch per claim of `batches` from the vectors of all their texts."""
+    _check_count(vectors, count)
     raw, start = [], 0
     for batch in batches:
         end = start + len(batch.texts)

@@ -5,11 +5,11 @@ ledger), the database sessions and the heartbeat. A `Run` is one pass over what 
 claim stage is a thread with the worker's reader session; the write stage is `Tuning.writers`
 threads, each with a session of its own, so that one batch's UPDATE runs while the next is staged
 (PostgreSQL runs each session's statements on one core); the encode stage runs in the calling
-thread and encodes up to `Tuning.encode_window` claims in one call. A failure in any stage stops
-the others; the pass then releases its claims, counts what is left, and raises the first failure.
-Each stage's busy and waiting time is kept (stages.py): the report names the stage that limited
-the pass. `backfill_embeddings` runs one pass; `backfill_embeddings --follow` runs a pass whenever
-segments arrive (follow.py), with the same worker.
+thread and streams windows of up to `Tuning.encode_window` claims into the encoder (encode.py). A
+failure in any stage stops the others; the pass then releases its claims, counts what is left, and
+raises the first failure. Each stage's busy and waiting time is kept (stages.py): the report names
+the stage that limited the pass. `backfill_embeddings` runs one pass; `backfill_embeddings
+--follow` runs one pass that waits for arrivals instead of ending (follow.py).
 
 The pass writes into the column that holds its model's vectors: each batch's transaction checks the
 model ledger after taking the table's write lock (embeddings/writer.py), so a swap or an undo
@@ -37,7 +37,7 @@ from embeddings.writer import VectorWriter
 from segments.schema import TABLE
 
 from . import sql
-from .encode import ClaimedBatch, checked, encode_claims
+from .encode import ClaimedBatch, checked, encode_windows
 from .heartbeat import LEASE_SECONDS, Heartbeat
 from .report import BackfillError, BackfillReport
 from .session import Session, worker_name
@@ -425,18 +425,30 @@ class Run:
             self.on_column(column)
 
     def _encode_stage(self):
+        """Windows of claims, as they come, into the encoder's stream (encode.encode_windows): on a GPU the
+        device goes from one window to the next without a gap; each window's claims to the writers."""
         clock = self.clocks["encode"][0]
-        ended = False
-        while not ended:
+        results = encode_windows(self.encoder, self._windows(clock), self.target.dims)
+        while True:
+            with clock.timing("busy"):
+                encoded = next(results, None)
+            if encoded is None:
+                break
+            with clock.timing("waiting_for_room"):
+                if not all(self._put(self.encoded_queue, batch) for batch in encoded):
+                    results.close()
+                    return
+        self._put(self.encoded_queue, _END)  # each writer passes it on as it ends
+
+    def _windows(self, clock):
+        """Each window of claimed batches (_window) until the claim stage ends (read on the stream's thread)."""
+        while True:
             with clock.timing("waiting_for_input"):
                 batches, ended = self._window()
             if batches:
-                with clock.timing("busy"):
-                    encoded = encode_claims(self.encoder, batches, self.target.dims)
-                with clock.timing("waiting_for_room"):
-                    if not all(self._put(self.encoded_queue, batch) for batch in encoded):
-                        return
-        self._put(self.encoded_queue, _END)  # each writer passes it on as it ends
+                yield batches
+            if ended:
+                return
 
     def _window(self):
         """(up to encode_window claimed batches, whether the claim stage has ended): waits for

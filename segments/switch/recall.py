@@ -5,11 +5,14 @@ own vector is a query; its recall is the share of the exact top k (the same quer
 off) that the HNSW search returns, rows tied with the exact k-th counting as found.
 
 Bounded. On a large table every exact search is a sequential scan (about a second per million
-rows), so `measure()` runs each query (its exact and its HNSW search) under `SET LOCAL
-statement_timeout` = the smaller of `query_seconds` and what is left of the check's budget
+rows), so `measure()` runs its queries (each one's exact and HNSW search) CHUNK at a time, each
+chunk one statement in one message (one round trip, far from the database, for CHUNK queries),
+under `statement_timeout` = `query_seconds` a query, at most what is left of the check's budget
 `seconds`, and stops taking queries once the budget is spent. It reports how many queries it
-used, whether the budget ran out, and every query that timed out (by segment id): a timed-out
-query has no recall and is left out of the figures, said so, never silently dropped.
+used, whether the budget ran out, and every query that timed out (by segment id: all of a chunk
+that timed out): a timed-out query has no recall and is left out of the figures, said so, never
+silently dropped. The exact search is the same ORDER BY with its distance made an expression the
+index cannot serve (`+ 0`), so both run in one statement.
 
 The interval. From the n per-query recalls, the 95% interval is the union of
   (a) Student's t interval of their mean, mean ± t(0.975, n - 1) · sd / √n, which allows for queries
@@ -34,7 +37,6 @@ from dataclasses import dataclass, field
 
 from django.db import OperationalError, connections, transaction
 
-from segments.search import nearest
 
 QUERY_CANCELED = "57014"
 METHOD = "union of Student's t over per-query recalls and Wilson over pooled neighbours"
@@ -95,40 +97,69 @@ class RecallSample:
         return interval(self.recalls, self.found, self.asked)
 
 
+CHUNK = 10  # queries a round trip
+
+
 def measure(rows, *, column, k, ef_search, seconds, query_seconds, using="default", clock=time.monotonic):
     """Recall of each of `rows` ((id, _, vector, _) as verify samples them) until the budget of
-    `seconds` is spent; each query under statement_timeout (module docstring)."""
+    `seconds` is spent; CHUNK queries a statement, each under statement_timeout (module docstring)."""
     sample = RecallSample(k, ef_search, seconds, query_seconds, len(rows))
     started = clock()
-    for pk, _, vector, _ in rows:
+    ids = [pk for pk, *_ in rows]
+    for first in range(0, len(ids), CHUNK):
+        chunk = ids[first:first + CHUNK]
         left = seconds - (clock() - started)
         if left <= 0:
             sample.budget_spent = True
             break
         try:
-            exact, approximate = _pair(vector, column, k, ef_search, min(query_seconds, left), using)
+            found = _chunk(chunk, column, k, ef_search, min(query_seconds * len(chunk), left), using)
         except OperationalError as exc:
             if getattr(exc.__cause__, "pgcode", None) != QUERY_CANCELED:
                 raise
-            sample.timed_out.append(pk)
+            sample.timed_out.extend(chunk)
             continue
-        if exact:
-            worst = exact[-1].distance + 1e-6  # rows tied with the exact k-th count as found
-            found = min(sum(row.distance <= worst for row in approximate), len(exact))
-            sample.recalls.append(found / len(exact))
-            sample.found, sample.asked = sample.found + found, sample.asked + len(exact)
+        for exact, approximate in found:
+            _count(sample, exact, approximate)
     sample.seconds = clock() - started
     return sample
 
 
-def _pair(vector, column, k, ef_search, timeout, using):
-    """(exact top k, HNSW top k) of `vector`, in one transaction under statement_timeout =
-    `timeout` seconds (a savepoint inside a caller's transaction: its value is put back after)."""
-    with transaction.atomic(using=using), connections[using].cursor() as cursor:
-        cursor.execute("SELECT current_setting('statement_timeout'), set_config('statement_timeout', %s, true)",
-                       [f"{max(1, math.ceil(timeout * 1000))}ms"])
-        previous = cursor.fetchone()[0]
-        exact = nearest(vector, k=k, column=column, exact=True, using=using)
-        approximate = nearest(vector, k=k, column=column, ef_search=ef_search, using=using)
-        cursor.execute("SELECT set_config('statement_timeout', %s, true)", [previous])
-    return exact, approximate
+def _count(sample, exact, approximate):
+    """Add one query's recall: the share of its exact top k its HNSW top k found (ties with the k-th count)."""
+    exact = [distance for distance in exact if distance is not None]
+    if exact:
+        worst = exact[-1] + 1e-6  # rows tied with the exact k-th count as found
+        found = min(sum(distance is not None and distance <= worst for distance in approximate), len(exact))
+        sample.recalls.append(found / len(exact))
+        sample.found, sample.asked = sample.found + found, sample.asked + len(exact)
+
+
+def _chunk(ids, column, k, ef_search, timeout, using):
+    """[(exact top-k distances, HNSW top-k distances)] of the rows `ids`' own vectors, in one message under
+    statement_timeout = `timeout` seconds (in a caller's transaction: a savepoint, its settings put back)."""
+    settings_sql = ("SELECT set_config('statement_timeout', %(timeout)s, true), "
+                    "set_config('hnsw.ef_search', %(ef_search)s, true)")
+    query = f"""
+        SELECT ARRAY(SELECT (t.{column} <=> q.{column})::float8 FROM segments t WHERE t.{column} IS NOT NULL
+                     ORDER BY (t.{column} <=> q.{column}) + 0 LIMIT %(k)s),
+               ARRAY(SELECT (t.{column} <=> q.{column})::float8 FROM segments t
+                     ORDER BY t.{column} <=> q.{column} LIMIT %(k)s)
+        FROM segments q WHERE q.id = ANY(%(ids)s) AND q.{column} IS NOT NULL ORDER BY q.id
+    """
+    params = {"timeout": f"{max(1, math.ceil(timeout * 1000))}ms", "ef_search": str(max(ef_search, k)), "k": k,
+              "ids": list(ids)}
+    connection = connections[using]
+    if not connection.in_atomic_block:  # one message: an implicit transaction, its settings gone with it
+        with connection.cursor() as cursor:
+            cursor.execute(f"{settings_sql}; {query}", params)
+            return cursor.fetchall()
+    with transaction.atomic(using=using), connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('statement_timeout'), current_setting('hnsw.ef_search', true)")
+        before = cursor.fetchone()
+        cursor.execute(settings_sql, params)
+        cursor.execute(query, params)
+        found = cursor.fetchall()
+        cursor.execute("SELECT set_config('statement_timeout', %s, true), set_config('hnsw.ef_search', %s, true)",
+                       [before[0], before[1] or "40"])
+        return found

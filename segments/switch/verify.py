@@ -40,7 +40,7 @@ from django.db import connections
 
 from segments.models import HNSW_EF_CONSTRUCTION, HNSW_M
 from segments.schema import TABLE, WAITING_SINCE, SchemaNotReady, blank_sql, embedding_schema, pending_sql
-from segments.search import cosine_index, explain_nearest, nearest, search
+from segments.search import cosine_index, explain_nearest, search
 from segments.switch import recall
 from segments.switch.backfill.heartbeat import ALIVE
 
@@ -382,19 +382,32 @@ def _recall_notes(sample):
 
 
 def _legacy_overlap(rows, column, legacy_column, ef_search, using):
-    pairs = [(vector, old) for _, _, vector, old in rows if old is not None][:LEGACY_OVERLAP_QUERIES]
-    if not pairs:
+    ids = [pk for pk, _, _, old in rows if old is not None][:LEGACY_OVERLAP_QUERIES]
+    if not ids:
         return Check("legacy_overlap", None, "Skipped: no sampled row has both a legacy and a new vector.")
-    overlaps = []
-    for vector, old in pairs:
-        legacy = {row.pk for row in nearest(old, k=RECALL_K, column=legacy_column, exact=True, using=using)}
-        new = {row.pk for row in nearest(vector, k=RECALL_K, column=column, ef_search=ef_search, using=using)}
-        overlaps.append(len(legacy & new) / RECALL_K)
+    overlaps = [len(set(legacy) & set(new)) / RECALL_K
+                for legacy, new in _both_searches(ids, column, legacy_column, ef_search, using)]
     overlap = float(np.mean(overlaps))
     return Check("legacy_overlap", None, (
         f"On average {overlap:.0%} of the legacy top-{RECALL_K} are in the new top-{RECALL_K} "
-        f"({len(pairs)} queries; reported, not judged: two models rank differently)."),
-        {"mean_overlap": overlap, "queries": len(pairs)})
+        f"({len(ids)} queries; reported, not judged: two models rank differently)."),
+        {"mean_overlap": overlap, "queries": len(ids)})
+
+
+def _both_searches(ids, column, legacy_column, ef_search, using):
+    """[(the legacy column's exact top ids, the new column's HNSW top ids)] of the rows `ids`' own vectors,
+    in one message (one round trip for them all)."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            "SELECT set_config('hnsw.ef_search', %(ef_search)s, true) WHERE NOT %(in_transaction)s; "
+            f"""SELECT ARRAY(SELECT t.id FROM segments t WHERE t.{legacy_column} IS NOT NULL
+                             ORDER BY (t.{legacy_column} <=> q.{legacy_column}) + 0 LIMIT %(k)s),
+                       ARRAY(SELECT t.id FROM segments t WHERE t.{column} IS NOT NULL
+                             ORDER BY t.{column} <=> q.{column} LIMIT %(k)s)
+                FROM segments q WHERE q.id = ANY(%(ids)s) ORDER BY q.id""",
+            {"ef_search": str(max(ef_search, RECALL_K)), "k": RECALL_K, "ids": list(ids),
+             "in_transaction": connections[using].in_atomic_block})
+        return cursor.fetchall()
 
 
 def read_golden(path):

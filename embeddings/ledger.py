@@ -252,18 +252,19 @@ def mismatch(table, column, recorded, identity, cosine, doing):
     )
 
 
-def entry_for_writer(cursor, table, column, identity, storage_of):
+def entry_for_writer(cursor, table, column, identity, storage_of, retired_ok=False):
     """The Entry of the column this writer writes now: the one whose recorded model is `identity`
     (after a swap or an undo, `column` under its new name), else `column` itself, recorded as
     `identity`'s if no model is recorded for it yet (`storage_of()` gives its type then).
-    ModelMismatch when `column` holds another model's vectors.
+    ModelMismatch when `column` holds another model's vectors, or when its model was retired (the
+    contract of its switch has begun) unless `retired_ok` (a loader that retired a declaration itself).
 
     Call it inside the writing transaction, after `LOCK TABLE ... IN ROW EXCLUSIVE MODE`."""
     recorded = entries(cursor, table)
     for entry_ in recorded.values():
         if same_model(identity, entry_.identity)[0] and entry_.source != "simulated":
             return entry_
-    if column not in recorded:
+    if column not in recorded and not retired_ok:
         _refuse_a_retired(cursor, table, column, identity)
     found = recorded.get(column) or record(cursor, table, column, identity, storage_of(), "first write")
     matched, cosine = same_model(identity, found.identity)
@@ -282,9 +283,9 @@ def _refuse_a_retired(cursor, table, column, identity):
             f"begun and its vectors are going. Nothing was written; {identity} has no column to write any more.")
 
 
-def column_for_writer(cursor, table, column, identity, storage_of):
+def column_for_writer(cursor, table, column, identity, storage_of, retired_ok=False):
     """The column of entry_for_writer()."""
-    return entry_for_writer(cursor, table, column, identity, storage_of).column
+    return entry_for_writer(cursor, table, column, identity, storage_of, retired_ok).column
 
 
 def check_reader(table, column, found, identity, doing="this search"):

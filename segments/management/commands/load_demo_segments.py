@@ -126,7 +126,7 @@ class Command(BaseCommand):
             ledger.record(cursor, TABLE, column, identity, storage, SIMULATED)
             return
         try:
-            written = ledger.column_for_writer(cursor, TABLE, column, identity, lambda: storage)
+            written = ledger.column_for_writer(cursor, TABLE, column, identity, lambda: storage, retired_ok=True)
         except ledger.ModelMismatch as exc:
             raise CommandError(str(exc)) from None
         if written != column:

@@ -31,14 +31,13 @@ import threading
 from contextlib import contextmanager
 from datetime import timedelta
 
-from django.conf import settings
+import psycopg2
 from django.contrib.postgres import operations as postgres_operations
 from django.core.management.base import CommandError
-import psycopg2
 from django.db import migrations
 from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.operations.base import Operation
-from django.db.utils import DatabaseError, OperationalError, ProgrammingError
+from django.db.utils import DatabaseError, ProgrammingError
 from pgvector.django import HnswIndex, VectorExtension
 
 from askdrchaffee import postgres

@@ -11,7 +11,7 @@ still holds the space after it is returned, and the contract reports it.
 """
 from typing import NamedTuple
 
-from askdrchaffee.postgres import QUERY_SHOWN, describe_session
+from askdrchaffee.postgres import describe_session
 
 # Sessions of this database whose transaction began before %(since)s and holds a snapshot or a
 # transaction id; never this session, never an autovacuum worker (the VACUUM's lock request

@@ -27,7 +27,9 @@ from segments.switch.throttle import SETTING as THROTTLE_SETTING
 # The index is built over a filled column: a large share of pending rows would make the rest of
 # the backfill insert into the graph row by row, many times slower.
 INDEX_MAX_PENDING_SHARE = 0.01
-SWAP_LOCK_BUDGET_SECONDS = 0.5  # without a follower: the late arrivals the swap leaves are what the model embeds in this
+# Without a follower the swap leaves at most what its model embeds in this many seconds, and embeds them
+# right after the commit: they are searchable again about that long after it.
+SWAP_LEFT_SECONDS = 2.0
 SWAP_ROUNDS = 5  # backfill passes (or waits for the follower) and lock attempts of one swap
 FOLLOWER_WAIT_SECONDS = 10.0  # how long a round waits for the follower to catch up
 FOLLOWER_ALLOWANCE = 20  # pending rows the swap leaves to a follower, at the least
@@ -108,7 +110,7 @@ def followers(using, column):
         return cursor.fetchall()
 
 
-def swap(using="default", encoder=None, backfill=None, rounds=SWAP_ROUNDS, lock_budget=SWAP_LOCK_BUDGET_SECONDS,
+def swap(using="default", encoder=None, backfill=None, rounds=SWAP_ROUNDS, left_seconds=SWAP_LEFT_SECONDS,
          accept_regression=False):
     """Swap the next model's column into `embedding` under a short lock (the switch's swap migration).
 
@@ -117,7 +119,7 @@ def swap(using="default", encoder=None, backfill=None, rounds=SWAP_ROUNDS, lock_
     leaves it the few segments that arrive meanwhile: no model is loaded. Without one, `encoder`
     (EMBEDDING_MODEL's service by default) is loaded and warmed before any lock is taken; each round
     runs a backfill pass (`backfill(encoder)`, by default the engine's), then tries the locked swap
-    allowing as many late rows as the model embeds within `lock_budget`, which it embeds right after
+    allowing as many late rows as the model embeds within `left_seconds`, which it embeds right after
     the commit. A round that finds more gives up under the lock, changing nothing, and the next
     round starts.
     """
@@ -138,10 +140,10 @@ def swap(using="default", encoder=None, backfill=None, rounds=SWAP_ROUNDS, lock_
     model = encoder or get_service()
     model.check_dimensions(columns.next, schema.vector_dimensions)
     _require_the_columns_model(using, columns.next, model)
-    max_rows = _rows_within(model, lock_budget)
+    max_rows = _rows_within(model, left_seconds)
     backfill = backfill or (lambda enc: _catch_up_pass(enc, using))
     result = _rounds(using, rounds, lambda: backfill(model), max_rows,
-                     f"the lock budget ({max_rows} rows in {lock_budget:.1f} s)")
+                     f"what it embeds right after the commit ({max_rows} rows in {left_seconds:.1f} s)")
     _embed_what_was_left(result, model, using)
     return result
 

@@ -69,9 +69,9 @@ PAUSE_TABLE = "segments_switch_pause"
 SCOPE = "all"
 WAITING_FOR_LENGTH = 300  # segments_backfill_worker.waiting_for's width
 
-LOOK = f"""
+LOOK = """
     SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint,
-           {{pause}},
+           {pause},
            (SELECT coalesce(json_agg(json_build_object(
                        'pid', r.pid, 'name', r.application_name, 'address', host(r.client_addr),
                        'replayed', pg_wal_lsn_diff(r.replay_lsn, '0/0')::bigint,

@@ -148,13 +148,13 @@ def test_swap_embeds_late_arrivals_right_after_its_commit_and_none_under_its_loc
     assert_every_vector_current(encoder)
 
 
-def test_swap_gives_up_cleanly_when_more_rows_arrive_than_the_lock_budget(expanded_and_indexed, schema_dump):
+def test_swap_gives_up_cleanly_when_more_rows_arrive_than_it_embeds_right_after_the_commit(expanded_and_indexed, schema_dump):
     encoder = expanded_and_indexed
     add_segments(sentences(50, seed=7))
     before = schema_dump()
 
     with pytest.raises(CommandError, match=r"gave up after 2 rounds.*pending at each try: 50, 50"):
-        steps.swap(encoder=encoder, backfill=lambda enc: None, rounds=2, lock_budget=1e-9)
+        steps.swap(encoder=encoder, backfill=lambda enc: None, rounds=2, left_seconds=1e-9)
 
     assert schema_dump() == before
     assert embedding_schema().phase == "expanded"
@@ -262,7 +262,7 @@ def test_contract_gives_the_disk_back_online_while_the_application_writes(segmen
     settings.EMBEDDING_STORAGE = "vector"
     segments_at("legacy")
     with connection.cursor() as cursor:
-        demo_data.load(cursor.cursor, 20_000, seed=3, legacy_column="embedding")
+        demo_data.load(cursor.cursor, 8_000, seed=3, legacy_column="embedding")
     call_command("migrate", verbosity=0)  # phase 1, as a deploy runs it; records the size before
     (before,), = sql("SELECT (details->>'total_bytes')::bigint FROM segments_switch_event WHERE step = 'before'")
     encoder = HashingEncoder()

@@ -56,9 +56,17 @@ def current(column=None, encoder=None):
 @contextmanager
 def following(encoder=None, poll_seconds=2.0):
     """A follower in a thread of this process; its output lines."""
+    with follower_running(encoder, poll_seconds=poll_seconds) as (_follower, lines):
+        yield lines
+
+
+@contextmanager
+def follower_running(encoder=None, **options):
+    """(a Follower running in a thread of this process, its output lines), once it follows; `options` go to
+    the Follower (batch_size 100 unless given). Its own failure is raised when the block ends."""
     lines, stop, failures = [], threading.Event(), []
-    follower = Follower(encoder or HashingEncoder(), batch_size=100, poll_seconds=poll_seconds, say=lines.append,
-                        stop=stop)
+    follower = Follower(encoder or HashingEncoder(), **{"batch_size": 100, "poll_seconds": 2.0, **options},
+                        say=lines.append, stop=stop)
 
     def run():
         try:
@@ -69,8 +77,8 @@ def following(encoder=None, poll_seconds=2.0):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
-        assert wait_until(lambda: any(line.startswith("Following") for line in lines)), lines
-        yield lines
+        assert wait_until(lambda: any(line.startswith("Following") for line in lines), 30), lines
+        yield follower, lines
     finally:
         stop.set()
         thread.join(10)

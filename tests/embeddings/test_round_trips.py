@@ -15,6 +15,7 @@ from segments.switch import steps
 from segments.switch.backfill import Run, Worker, connector, run_backfill, target_for
 from segments.switch.backfill import count_pending
 from tests.embeddings.conftest import add_segments, sentences
+from tests.embeddings.test_follow import follower_running, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -97,30 +98,18 @@ def test_the_swap_and_the_undo_send_their_lock_checks_renames_and_record_in_one_
 
 
 def test_the_follower_embeds_an_arrival_in_a_claim_and_a_batchs_message(segments_at):
-    import threading
     import time
 
-    from segments.switch.backfill.follow import Follower
-
     segments_at("expanded")
-    stop, lines = threading.Event(), []
-    follower = Follower(HashingEncoder(), batch_size=100, poll_seconds=2.0, say=lines.append, stop=stop)
-    thread = threading.Thread(target=follower.run, daemon=True)
-    thread.start()
-    try:
-        assert wait_for(lambda: any(line.startswith("Following") for line in lines))
+    with follower_running() as (follower, _lines):
         time.sleep(0.5)  # its first look at the table is over: it waits for an arrival
         worker = follower.worker
         sessions = lambda: (worker.reader.round_trips, sum(s.round_trips for s in worker.writers))  # noqa: E731
         before = sessions()
         add_segments(["a segment that just arrived"])
-        assert wait_for(lambda: count_pending() == 0)
+        assert wait_until(lambda: count_pending() == 0)
         time.sleep(0.5)  # its claim stage has gone back to waiting
         reader, writers = (after - first for after, first in zip(sessions(), before))
-    finally:
-        stop.set()
-        thread.join(10)
-        connection.close()
     assert writers == 2  # the arrival's batch: one message, and the COPY's own round trip
     assert reader <= 3  # its claim, and the looks that find nothing more (beside the write, not before it)
 
@@ -147,14 +136,3 @@ def test_the_contracts_round_trips_do_not_grow_with_its_batches(segments_at, mon
         monkeypatch.setattr(contract, "link_for", original)
     # 30 clearing transactions or 3: the same few calls of the server's loop
     assert 0 < spent[10] == spent[100], spent
-
-
-def wait_for(condition, seconds=10):
-    import time
-
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True

@@ -27,7 +27,7 @@ from tests.embeddings.conftest import add_segments, sentences
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 WRITE_WAIT_BOUND = 1.0  # seconds: the longest an application insert may wait behind a step
-HOLD_SECONDS = 2.0  # how long the application's transaction keeps its row lock
+HOLD_SECONDS = 1.2  # how long the application's transaction keeps its row lock: beyond a step's first attempts
 
 
 class Inserts(threading.Thread):
@@ -84,7 +84,7 @@ def assert_never_queued(step, apply):
         apply()
     assert inserts.errors == [], f"{step}: {inserts.errors[:3]}"
     assert inserts.slowest <= WRITE_WAIT_BOUND, f"{step} held the application's inserts {inserts.slowest:.2f} s"
-    assert inserts.count > 20
+    assert inserts.count >= 10  # the application kept writing throughout
 
 
 def project_plan():

@@ -4,8 +4,8 @@ nothing wrong) is noticed by the backfill, the follower and the contract, which 
 connection: nothing lost, nothing written twice, no claim left held.
 
 The link is the project's delay proxy (benchmark/delay_proxy.py), told to stop forwarding on the
-connections open at that moment and close none of them. The backfill runs with its default deadlines
-(noticed within 30 s); the follower's and the contract's are made shorter to keep the suite quick.
+connections open at that moment and close none of them. The deadlines are made shorter to keep the
+suite quick; the defaults notice a silent link within 30 s (the first test).
 """
 import threading
 import time
@@ -18,12 +18,12 @@ from benchmark.delay_proxy import DelayProxy
 from embeddings.fakes import HashingEncoder
 from segments.switch import contract, server_loop, steps
 from segments.switch.backfill import connector, count_pending, run_backfill, session
-from segments.switch.backfill.follow import Follower
 from tests.embeddings.conftest import add_segments, sentences
+from tests.embeddings.test_follow import follower_running
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
-NOTICED_WITHIN = 30  # seconds: the backfill's default deadlines (statement_timeout and its grace) fit in it
+NOTICED_WITHIN = 30  # seconds: the engine's default deadline (statement_timeout and its grace) fits in it
 
 
 class SlowHashing(HashingEncoder):
@@ -91,7 +91,14 @@ def wait_for(condition, seconds=30):
         time.sleep(0.05)
 
 
-def test_the_backfill_notices_a_silent_link_and_finishes_every_row_once(segments_at, proxy, write_log):
+def test_by_default_a_silent_link_is_noticed_within_30_seconds():
+    assert session.STATEMENT_TIMEOUT_SECONDS + session.LINK_GRACE_SECONDS <= NOTICED_WITHIN
+    assert server_loop.SECONDS_PER_CALL + 5 + server_loop.LINK_GRACE_SECONDS <= NOTICED_WITHIN  # lock_timeout 5 s
+
+
+def test_the_backfill_notices_a_silent_link_and_finishes_every_row_once(segments_at, proxy, write_log, monkeypatch):
+    monkeypatch.setattr(session, "STATEMENT_TIMEOUT_SECONDS", 3)
+    monkeypatch.setattr(session, "LINK_GRACE_SECONDS", 2)
     segments_at("expanded")
     ids = add_segments(sentences(3000))
     writes = write_log()
@@ -105,7 +112,7 @@ def test_the_backfill_notices_a_silent_link_and_finishes_every_row_once(segments
     thread.join(NOTICED_WITHIN + 30)
 
     assert not thread.is_alive() and results, "the backfill did not get past the silent link"
-    assert time.monotonic() - silenced < NOTICED_WITHIN + 15  # noticed within 30 s, then the rest of its work
+    assert time.monotonic() - silenced < 5 + 15  # noticed within its deadline, then the rest of its work
     assert count_pending() == 0 and embedded() == len(ids)
     assert set(writes().values()) == {1}  # every segment written once
     assert claims_left() == 0
@@ -115,30 +122,13 @@ def test_the_follower_notices_a_silent_link_and_embeds_what_arrives_after_it(seg
     monkeypatch.setattr(session, "STATEMENT_TIMEOUT_SECONDS", 2)
     monkeypatch.setattr(session, "LINK_GRACE_SECONDS", 1)
     segments_at("expanded")
-    stop, lines, failures = threading.Event(), [], []
-    follower = Follower(HashingEncoder(), connect=connector("default", through=("127.0.0.1", proxy.port)),
-                        batch_size=100, poll_seconds=0.5, say=lines.append, stop=stop)
-
-    def run():
-        try:
-            follower.run()
-        except BaseException as exc:  # a follower that dies is a failure of the test
-            failures.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: any(line.startswith("Following") for line in lines))
+    with follower_running(connect=connector("default", through=("127.0.0.1", proxy.port)), poll_seconds=0.5):
         add_segments(sentences(20))
         wait_for(lambda: count_pending() == 0)
         proxy.silence()
-        late = add_segments(sentences(20, seed=3))
+        add_segments(sentences(20, seed=3))
         wait_for(lambda: count_pending() == 0)
-    finally:
-        stop.set()
-        thread.join(10)
-        connection.close()
-    assert not failures and embedded() == 40 and late
+    assert embedded() == 40
     wait_for(lambda: claims_left() == 0)
 
 

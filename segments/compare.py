@@ -36,7 +36,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from embeddings.encoder import ModelUnavailable
-from segments.schema import LIVE, PREVIOUS, TABLE, embedding_schema
+from segments.schema import TABLE, embedding_schema
 from segments.search import MAX_K, SearchError, search
 
 logger = logging.getLogger(__name__)
@@ -142,12 +142,9 @@ def plan(using="default"):
     """(phase, old Side, new Side) without results, or (phase, None, None) when the table holds one
     model's vectors only. SchemaNotReady without the table."""
     schema = embedding_schema(using)
-    if schema.phase == "expanded":
-        old, new = LIVE, schema.vector_column
-    elif schema.phase == "swapped":
-        old, new = PREVIOUS, LIVE
-    else:
+    if schema.compared is None:
         return schema.phase, None, None
+    old, new = schema.compared
     recorded = _recorded(using)
     return (schema.phase,
             Side(OLD, old, _setting(recorded.get(old)), recorded.get(old)),

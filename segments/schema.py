@@ -74,6 +74,16 @@ class EmbeddingSchema:
         """True once the new vectors are the ones the application searches."""
         return self.phase in ("swapped", "final")
 
+    @property
+    def compared(self):
+        """(old, new): the columns of the two models the table holds now (expanded: the live column
+        and the next one; swapped: the replaced one and the live one); None when it holds one model's."""
+        if self.phase == "expanded":
+            return LIVE, self.vector_column
+        if self.phase == "swapped":
+            return PREVIOUS, LIVE
+        return None
+
 
 class SchemaNotReady(Exception):
     pass

@@ -22,7 +22,7 @@ from django.db import connections
 from embeddings import ledger
 from segments.compare import nothing_to_compare
 from segments.evaluation import table
-from segments.schema import LIVE, PREVIOUS, TABLE, embedding_schema
+from segments.schema import TABLE, embedding_schema
 
 MODELS, STORED, AUTO = "models", "stored", "auto"
 
@@ -58,12 +58,9 @@ def plan(using="default"):
     """(phase, old Side, new Side) without encoders; EvaluationError when the table holds one model's
     vectors only (SchemaNotReady without the table)."""
     schema = embedding_schema(using)
-    if schema.phase == "expanded":
-        old, new = LIVE, schema.vector_column
-    elif schema.phase == "swapped":
-        old, new = PREVIOUS, LIVE
-    else:
+    if schema.compared is None:
         raise EvaluationError(nothing_to_compare(schema.phase).replace("The comparison", "The evaluation"))
+    old, new = schema.compared
     with connections[using].cursor() as cursor:
         entries = ledger.entries(cursor, TABLE)
     return (schema.phase, Side("old", table.column(old, using), entries.get(old)),

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from django.db import connections
 
+from embeddings.ledger import EVIDENCE_ROWS
+
 TABLE = "segments"
 LIVE = "embedding"  # the column the application searches
 FIRST_NEXT = "embedding_384"  # the next model's column in the first switch
@@ -156,3 +158,9 @@ def require_vector_column(using="default", cursor=None):
             "`manage.py migrate`."
         )
     return schema
+
+
+def stored_samples(cursor, column, rows=EVIDENCE_ROWS):
+    """(text, stored vector) of a few segments that have a vector in `column`: the model ledger's evidence."""
+    cursor.execute(f"SELECT s.text, s.{column}::real[] FROM {TABLE} s WHERE s.{column} IS NOT NULL LIMIT %s", [rows])
+    return cursor.fetchall()

@@ -37,7 +37,7 @@ from askdrchaffee import postgres
 from embeddings import ledger
 from embeddings.encoder import DimensionMismatch, ModelUnavailable, get_service
 from segments.models import Segment
-from segments.schema import TABLE, require_vector_column, vector_columns
+from segments.schema import TABLE, require_vector_column, stored_samples, vector_columns
 from segments.storage import COSINE_OPCLASSES
 
 # hnsw.ef_search accepts 1..1000, and a plain HNSW scan returns at most ef_search rows.
@@ -251,8 +251,6 @@ def configured_model(recorded):
 
 
 def _check_evidence(cursor, using, column, encoder, identity, doing):
-    from segments.switch.backfill import stored_samples
-
     key = (connections[using].settings_dict.get("NAME"), column, identity.short_fingerprint)
     if key in _adopted_by_evidence:
         return

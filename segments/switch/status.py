@@ -364,7 +364,7 @@ def _rates(workers, rows, other_column):
 
 
 def _pause(cursor):
-    """The operator's pause of the bulk writes (throttle.pause), or None."""
+    """The operator's pause of the bulk writes (steps.pause), or None."""
     found = throttle.current_pause(cursor)
     if found is None:
         return None

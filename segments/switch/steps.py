@@ -10,7 +10,7 @@ changes nothing. They act on the switch under way, whichever it is (the first, 0
 import time
 from dataclasses import asdict, dataclass, field
 
-from django.db import connections
+from django.db import connections, transaction
 
 from askdrchaffee import postgres, round_trips
 from embeddings import ledger
@@ -22,6 +22,8 @@ from segments.switch import swap as swapping
 from segments.switch.backfill import count_pending
 from segments.switch.backfill.sql import count_pending_sql
 from segments.switch.backfill.heartbeat import ALIVE
+from segments.switch import throttle as throttling
+from segments.switch.backfill.session import worker_name
 from segments.switch.throttle import SETTING as THROTTLE_SETTING
 
 # The index is built over a filled column: a large share of pending rows would make the rest of
@@ -285,7 +287,6 @@ def contract(using="default", out=None, confirmed=False, rows_per_transaction=No
     a replica more than `max_replica_lag` seconds behind (BACKFILL_MAX_REPLICA_LAG by default; None: no
     limit), `max_rows_per_second` (None: no cap)."""
     from segments.switch import contract as contracting
-    from segments.switch import throttle as throttling
 
     schema = embedding_schema(using)
     if schema.phase == "final":
@@ -339,3 +340,54 @@ def _start_contract(using):
     with giving_up_on_locks():
         postgres.with_lock_retries(attempt, what="The contract's start",
                                    holders=lambda: segments_lock_holders(connections[using]))
+
+
+def _require_pause_table(cursor, step):
+    """StepRefused before migration 0011 (no pause table)."""
+    cursor.execute(f"SELECT to_regclass('{throttling.PAUSE_TABLE}') IS NOT NULL")
+    if not cursor.fetchone()[0]:
+        raise StepRefused(f"`embedding_switch {step}` needs migration segments.0011, which this database lacks: "
+                          "run `python manage.py migrate` (safe at any phase), then again. Nothing was changed.")
+
+
+def pause(using="default", reason="", by=None):
+    """Pause the switch's bulk writes on every machine (idempotent): each backfill worker and contract
+    holds back before its next batch (segments/switch/throttle.py). A StepResult."""
+    by = by or worker_name()
+    with transaction.atomic(using=using), connections[using].cursor() as cursor:
+        _require_pause_table(cursor, "pause")
+        cursor.execute(f"INSERT INTO {throttling.PAUSE_TABLE} (scope, reason, paused_by, paused_at) VALUES (%s, %s, %s, now()) "
+                       "ON CONFLICT (scope) DO NOTHING", [throttling.SCOPE, reason or "", by[:255]])
+        inserted = cursor.rowcount == 1
+        found = throttling.current_pause(cursor)
+        if inserted:
+            SwitchEvent.objects.using(using).create(step="pause", details={"by": by, "reason": reason or ""})
+    if not inserted:
+        return StepResult("pause", False, f"Already {found.sentence()}; nothing changed. "
+                                          "`python manage.py embedding_switch resume` resumes the writes.",
+                          {"by": found.by, "since": found.at, "reason": found.reason})
+    return StepResult("pause", True, (
+        f"Paused: every backfill worker and contract, on every machine, holds its writes back from its next batch "
+        f"(within {throttling.TAKES_EFFECT_SECONDS} s); a batch in hand is written after the resume, nothing is lost. "
+        "Followers go on embedding single arrivals and hold back only catch-up batches. `embedding_status` shows "
+        "who waits. "
+        "Next: `python manage.py embedding_switch resume`."),
+        {"by": found.by, "since": found.at, "reason": found.reason})
+
+
+def resume(using="default"):
+    """End the pause (idempotent); a StepResult."""
+    with transaction.atomic(using=using), connections[using].cursor() as cursor:
+        _require_pause_table(cursor, "resume")
+        found = throttling.current_pause(cursor)
+        cursor.execute(f"DELETE FROM {throttling.PAUSE_TABLE} WHERE scope = %s", [throttling.SCOPE])
+        if found is not None:
+            SwitchEvent.objects.using(using).create(step="resume", details={
+                "by": worker_name(), "paused_by": found.by, "paused_since": found.at, "reason": found.reason})
+    if found is None:
+        return StepResult("resume", False, "Not paused; nothing changed. `python manage.py embedding_status` says "
+                                           "what comes next.")
+    return StepResult("resume", True, (
+        f"Resumed: the writes {found.sentence()} go on within {throttling.TAKES_EFFECT_SECONDS} s, each worker from the batch it "
+        "held. `python manage.py embedding_status` shows them."), {"paused_by": found.by, "paused_since": found.at,
+                                                                 "reason": found.reason})

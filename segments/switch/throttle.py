@@ -5,8 +5,9 @@ The backfill's write stage, a follower catching up after a burst, and the contra
 go, while:
 
 1. **the switch is paused**: a row in `segments_switch_pause`, written by `embedding_switch pause`
-   and deleted by `embedding_switch resume` (`pause()` and `resume()` below). It is in the database,
-   so one command pauses every worker on every machine, and any machine resumes them;
+   and deleted by `embedding_switch resume` (`pause()` and `resume()` in segments/switch/steps.py).
+   It is in the database, so one command pauses every worker on every machine, and any machine
+   resumes them;
 2. **a streaming replica lags** more than the limit (BACKFILL_MAX_REPLICA_LAG seconds, 2 by default,
    or the run's --max-replica-lag): a standby that falls behind serves stale reads, and a failover
    to it loses what it has not replayed;
@@ -446,66 +447,3 @@ def current_pause(cursor):
     if row is None:
         return None
     return Pause(row[0], row[1].astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"), row[2])
-
-
-def _require_table(cursor, step):
-    from segments.switch.steps import StepRefused
-
-    cursor.execute(f"SELECT to_regclass('{PAUSE_TABLE}') IS NOT NULL")
-    if not cursor.fetchone()[0]:
-        raise StepRefused(f"`embedding_switch {step}` needs migration segments.0011, which this database lacks: "
-                          "run `python manage.py migrate` (safe at any phase), then again. Nothing was changed.")
-
-
-def pause(using="default", reason="", by=None):
-    """Pause the switch's bulk writes on every machine (idempotent); a StepResult."""
-    from django.db import connections, transaction
-
-    from segments.models import SwitchEvent
-    from segments.switch.backfill.session import worker_name
-    from segments.switch.steps import StepResult
-
-    by = by or worker_name()
-    with transaction.atomic(using=using), connections[using].cursor() as cursor:
-        _require_table(cursor, "pause")
-        cursor.execute(f"INSERT INTO {PAUSE_TABLE} (scope, reason, paused_by, paused_at) VALUES (%s, %s, %s, now()) "
-                       "ON CONFLICT (scope) DO NOTHING", [SCOPE, reason or "", by[:255]])
-        inserted = cursor.rowcount == 1
-        found = current_pause(cursor)
-        if inserted:
-            SwitchEvent.objects.using(using).create(step="pause", details={"by": by, "reason": reason or ""})
-    if not inserted:
-        return StepResult("pause", False, f"Already {found.sentence()}; nothing changed. "
-                                          "`python manage.py embedding_switch resume` resumes the writes.",
-                          {"by": found.by, "since": found.at, "reason": found.reason})
-    return StepResult("pause", True, (
-        f"Paused: every backfill worker and contract, on every machine, holds its writes back from its next batch "
-        f"(within {TAKES_EFFECT_SECONDS} s); a batch in hand is written after the resume, nothing is lost. "
-        "Followers go on embedding single arrivals and hold back only catch-up batches. `embedding_status` shows "
-        "who waits. "
-        "Next: `python manage.py embedding_switch resume`."),
-        {"by": found.by, "since": found.at, "reason": found.reason})
-
-
-def resume(using="default"):
-    """End the pause (idempotent); a StepResult."""
-    from django.db import connections, transaction
-
-    from segments.models import SwitchEvent
-    from segments.switch.backfill.session import worker_name
-    from segments.switch.steps import StepResult
-
-    with transaction.atomic(using=using), connections[using].cursor() as cursor:
-        _require_table(cursor, "resume")
-        found = current_pause(cursor)
-        cursor.execute(f"DELETE FROM {PAUSE_TABLE} WHERE scope = %s", [SCOPE])
-        if found is not None:
-            SwitchEvent.objects.using(using).create(step="resume", details={
-                "by": worker_name(), "paused_by": found.by, "paused_since": found.at, "reason": found.reason})
-    if found is None:
-        return StepResult("resume", False, "Not paused; nothing changed. `python manage.py embedding_status` says "
-                                           "what comes next.")
-    return StepResult("resume", True, (
-        f"Resumed: the writes {found.sentence()} go on within {TAKES_EFFECT_SECONDS} s, each worker from the batch it "
-        "held. `python manage.py embedding_status` shows them."), {"paused_by": found.by, "paused_since": found.at,
-                                                                 "reason": found.reason})

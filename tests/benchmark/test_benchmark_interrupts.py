@@ -70,7 +70,7 @@ def test_an_interrupted_run_removes_its_scratch_schema(signum, returncode, messa
 
 @pytest.mark.slow
 def test_sigterm_during_the_index_build_cancels_it_and_removes_the_scratch_schema():
-    process = manage("embedding_benchmark", "--suite", "search", "--rows", "30000", "--json")
+    process = manage("embedding_benchmark", "--suite", "search", "--rows", "15000", "--json")
     wait_for(hnsw_build_running, "the HNSW build")
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=WAIT_SECONDS)

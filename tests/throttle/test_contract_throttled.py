@@ -6,7 +6,7 @@ import time
 import pytest
 
 from segments.schema import embedding_schema
-from segments.switch import steps, throttle
+from segments.switch import steps
 from tests.migrations.test_contract import stored, swapped_demo  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -18,7 +18,7 @@ def legacy_left(sql):
 
 def test_a_paused_contract_clears_nothing_until_resumed_then_completes(swapped_demo, sql):  # noqa: F811
     before, to_clear = stored(sql), legacy_left(sql)
-    throttle.pause(reason="month-end reports", by="ops-host:4242")
+    steps.pause(reason="month-end reports", by="ops-host:4242")
     lines, outcome = [], {}
 
     def contract():
@@ -42,7 +42,7 @@ def test_a_paused_contract_clears_nothing_until_resumed_then_completes(swapped_d
         time.sleep(1.5)
         assert thread.is_alive() and legacy_left(sql) == to_clear
     finally:
-        throttle.resume()
+        steps.resume()
         thread.join(120)
     assert "error" not in outcome, outcome
     assert ("Waiting: the contract holds its writes back: paused by ops-host:4242 since "

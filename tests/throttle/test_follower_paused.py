@@ -5,7 +5,7 @@ import time
 import pytest
 
 from embeddings.fakes import HashingEncoder
-from segments.switch import throttle
+from segments.switch import steps
 from segments.switch.backfill import count_pending
 from segments.switch.backfill.follow import FREE_ROWS
 from tests.embeddings.conftest import add_segments, sentences
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def test_while_paused_a_follower_embeds_arrivals_and_holds_a_burst_until_the_resume():
     with follower_running(HashingEncoder(), batch_size=1000, poll_seconds=0.5, max_replica_lag=None) as (_, lines):
-        throttle.pause(reason="peak traffic", by="ops-host:4242")
+        steps.pause(reason="peak traffic", by="ops-host:4242")
 
         add_segments(sentences(3))  # arrivals at the application's pace
         assert wait_until(lambda: count_pending() == 0, 10), lines
@@ -27,6 +27,6 @@ def test_while_paused_a_follower_embeds_arrivals_and_holds_a_burst_until_the_res
         assert any(line.startswith("Waiting: the follower's catch-up holds its writes back: paused by ops-host:4242")
                    for line in lines)
 
-        throttle.resume()
+        steps.resume()
         assert wait_until(lambda: count_pending() == 0, 10), lines
     assert any(line.startswith("Going on: the follower's catch-up writes again") for line in lines)

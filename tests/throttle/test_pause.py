@@ -9,7 +9,7 @@ from django.core.management.base import CommandError
 from django.utils import timezone
 
 from segments.models import BackfillWorker, SwitchEvent, SwitchPause
-from segments.switch import status, throttle
+from segments.switch import status, steps, throttle
 from segments.switch.backfill.session import worker_name
 from tests.embeddings.conftest import add_segments, command
 from tests.readme import manage_args, sh_block_after
@@ -53,7 +53,7 @@ def test_pause_as_json():
 
 def test_while_paused_the_status_says_who_since_when_why_and_that_resume_comes_next():
     add_segments(["one", "two"])
-    throttle.pause(reason="replica maintenance", by="ops-host:4242")
+    steps.pause(reason="replica maintenance", by="ops-host:4242")
 
     found = status.collect()
 
@@ -70,7 +70,7 @@ def test_while_paused_the_status_says_who_since_when_why_and_that_resume_comes_n
     assert "Next: python manage.py embedding_switch resume" in text
     assert json.loads(command("embedding_status", "--json")[0])["pause"] == pause
 
-    throttle.resume()
+    steps.resume()
     assert status.collect()["pause"] is None
     assert status.collect()["next"]["command"] != "python manage.py embedding_switch resume"
 
@@ -103,7 +103,7 @@ def test_a_worker_that_writes_shows_no_wait():
 
 def test_the_admin_panel_shows_the_pause_and_each_workers_wait(admin_client):
     live_worker("paused by ops-host:4242 since 2026-12-06 12:03:04 UTC (peak traffic)")
-    throttle.pause(reason="peak traffic", by="ops-host:4242")
+    steps.pause(reason="peak traffic", by="ops-host:4242")
 
     html = admin_client.get(SWITCH_PAGE).content.decode()
 
@@ -112,7 +112,7 @@ def test_the_admin_panel_shows_the_pause_and_each_workers_wait(admin_client):
     assert ('<td class="waiting-for"><span class="pill warn">paused by ops-host:4242 since 2026-12-06 12:03:04 UTC '
             "(peak traffic)</span></td>") in html
 
-    throttle.resume()
+    steps.resume()
     html = admin_client.get(SWITCH_PAGE).content.decode()
     assert 'id="switch-pause"' not in html
 

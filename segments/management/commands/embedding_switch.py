@@ -77,7 +77,7 @@ class Command(BaseCommand):
         if step == "undo":
             return steps.undo(database)
         if step in ("pause", "resume"):
-            return throttle.pause(database, options["reason"]) if step == "pause" else throttle.resume(database)
+            return steps.pause(database, options["reason"]) if step == "pause" else steps.resume(database)
         if step == "contract":
             return steps.contract(database, say, confirmed=confirm, rows_per_transaction=rows_per_transaction,
                                   progress_factory=progress, max_rows_per_second=options["max_rows_per_second"],

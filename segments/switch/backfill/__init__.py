@@ -51,7 +51,7 @@ The engine, by module: `sql` (the SQL text), `session` (database sessions with r
 holds the settings and the entry points.
 """
 from embeddings import ledger
-from segments.schema import TABLE, require_vector_column, vector_column_types
+from segments.schema import TABLE, require_vector_column, stored_samples, vector_column_types
 from segments.switch.throttle import SETTING as THROTTLE_SETTING
 from segments.switch.throttle import Throttle
 
@@ -136,12 +136,6 @@ def target_for(cursor, worker, doing="this backfill"):
         if samples:
             ledger.adopt(cursor, TABLE, column, worker.encoder, storage, samples, doing)
     return Target(column, dims, storage)
-
-
-def stored_samples(cursor, column, rows=ledger.EVIDENCE_ROWS):
-    """(text, stored vector) of a few segments that have a vector in `column`."""
-    cursor.execute(f"SELECT s.text, s.{column}::real[] FROM {TABLE} s WHERE s.{column} IS NOT NULL LIMIT %s", [rows])
-    return cursor.fetchall()
 
 
 def backfill_plan(using="default", retry_quarantined=False):

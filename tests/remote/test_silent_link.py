@@ -18,7 +18,8 @@ from benchmark.delay_proxy import DelayProxy
 from embeddings.fakes import HashingEncoder
 from segments.switch import contract, server_loop, steps
 from segments.switch.backfill import connector, count_pending, run_backfill, session
-from tests.embeddings.conftest import add_segments, sentences
+from tests.conftest import wait_until
+from tests.embeddings.conftest import add_segments, sentences, swapped_with_legacy_vectors
 from tests.embeddings.test_follow import follower_running
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -84,13 +85,6 @@ def embedded():
         return cursor.fetchone()[0]
 
 
-def wait_for(condition, seconds=30):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_by_default_a_silent_link_is_noticed_within_30_seconds():
     assert session.STATEMENT_TIMEOUT_SECONDS + session.LINK_GRACE_SECONDS <= NOTICED_WITHIN
     assert server_loop.SECONDS_PER_CALL + 5 + server_loop.LINK_GRACE_SECONDS <= NOTICED_WITHIN  # lock_timeout 5 s
@@ -106,7 +100,7 @@ def test_the_backfill_notices_a_silent_link_and_finishes_every_row_once(segments
     thread = threading.Thread(target=lambda: results.append(run_backfill(
         SlowHashing(0.2), batch_size=100, connect=connector("default", through=("127.0.0.1", proxy.port)))))
     thread.start()
-    wait_for(lambda: embedded() >= 300)
+    assert wait_until(lambda: embedded() >= 300, 30), "timed out"
     proxy.silence()
     silenced = time.monotonic()
     thread.join(NOTICED_WITHIN + 30)
@@ -124,25 +118,19 @@ def test_the_follower_notices_a_silent_link_and_embeds_what_arrives_after_it(seg
     segments_at("expanded")
     with follower_running(connect=connector("default", through=("127.0.0.1", proxy.port)), poll_seconds=0.5):
         add_segments(sentences(20))
-        wait_for(lambda: count_pending() == 0)
+        assert wait_until(lambda: count_pending() == 0, 30), "timed out"
         proxy.silence()
         add_segments(sentences(20, seed=3))
-        wait_for(lambda: count_pending() == 0)
+        assert wait_until(lambda: count_pending() == 0, 30), "timed out"
     assert embedded() == 40
-    wait_for(lambda: claims_left() == 0)
+    assert wait_until(lambda: claims_left() == 0, 30), "timed out"
 
 
 def test_the_contract_notices_a_silent_link_and_finishes_keeping_every_value(segments_at, proxy, monkeypatch):
     monkeypatch.setattr(server_loop, "SECONDS_PER_CALL", 0.05)
     monkeypatch.setattr(server_loop, "LINK_GRACE_SECONDS", 2)
     segments_at("expanded")
-    add_segments(sentences(400))
-    with connection.cursor() as cursor:
-        cursor.execute("UPDATE segments SET embedding = ('[' || array_to_string(array_fill(0.5::real, "
-                       "ARRAY[1536]), ',') || ']')::vector")
-    run_backfill(HashingEncoder())
-    steps.index()
-    steps.swap(encoder=HashingEncoder())
+    swapped_with_legacy_vectors(400)
     with connection.cursor() as cursor:
         cursor.execute("SELECT md5(string_agg(id || text || embedding::text, ',' ORDER BY id)) FROM segments")
         before = cursor.fetchone()[0]

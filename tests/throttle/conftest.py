@@ -39,11 +39,11 @@ import pytest
 from django.db import connection
 
 from tests.conftest import ROOT, database_url, rebuild_segments
+from tests.embeddings.conftest import FAKE_BACKFILL
 
 REPLICA_NAME = "test_replica"
 PRIMARY_PORT, REPLICA_PORT = 5498, 5499  # on a socket directory of their own: no other server listens there
 START_SECONDS = 60
-SLOW_BACKFILL = Path(__file__).resolve().parent / "slow_backfill.py"
 
 WATCHDOG = textwrap.dedent("""
     import os, shutil, subprocess, sys, time
@@ -240,7 +240,7 @@ def slow_backfill(*args, rate, env=None, url=None):
     """Start `backfill_embeddings *args` in a process of its own on the test database (or on `url`), its
     encoder the HashingEncoder at `rate` texts a second (a device of that speed); the Popen."""
     full_env = {**os.environ, "DATABASE_URL": url or database_url(), "SLOW_ENCODER_RATE": str(rate), **(env or {})}
-    return subprocess.Popen([sys.executable, str(SLOW_BACKFILL), *args], env=full_env, cwd=ROOT,
+    return subprocess.Popen([sys.executable, str(FAKE_BACKFILL), *args], env=full_env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 

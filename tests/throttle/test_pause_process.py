@@ -8,7 +8,7 @@ import pytest
 from django.db import connection
 
 from embeddings.fakes import HashingEncoder
-from tests.conftest import as_stored
+from tests.conftest import as_stored, wait_until
 from tests.embeddings.conftest import add_segments, command, scalar, sentences
 from tests.throttle.conftest import slow_backfill, stopped_on_leaving
 
@@ -19,15 +19,6 @@ TAKES_EFFECT_SECONDS = 2.0  # what the operator is promised, each way
 
 def embedded():
     return scalar("SELECT count(embedding) FROM segments")
-
-
-def wait_until(condition, seconds, every=0.05):
-    deadline = time.monotonic() + seconds
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every)
 
 
 def test_pause_and_resume_stop_and_restart_a_backfill_in_another_process_within_2_s():

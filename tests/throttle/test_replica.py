@@ -10,6 +10,7 @@ import pytest
 
 from embeddings.fakes import HashingEncoder
 from segments.switch.throttle import Throttle
+from tests.conftest import wait_until
 from tests.embeddings.conftest import sentences
 from tests.throttle.conftest import REPLICA_NAME, manage_on, slow_backfill, stopped_on_leaving
 
@@ -28,15 +29,6 @@ COLUMN = "embedding_384"  # the new model's column in the expanded phase of the 
 
 def embedded(standby):
     return standby.query(f"SELECT count({COLUMN}) FROM segments")[0][0]
-
-
-def wait_until(condition, seconds, every=0.1):
-    deadline = time.monotonic() + seconds
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every)
 
 
 def test_a_batch_waits_while_a_paused_replica_falls_behind_and_goes_once_it_replays(replica):

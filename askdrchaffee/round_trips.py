@@ -12,6 +12,8 @@ counted here, in one place:
   another round trip) and answers once; psycopg2 hands back the last statement's rows. A COPY
   FROM STDIN inside the message costs one round trip more (the server asks for the data), and
   the rows of the statements after it are not handed back, only the last one's row count.
+- **Several reads, one statement** (`reads`): reads whose answers the client needs together (a
+  step's look at the catalogue, sizes and counts) go as one SELECT of one JSON array each.
 - **Counting** (`CountedConnection`, a psycopg2 connection class): every message it sends is
   counted (`connection.round_trips`), a COPY as two, the BEGIN psycopg2 sends by itself before a
   transaction's first statement as one, a COMMIT or ROLLBACK as one. The tests hold the loops to
@@ -29,6 +31,7 @@ counted here, in one place:
 
 Nothing here knows the project's tables.
 """
+import json
 import logging
 import os
 import socket
@@ -47,6 +50,25 @@ WATCH_EVERY_SECONDS = 0.5
 def message(*statements):
     """One Query message of `statements` (empty ones left out)."""
     return ";\n".join(statement.strip().rstrip(";") for statement in statements if statement and statement.strip())
+
+
+def reads(cursor, *queries):
+    """The rows of each of `queries` (SQL, or (SQL, parameters)), read in one statement: a list of row
+    tuples per query, in each query's order. The values come back through JSON: text, numbers,
+    booleans, arrays (as lists) and NULL keep their meaning; a timestamp comes back as its text."""
+    parts = []
+    for query in queries:
+        sql, params = query if isinstance(query, tuple) else (query, None)
+        if params is not None:
+            sql = cursor.mogrify(sql, params).decode()
+        parts.append(f"(SELECT coalesce(json_agg(q), '[]')::text FROM ({sql.strip().rstrip(';')}) AS q)")
+    cursor.execute("SELECT " + ",\n       ".join(parts))
+    return [json.loads(text, object_pairs_hook=_values) for text in cursor.fetchone()]
+
+
+def _values(pairs):
+    """A row of json_agg (an object, its columns in order, names repeated or not) as a tuple of its values."""
+    return tuple(value for _name, value in pairs)
 
 
 # --- counting ---------------------------------------------------------------------------------

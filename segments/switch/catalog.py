@@ -30,21 +30,26 @@ class View:
     has_dependents: bool  # other views or rules are built on this view
 
 
+_COLUMN_INDEXES = """
+    SELECT c.relname, am.amname, oc.opcname, i.indisvalid, pg_get_indexdef(i.indexrelid)
+    FROM pg_index i
+    JOIN pg_class c ON c.oid = i.indexrelid
+    JOIN pg_am am ON am.oid = c.relam
+    JOIN pg_opclass oc ON oc.oid = i.indclass[0]
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+    WHERE i.indrelid = to_regclass(%s) AND a.attname = %s
+    ORDER BY c.relname
+"""
+
+
+def column_indexes_query(column):
+    """(SQL, parameters) of column_indexes(), for a message of several reads (askdrchaffee.round_trips.reads)."""
+    return _COLUMN_INDEXES, [TABLE, column]
+
+
 def column_indexes(cursor, column):
     """The indexes whose first key is segments.`column`."""
-    cursor.execute(
-        """
-        SELECT c.relname, am.amname, oc.opcname, i.indisvalid, pg_get_indexdef(i.indexrelid)
-        FROM pg_index i
-        JOIN pg_class c ON c.oid = i.indexrelid
-        JOIN pg_am am ON am.oid = c.relam
-        JOIN pg_opclass oc ON oc.oid = i.indclass[0]
-        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-        WHERE i.indrelid = to_regclass(%s) AND a.attname = %s
-        ORDER BY c.relname
-        """,
-        [TABLE, column],
-    )
+    cursor.execute(*column_indexes_query(column))
     return [Index(*row) for row in cursor.fetchall()]
 
 
@@ -69,6 +74,12 @@ _GRANTS = """
     FROM pg_class c, aclexplode(c.relacl) g LEFT JOIN pg_roles r ON r.oid = g.grantee
     WHERE c.oid = %s AND g.grantee <> c.relowner
 """
+
+
+def dependent_views_query(column):
+    """(SQL, parameters) of the views that use segments.`column`: rows (oid, name, kind, definition, owner,
+    options, comment, has_dependents), for a message of several reads (askdrchaffee.round_trips.reads)."""
+    return _DEPENDENT_VIEWS, [TABLE, column]
 
 
 def dependent_views(cursor, column):

@@ -38,6 +38,7 @@ naming them (segments/switch/horizon.py); one still open after that is reported 
 (`held_back_by`), and the space it holds comes back at a VACUUM after it ends.
 """
 import time
+from dataclasses import dataclass
 
 from django.core.management.base import CommandError
 from psycopg2 import errors
@@ -47,7 +48,7 @@ from segments.schema import PREVIOUS as LEGACY
 from segments.schema import TABLE
 from segments.switch import catalog, horizon, out_of_line, server_loop
 from segments.switch.swap import SwapRefused
-from segments.switch.user_triggers import triggers_to_quiet
+from segments.switch.user_triggers import triggers_to_quiet, user_triggers_query
 
 # Rows a clearing or moving transaction looks at; it writes at most this many, and an application
 # write to one of them waits for it (a few ms a row where the row moves to another page).
@@ -62,6 +63,7 @@ RELATION_SIZES = f"""
            pg_indexes_size(c.oid), pg_total_relation_size(c.oid)
     FROM pg_class c WHERE c.oid = to_regclass('{TABLE}')
 """
+SIZE_KEYS = ("heap_bytes", "toast_bytes", "indexes_bytes", "total_bytes")
 
 
 class ContractRefused(SwapRefused):
@@ -72,11 +74,14 @@ class ContractInterrupted(CommandError):
     """A batch kept waiting behind the application's locks; what was done stays done."""
 
 
-def refuse_dependent_views(cursor):
-    """ContractRefused naming the views that still select the legacy column."""
-    views = catalog.dependent_views(cursor, LEGACY)
-    if views:
-        names = ", ".join(f"{view.name} ({view.kind})" for view in views)
+def refuse_dependent_views(cursor, rows=None):
+    """ContractRefused naming the views that still select the legacy column (`rows`: those of
+    catalog.dependent_views_query(), read already)."""
+    if rows is None:
+        cursor.execute(*catalog.dependent_views_query(LEGACY))
+        rows = cursor.fetchall()
+    if rows:
+        names = ", ".join(f"{name} ({kind})" for _oid, name, kind, *_ in rows)
         raise ContractRefused(
             f"Contract refused, nothing changed: {names} select(s) segments.{LEGACY}, which the contract "
             "drops. Redefine them without that column (or drop them), then run the contract again."
@@ -92,27 +97,29 @@ def relation_sizes(cursor):
     """Bytes on disk of segments' heap, its TOAST table (with its index), its indexes, and all of
     them together (with the heap's free space and visibility maps)."""
     cursor.execute(RELATION_SIZES)
-    return dict(zip(("heap_bytes", "toast_bytes", "indexes_bytes", "total_bytes"), cursor.fetchone()))
+    return dict(zip(SIZE_KEYS, cursor.fetchone()))
 
 
-def drop_legacy_indexes(link, out):
-    """DROP INDEX CONCURRENTLY each vector index on the legacy column, on `link` (a server_loop.ServerLink);
-    their names. (It waits for the transactions using the table at the time, blocking none; one left
-    INVALID by an interrupted drop is dropped by the next run.)"""
-    indexes = [index.name for index in link.run(lambda cursor: catalog.column_indexes(cursor, LEGACY))
-               if index.method != "btree"]
+def drop_legacy_indexes(link, out, indexes=None):
+    """DROP INDEX CONCURRENTLY each vector index on the legacy column (`indexes`: catalog.Index, read
+    already), on `link` (a server_loop.ServerLink); their names. (It waits for the transactions using the
+    table at the time, blocking none; one left INVALID by an interrupted drop is dropped by the next run.)"""
+    if indexes is None:
+        indexes = link.run(lambda cursor: catalog.column_indexes(cursor, LEGACY))
+    indexes = [index.name for index in indexes if index.method != "btree"]
     for name in indexes:
         out(f"dropping the legacy index {name} (CONCURRENTLY)")
         patiently(link, f"DROP INDEX CONCURRENTLY IF EXISTS {postgres.quote_ident(name)}")
     return indexes
 
 
-def transaction_settings(cursor):
+def transaction_settings(cursor, trigger_rows=None):
     """What each of the contract's own transactions sets for itself (read once per run): lock_timeout,
     and session_replication_role = replica where the application's triggers would fire on its writes
-    (TriggersNotQuieted, naming the GRANT, when the role may not set it)."""
+    (TriggersNotQuieted, naming the GRANT, when the role may not set it). `trigger_rows`: those of
+    user_triggers_query(), read already."""
     values = {"lock_timeout": LOCK_TIMEOUT}
-    if triggers_to_quiet(cursor):
+    if triggers_to_quiet(cursor, trigger_rows):
         values["session_replication_role"] = "replica"
     return values
 
@@ -157,7 +164,7 @@ def clear_statement(rows_per_transaction):
 
 def clear_legacy_vectors(link, rows_per_transaction, local, progress=None, throttle=None):
     """Set the legacy column to NULL, a batch a transaction (each setting `local`), in the server's loop;
-    how many rows were cleared. Before each call of the loop `throttle` (segments/switch/throttle.py),
+    (how many rows were cleared, when its last write ended by the server's clock). Before each call of the loop `throttle` (segments/switch/throttle.py),
     when given, may hold it back; with a rate cap, a call clears at most a second of it."""
     return _on_the_server(link, clear_statement(rows_per_transaction), local, progress, throttle,
                           rows_per_transaction)
@@ -179,18 +186,27 @@ def _on_the_server(link, statement, local, progress, throttle, rows_per_transact
 MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST = 0.5
 
 
-def move_out_of_line_values(link, rows_per_transaction, local, progress_factory=None, out=print, throttle=None):
-    """Rewrite the values stored out of line, `rows_per_transaction` rows a transaction (each setting
-    `local`), in the server's loop, so that they move to the front of the TOAST table; how many rows
-    were rewritten (0 without room to move them into)."""
-    rewrite, rows, stored, toast = link.run(_out_of_line_now)
-    if stored > MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST * toast:
-        out(f"the values stored out of line fill {stored / max(toast, 1):.0%} of the TOAST table: no room "
-            "to move them to its front, left where they are")
-        return 0
+def out_of_line_now(link, rewrite):
+    """(the table's sizes, rows holding values stored out of line, those values' bytes), in one message."""
+    (sizes,), ((rows, stored),) = link.run(lambda cursor: round_trips.reads(cursor, RELATION_SIZES,
+                                                                            rewrite.stored_query()))
+    return dict(zip(SIZE_KEYS, sizes)), rows, stored
+
+
+def move_out_of_line_values(link, rewrite, found, rows_per_transaction, local, progress_factory=None, out=print,
+                            throttle=None):
+    """Rewrite the values stored out of line (`rewrite`: an out_of_line.Rewrite; `found`: what
+    out_of_line_now() said), `rows_per_transaction` rows a transaction (each setting `local`), in the
+    server's loop, so that they move to the front of the TOAST table; (how many rows were rewritten: 0
+    without room to move them into, when the last write ended by the server's clock: None without one)."""
+    sizes, rows, stored = found
+    if stored > MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST * sizes["toast_bytes"]:
+        out(f"the values stored out of line fill {stored / max(sizes['toast_bytes'], 1):.0%} of the TOAST table: no "
+            "room to move them to its front, left where they are")
+        return 0, None
     statement = rewrite.batch_statement(rows_per_transaction)
-    if statement is None:
-        return 0
+    if statement is None or not rows:
+        return 0, None
     bar = progress_factory(rows) if progress_factory else None
     if bar is not None and hasattr(bar, "set_description"):
         bar.set_description("moving out-of-line values")
@@ -201,22 +217,21 @@ def move_out_of_line_values(link, rows_per_transaction, local, progress_factory=
             bar.close()
 
 
-def _out_of_line_now(cursor):
-    rewrite = out_of_line.Rewrite(cursor, skip={LEGACY})
-    rows, stored = rewrite.stored(cursor)
-    return rewrite, rows, stored, relation_sizes(cursor)["toast_bytes"]
+COUNT_LEGACY = f"SELECT count(*) FROM {TABLE} WHERE {LEGACY} IS NOT NULL"
 
 
 def count_legacy_vectors(cursor):
-    cursor.execute(f"SELECT count(*) FROM {TABLE} WHERE {LEGACY} IS NOT NULL")
+    cursor.execute(COUNT_LEGACY)
     return cursor.fetchone()[0]
 
 
-def vacuum_after_writes(link, out, wait_seconds, held_back, analyze=False):
-    """vacuum() once the transactions that began before now have ended (or `wait_seconds` have
-    passed: what still holds the space is recorded in `held_back`, {who: description}). The wait runs
-    on the server, answering every WAIT_STEP_SECONDS with who it still waits for."""
-    since = link.run(horizon.server_now)
+def vacuum_after_writes(link, out, wait_seconds, held_back, analyze=False, since=None):
+    """vacuum() once the transactions that began before `since` (the contract's last write, by the server's
+    clock; None: now) have ended, or `wait_seconds` have passed: what still holds the space is recorded in
+    `held_back`, {who: description}. The wait runs on the server, answering every WAIT_STEP_SECONDS with
+    who it still waits for."""
+    if since is None:
+        since = link.run(horizon.server_now)
     deadline, said, step = time.monotonic() + wait_seconds, set(), 0.0  # the first look answers at once
     while True:
         left = server_loop.holders_after(link, since, step)
@@ -262,38 +277,60 @@ def _megabytes(sizes):
             f"TOAST {sizes['toast_bytes'] / 2**20:,.1f}, indexes {sizes['indexes_bytes'] / 2**20:,.1f})")
 
 
-def _start(cursor):
-    refuse_dependent_views(cursor)
-    return transaction_settings(cursor), relation_sizes(cursor), count_legacy_vectors(cursor)
+@dataclass
+class Prepared:
+    """What the contract reads before it changes anything (prepare(), one message)."""
+
+    local: dict  # what each of its transactions sets for itself (transaction_settings)
+    sizes: dict  # relation_sizes()
+    to_clear: int  # legacy vectors
+    legacy_indexes: list  # catalog.Index on the legacy column
+    rewrite: out_of_line.Rewrite  # how its values stored out of line are found and moved
 
 
-def run(link, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=print, progress_factory=None,
+def prepare(cursor):
+    """The contract's look at the table, in one message (ContractRefused while a view selects the legacy
+    column, TriggersNotQuieted when the application's triggers would fire and may not be kept quiet):
+    a Prepared. Nothing is changed."""
+    views, trigger_rows, (sizes,), ((to_clear,),), indexes, columns = round_trips.reads(
+        cursor, catalog.dependent_views_query(LEGACY), user_triggers_query(), RELATION_SIZES, COUNT_LEGACY,
+        catalog.column_indexes_query(LEGACY), out_of_line.columns_query())
+    refuse_dependent_views(cursor, views)
+    return Prepared(transaction_settings(cursor, trigger_rows), dict(zip(SIZE_KEYS, sizes)), to_clear,
+                    [catalog.Index(*row) for row in indexes], out_of_line.Rewrite(cursor, skip={LEGACY}, rows=columns))
+
+
+def run(link, prepared, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=print, progress_factory=None,
         wait_seconds=None, throttle=None):
-    """Steps 1-3 of the contract on `link` (link_for(); the caller applies the contract migration
-    after); returns its figures. `throttle` (segments/switch/throttle.py), when given, may hold each
-    call of the server's clearing and moving loop back (a pause, a lagging replica, a rate cap)."""
+    """Steps 1-3 of the contract on `link` (link_for(); prepared: what prepare() read on it; the caller
+    applies the contract migration after); returns its figures. `throttle` (segments/switch/throttle.py),
+    when given, may hold each call of the server's clearing and moving loop back (a pause, a lagging
+    replica, a rate cap)."""
     if wait_seconds is None:
         wait_seconds = WAIT_FOR_OLDER_TRANSACTIONS_SECONDS
-    started, held_back = time.perf_counter(), {}
-    local, start_sizes, to_clear = link.run(_start)
-    sizes = {"start": start_sizes}
-    dropped = drop_legacy_indexes(link, out)
+    started, held_back, local = time.perf_counter(), {}, prepared.local
+    sizes = {"start": prepared.sizes}
+    dropped = drop_legacy_indexes(link, out, prepared.legacy_indexes)
     vacuum(link)
-    out(f"clearing {to_clear:,} legacy vectors, at most {rows_per_transaction} a transaction")
-    bar = progress_factory(to_clear) if progress_factory else None
+    out(f"clearing {prepared.to_clear:,} legacy vectors, at most {rows_per_transaction} a transaction")
+    bar = progress_factory(prepared.to_clear) if progress_factory else None
+    reconnects = link.reconnects
     try:
-        clear_legacy_vectors(link, rows_per_transaction, local, bar.update if bar else None, throttle)
+        cleared, last_write = clear_legacy_vectors(link, rows_per_transaction, local, bar.update if bar else None,
+                                                   throttle)
     finally:
         if bar is not None:
             bar.close()
-    # what was there less what is left (a call whose answer a silent link lost has cleared its rows too)
-    cleared = to_clear - link.run(count_legacy_vectors)
-    vacuum_after_writes(link, out, wait_seconds, held_back)
-    sizes["cleared"] = link.run(relation_sizes)
+    if link.reconnects != reconnects:  # a call whose answer a lost link took has cleared its rows too
+        cleared = prepared.to_clear - link.run(count_legacy_vectors)
+    vacuum_after_writes(link, out, wait_seconds, held_back, since=last_write)
+    found = out_of_line_now(link, prepared.rewrite)
+    sizes["cleared"] = found[0]
     out(f"cleared {cleared:,} legacy vectors; segments is {_megabytes(sizes['cleared'])}; "
         "moving the values stored out of line to the front of the TOAST table")
-    moved = move_out_of_line_values(link, rows_per_transaction, local, progress_factory, out, throttle)
-    vacuum_after_writes(link, out, wait_seconds, held_back, analyze=True)
+    moved, last_write = move_out_of_line_values(link, prepared.rewrite, found, rows_per_transaction, local,
+                                                progress_factory, out, throttle)
+    vacuum_after_writes(link, out, wait_seconds, held_back, analyze=True, since=last_write)
     sizes["moved"] = link.run(relation_sizes)
     out(f"rewrote the out-of-line values of {moved:,} segments; segments is {_megabytes(sizes['moved'])}")
     if held_back:
@@ -320,17 +357,18 @@ def drop_legacy_column(schema_editor):
         cursor.execute(drop_statements(cursor))
 
 
-def drop_statements(cursor, lock_timeout=None, migration=None):
+def drop_statements(cursor, lock_timeout=None, migration=None, also_recorded=()):
     """The contract migration's work as one message (the operator's path, segments/switch/gate.py): from
     the first lock to the commit no client round trip; with the migration's record ((app, name)) when
-    given. A view made on the legacy column meanwhile stops it (refuse_dependent_views said it first)."""
+    given, and those of `also_recorded` (migrations with nothing to run that wait for it). A view made on
+    the legacy column meanwhile stops it (DependentObjectsStillInUse: the drop has no CASCADE)."""
     from embeddings import ledger
     from segments import triggers
     from segments.schema import LIVE
 
     record = [] if migration is None else [
         "INSERT INTO django_migrations (app, name, applied) VALUES ({}, {}, now())".format(
-            *(postgres.quote_literal(part) for part in migration))]
+            *(postgres.quote_literal(part) for part in recorded)) for recorded in (migration, *also_recorded)]
     return round_trips.message(
         f"SELECT set_config('lock_timeout', {postgres.quote_literal(lock_timeout)}, true)" if lock_timeout else "",
         cursor.mogrify(*ledger.retire_statement(TABLE, LEGACY)).decode(),

@@ -142,7 +142,11 @@ def apply_step(step, using="default", inputs=None, out=None):
     if step in ("swap", "undo"):
         _apply_locked(migration, using, inputs, forward=not backwards)
     elif step == "contract":
-        _drop_in_one_message(migration, using)
+        waiting = _waiting_for(migration, executor.loader)
+        recorded = waiting if all(map(_records_only, waiting)) else []
+        _drop_in_one_message(migration, using, recorded)
+        if recorded:
+            return migration
     else:
         bind(migration, inputs=inputs, out=out)
         executor.migrate([(APP, migration.name)], plan=[(migration, backwards)])
@@ -177,20 +181,55 @@ def _apply_locked(migration, using, inputs, *, forward):
                                    holders=lambda: segments_lock_holders(connections[using]))
 
 
-def _drop_in_one_message(migration, using):
-    """The contract's migration (the legacy column dropped) as one message, its record included, under lock
-    retries: its ACCESS EXCLUSIVE lasts as long as the server's own work."""
+def _drop_in_one_message(migration, using, waiting=()):
+    """The contract's migration (the legacy column dropped) as one message, its record included (and the
+    records of `waiting`, migrations with nothing to run that wait for it), under lock retries: its ACCESS
+    EXCLUSIVE lasts as long as the server's own work. A view made on the legacy column meanwhile stops it:
+    ContractRefused, naming the view."""
+    from django.db.utils import DatabaseError
+    from psycopg2 import errors
+
     from segments.operations import giving_up_on_locks, segments_lock_holders
     from segments.switch import contract
 
     def attempt(lock_timeout):
         with connections[using].cursor() as cursor:
-            contract.refuse_dependent_views(cursor)
-            cursor.execute(contract.drop_statements(cursor, lock_timeout, (APP, migration.name)))
+            try:
+                cursor.execute(contract.drop_statements(cursor, lock_timeout, (APP, migration.name),
+                                                        [(m.app_label, m.name) for m in waiting]))
+            except DatabaseError as exc:
+                if isinstance(exc.__cause__, errors.DependentObjectsStillInUse):
+                    contract.refuse_dependent_views(cursor)
+                raise
 
     with giving_up_on_locks():
         postgres.with_lock_retries(attempt, what="The contract's drop of the legacy column",
                                    holders=lambda: segments_lock_holders(connections[using]))
+
+
+def _waiting_for(step_migration, loader):
+    """The migrations a plain `migrate` would apply once `step_migration` is (those that depend on it), in
+    order; [] when one of them needs a migration that is not applied."""
+    key = (APP, step_migration.name)
+    dependents, applied, waiting = set(loader.graph.backwards_plan(key)), set(loader.applied_migrations) | {key}, []
+    for leaf in loader.graph.leaf_nodes():
+        for node in loader.graph.forwards_plan(leaf):
+            if node not in dependents or node in applied:
+                continue
+            migration = loader.graph.nodes[node]
+            if step_of(migration, False) or not all(tuple(dep[:2]) in applied for dep in migration.dependencies):
+                return []
+            waiting.append(migration)
+            applied.add(node)
+    return waiting
+
+
+def _records_only(migration):
+    """True when applying `migration` writes nothing but its record (no operation, or state only)."""
+    from django.db.migrations.operations import SeparateDatabaseAndState
+
+    return all(isinstance(operation, SeparateDatabaseAndState) and not operation.database_operations
+               for operation in migration.operations)
 
 
 def swap_operation(migration):

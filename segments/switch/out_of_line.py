@@ -22,20 +22,17 @@ TOAST_CHUNK_ID_SINCE = 170000  # pg_column_toast_chunk_id (PostgreSQL 17)
 CONCATENATED = {"text": "''", "varchar": "''", "bytea": "''::bytea"}  # types whose `x || empty` is x
 
 
-def columns(cursor, skip):
-    """(name, type as SQL, type name) of each column of `segments` that can hold an out-of-line
-    value (a varlena whose storage allows it), except the columns in `skip`."""
-    cursor.execute(
-        """
-        SELECT a.attname, format_type(a.atttypid, a.atttypmod), t.typname FROM pg_attribute a
+def columns_query():
+    """(SQL, parameters): rows (name, type as SQL, type name, server_version_num) of each column of
+    `segments` that can hold an out-of-line value (a varlena whose storage allows it)."""
+    return """
+        SELECT a.attname, format_type(a.atttypid, a.atttypmod), t.typname,
+               current_setting('server_version_num')::int FROM pg_attribute a
         JOIN pg_type t ON t.oid = a.atttypid
         WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
           AND a.attlen = -1 AND a.attstorage <> 'p'
         ORDER BY a.attnum
-        """,
-        [TABLE],
-    )
-    return [row for row in cursor.fetchall() if row[0] not in skip]
+        """, [TABLE]
 
 
 def fresh_sql(name, type_sql, type_name):
@@ -63,12 +60,15 @@ def stored_out_of_line_sql(name, type_sql, type_name, server_version):
 class Rewrite:
     """The SQL that finds the rows holding out-of-line values and rewrites those values."""
 
-    def __init__(self, cursor, skip=(), server_version=None):
-        if server_version is None:
-            cursor.execute("SELECT current_setting('server_version_num')::int")
-            server_version = cursor.fetchone()[0]
-        found = columns(cursor, skip)
-        tests = [stored_out_of_line_sql(*column, server_version) for column in found]
+    def __init__(self, cursor, skip=(), rows=None, server_version=None):
+        """From the table's columns as columns_query() reads them (on `cursor`, or `rows` read already);
+        `server_version` (server_version_num) instead of the server's."""
+        if rows is None:
+            cursor.execute(*columns_query())
+            rows = cursor.fetchall()
+        found = [tuple(row[:3]) for row in rows if row[0] not in skip]
+        tests = [stored_out_of_line_sql(*column, server_version or row[3])
+                 for column, row in zip(found, (row for row in rows if row[0] not in skip))]
         self.where = " OR ".join(f"({test})" for test in tests) or "false"
         self.sizes = [f"CASE WHEN {test} THEN pg_column_size({quote_ident(column[0])}) ELSE 0 END"
                       for column, test in zip(found, tests)]
@@ -78,12 +78,16 @@ class Rewrite:
             for column, test in zip(found, tests)
         )
 
-    def stored(self, cursor):
-        """(rows holding values stored out of line, those values' bytes as stored: compressed where they
-        are), in one scan of the table."""
+    def stored_query(self):
+        """SQL of one row (rows holding values stored out of line, those values' bytes as stored: compressed
+        where they are), in one scan of the table."""
         if not self.sizes:
-            return 0, 0
-        cursor.execute(f"SELECT count(*), coalesce(sum({' + '.join(self.sizes)}), 0) FROM {TABLE} WHERE {self.where}")
+            return "SELECT 0, 0"
+        return f"SELECT count(*), coalesce(sum({' + '.join(self.sizes)}), 0)::bigint FROM {TABLE} WHERE {self.where}"
+
+    def stored(self, cursor):
+        """stored_query()'s (rows, bytes)."""
+        cursor.execute(self.stored_query())
         rows, stored = cursor.fetchone()
         return rows, int(stored)
 

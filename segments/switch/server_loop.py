@@ -37,7 +37,7 @@ FIRST_ID = -(2**31) - 1  # below every id (a literal PostgreSQL reads as bigint,
 BATCHES = """
 CREATE OR REPLACE PROCEDURE pg_temp.segments_batches(
     statement text, INOUT after bigint, INOUT done bigint, INOUT blocked boolean,
-    most bigint, seconds double precision, lock_timeout text, replica boolean)
+    most bigint, seconds double precision, lock_timeout text, replica boolean, INOUT finished timestamptz)
 LANGUAGE plpgsql AS $procedure$
 DECLARE
     deadline timestamptz := clock_timestamp() + make_interval(secs => seconds);
@@ -61,6 +61,7 @@ BEGIN
         COMMIT;
         EXIT WHEN after IS NULL OR done >= most OR clock_timestamp() >= deadline;
     END LOOP;
+    finished := clock_timestamp();
 END
 $procedure$
 """
@@ -100,6 +101,7 @@ class ServerLink:
         self.opened_at = 0.0
         self.round_trips_before = 0  # of the connections closed so far
         self.abandoned = []  # server sessions left behind a silent link
+        self.reconnects = 0  # connections lost (or gone silent) and opened again
 
     @property
     def round_trips(self):
@@ -141,6 +143,7 @@ class ServerLink:
         if isinstance(exc, round_trips.LinkSilent):
             self.abandoned.append(exc.backend_pid)
         self.close()
+        self.reconnects += 1
         if attempt == LINK_ATTEMPTS:
             raise ContractLinkLost(
                 f"The contract's connection kept failing ({LINK_ATTEMPTS} attempts): {' '.join(str(exc).split())}. "
@@ -180,15 +183,17 @@ def batches(link, statement, *, local, on_batches=None, before_call=None, most=N
     Each call of the server's loop works for up to SECONDS_PER_CALL (and at most `most` rows);
     `before_call(most)` may hold a call back (a throttle); `on_batches(rows)` hears of each call's rows.
     A batch that waits for a lock longer than `local`'s lock_timeout rolls back and the call answers:
-    it is tried again after a pause, `lock_attempts` times in a row, then LockBlocked. The total."""
-    after, total, blocked_in_a_row = FIRST_ID, 0, 0
+    it is tried again after a pause, `lock_attempts` times in a row, then LockBlocked. (The total, when the
+    last call ended by the server's clock.)"""
+    after, total, blocked_in_a_row, finished = FIRST_ID, 0, 0, None
     most = most or 2**62
     replica = local.get("session_replication_role") == "replica"
     while after is not None:
         if before_call is not None:
             before_call(most)
-        after, done, blocked = link.run(lambda cursor: _call(cursor, statement, after, most, local, replica),
-                                        SECONDS_PER_CALL + postgres.parse_duration_ms(local["lock_timeout"]) / 1000)
+        after, done, blocked, finished = link.run(
+            lambda cursor: _call(cursor, statement, after, most, local, replica),
+            SECONDS_PER_CALL + postgres.parse_duration_ms(local["lock_timeout"]) / 1000)
         total += done
         if on_batches is not None and done:
             on_batches(done)
@@ -197,7 +202,7 @@ def batches(link, statement, *, local, on_batches=None, before_call=None, most=N
             raise LockBlocked(total)
         if blocked:
             time.sleep(0.1 * blocked_in_a_row)
-    return total
+    return total, finished
 
 
 class LockBlocked(Exception):
@@ -209,7 +214,7 @@ class LockBlocked(Exception):
 
 
 def _call(cursor, statement, after, most, local, replica):
-    cursor.execute("CALL pg_temp.segments_batches(%s, %s, 0, false, %s, %s, %s, %s)",
+    cursor.execute("CALL pg_temp.segments_batches(%s, %s, 0, false, %s, %s, %s, %s, NULL)",
                    [statement, after, most, SECONDS_PER_CALL, local["lock_timeout"], replica])
     return cursor.fetchone()
 

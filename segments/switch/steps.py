@@ -7,6 +7,7 @@ it is not), does its work, records a SwitchEvent and returns what it did. They a
 changes nothing. They act on the switch under way, whichever it is (the first, 0003-0008, or one
 `manage.py makeswitch` wrote).
 """
+import json
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -296,15 +297,15 @@ def contract(using="default", out=None, confirmed=False, rows_per_transaction=No
     if not confirmed:
         raise StepRefused("The contract drops the legacy vectors for good (the swap can no longer be undone "
                           "after it). Run it with --confirm once the new search has served long enough.")
-    with connections[using].cursor() as cursor:
-        contracting.refuse_dependent_views(cursor)
     link = contracting.link_for(using)
     link.open()  # before anything changes: behind a pooler, it may refuse
-    throttle = throttling.Throttle(using=using, max_rows_per_second=max_rows_per_second,
+    # the throttle looks over the contract's own connection, between its calls: no other to open
+    throttle = throttling.Throttle(lambda role: link.open(), using=using, max_rows_per_second=max_rows_per_second,
                                    max_replica_lag=max_replica_lag, say=out, what="the contract")
     try:
+        prepared = link.run(contracting.prepare)  # refuses (a view on the legacy column) before any change
         _start_contract(using)
-        figures = contracting.run(link, rows_per_transaction or contracting.DEFAULT_ROWS_PER_TRANSACTION,
+        figures = contracting.run(link, prepared, rows_per_transaction or contracting.DEFAULT_ROWS_PER_TRANSACTION,
                                   out=out or (lambda line: None), progress_factory=progress_factory,
                                   throttle=throttle)
     finally:
@@ -313,12 +314,22 @@ def contract(using="default", out=None, confirmed=False, rows_per_transaction=No
     started = time.perf_counter()
     gate.apply_step("contract", using)
     figures["drop_column_ms"] = round((time.perf_counter() - started) * 1000, 1)
-    with connections[using].cursor() as cursor:
-        figures["total_bytes"] = contracting.table_size(cursor)
-    before = SwitchEvent.objects.using(using).filter(step="before").order_by("-at", "-id").first()
-    figures["total_bytes_before_switch"] = before.details.get("total_bytes") if before else None
-    SwitchEvent.objects.using(using).create(step="contract", details=figures)
+    figures = _record_contract(using, figures)
     return StepResult("contract", True, "Contracted: the legacy column is gone and its space given back.", figures)
+
+
+def _record_contract(using, figures):
+    """The contract's SwitchEvent, with the table's size now and before the switch began, in one statement;
+    its details."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(f"""
+            INSERT INTO {SwitchEvent._meta.db_table} (step, at, details)
+            SELECT 'contract', now(), %s::jsonb || jsonb_build_object(
+                'total_bytes', pg_total_relation_size(to_regclass('{TABLE}')),
+                'total_bytes_before_switch', (SELECT e.details->'total_bytes' FROM {SwitchEvent._meta.db_table} e
+                                              WHERE e.step = 'before' ORDER BY e.at DESC, e.id DESC LIMIT 1))
+            RETURNING details::text""", [json.dumps(figures, default=str)])
+        return json.loads(cursor.fetchone()[0])
 
 
 def _start_contract(using):

@@ -66,28 +66,35 @@ class UserTrigger:
         return f"{timing} {' OR '.join(events)}"
 
 
-def user_triggers(cursor):
+_USER_TRIGGERS = """
+    SELECT t.tgname, t.tgenabled, t.tgtype,
+           ARRAY(SELECT a.attname::text FROM pg_attribute a
+                 WHERE a.attrelid = t.tgrelid AND a.attnum = ANY (t.tgattr::int2[]) ORDER BY a.attnum),
+           pg_get_triggerdef(t.oid)
+    FROM pg_trigger t
+    WHERE t.tgrelid = to_regclass(%s) AND NOT t.tgisinternal AND t.tgname <> ALL(%s)
+    ORDER BY t.tgname
+"""
+
+
+def user_triggers_query():
+    """(SQL, parameters) of user_triggers(), for a message of several reads (askdrchaffee.round_trips.reads)."""
+    return _USER_TRIGGERS, [TABLE, list(triggers.PROJECT_TRIGGERS)]
+
+
+def user_triggers(cursor, rows=None):
     """The UserTriggers on `segments` (as search_path resolves it): not internal ones (foreign
-    keys), not the project's own staleness trigger."""
-    cursor.execute(
-        """
-        SELECT t.tgname, t.tgenabled, t.tgtype,
-               ARRAY(SELECT a.attname::text FROM pg_attribute a
-                     WHERE a.attrelid = t.tgrelid AND a.attnum = ANY (t.tgattr::int2[]) ORDER BY a.attnum),
-               pg_get_triggerdef(t.oid)
-        FROM pg_trigger t
-        WHERE t.tgrelid = to_regclass(%s) AND NOT t.tgisinternal AND t.tgname <> ALL(%s)
-        ORDER BY t.tgname
-        """,
-        [TABLE, list(triggers.PROJECT_TRIGGERS)],
-    )
+    keys), not the project's own staleness trigger. From `rows` of user_triggers_query() when given."""
+    if rows is None:
+        cursor.execute(*user_triggers_query())
+        rows = cursor.fetchall()
     return [UserTrigger(name, enabled, bits, tuple(columns), definition)
-            for name, enabled, bits, columns, definition in cursor.fetchall()]
+            for name, enabled, bits, columns, definition in rows]
 
 
-def to_quiet(cursor):
-    """The user triggers the switch's writes would fire and replica mode keeps quiet."""
-    return [t for t in user_triggers(cursor) if t.fires_on_vector_writes and t.quieted_by_replica]
+def to_quiet(cursor, rows=None):
+    """The user triggers the switch's writes would fire and replica mode keeps quiet (`rows`: user_triggers())."""
+    return [t for t in user_triggers(cursor, rows) if t.fires_on_vector_writes and t.quieted_by_replica]
 
 
 @dataclass(frozen=True)
@@ -120,10 +127,11 @@ def replication_role_privilege(cursor):
     return Privilege(cursor.fetchone()[0], role, version)
 
 
-def triggers_to_quiet(cursor):
+def triggers_to_quiet(cursor, rows=None):
     """The user triggers that would fire on the switch's writes; TriggersNotQuieted, naming the GRANT
-    to run, when some would and the session's role may not set session_replication_role."""
-    quiet = to_quiet(cursor)
+    to run, when some would and the session's role may not set session_replication_role. (`rows`: those
+    of user_triggers_query(), read already.)"""
+    quiet = to_quiet(cursor, rows)
     if not quiet:
         return []
     privilege = replication_role_privilege(cursor)

@@ -45,6 +45,7 @@ EVIDENCE_ROWS = 8
 LEDGER = "embeddings_vector_column"
 SCHEMA_OF = ("(SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
              "WHERE c.oid = to_regclass(%(table)s))")
+UNDEFINED_TABLE = "42P01"
 FIELDS = ("id, column_name, model_name, description, fingerprint, dimensions, storage, normalized, "
           "query_instruction, source, recorded_at")
 
@@ -57,11 +58,17 @@ class LedgerMissing(ImproperlyConfigured):
     """The ledger's table does not exist yet: this code runs on a database its migrations never reached."""
 
 
-def _require_ledger(cursor):
-    cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [LEDGER])
-    if not cursor.fetchone()[0]:
-        raise LedgerMissing(f"The model ledger ({LEDGER}) does not exist in this database: "
-                            "run `python manage.py migrate`.")
+def _read(cursor, sql, params):
+    """`sql` (one message: statements ahead of the ledger's read, the read last); LedgerMissing, naming the
+    fix, when the ledger's table does not exist yet (the read fails: no look at the catalogue first)."""
+    try:
+        cursor.execute(sql, params)
+    except Exception as exc:
+        if UNDEFINED_TABLE in (getattr(exc, "pgcode", None), getattr(exc.__cause__, "pgcode", None)):
+            raise LedgerMissing(f"The model ledger ({LEDGER}) does not exist in this database: "
+                                "run `python manage.py migrate`.") from None
+        raise
+    return cursor.fetchall()
 
 
 @dataclass(frozen=True)
@@ -150,16 +157,16 @@ def _entry(row):
     return Entry(id_, column, identity, storage, source, recorded_at)
 
 
-def entries(cursor, table):
+ACTIVE = (f"SELECT {FIELDS} FROM {LEDGER} WHERE retired_at IS NULL AND table_name = %(name)s "
+          f"AND table_schema = {SCHEMA_OF} ORDER BY column_name")
+
+
+def entries(cursor, table, before=""):
     """{column: Entry} of the active rows for `table` (as the search_path resolves it); LedgerMissing
-    before the ledger's migration."""
-    _require_ledger(cursor)
-    cursor.execute(
-        f"SELECT {FIELDS} FROM {LEDGER} WHERE retired_at IS NULL AND table_name = %(name)s "
-        f"AND table_schema = {SCHEMA_OF} ORDER BY column_name",
-        {"table": table, "name": table.split(".")[-1]},
-    )
-    return {row[1]: _entry(row) for row in cursor.fetchall()}
+    before the ledger's migration. `before`: statements sent ahead of the read in the same message (a
+    writer's BEGIN and lock, a record), bound to their values already."""
+    sql = f"{before.replace('%', '%%')}; {ACTIVE}" if before else ACTIVE
+    return {row[1]: _entry(row) for row in _read(cursor, sql, {"table": table, "name": table.split(".")[-1]})}
 
 
 def entry(cursor, table, column):
@@ -168,13 +175,10 @@ def entry(cursor, table, column):
 
 def history(cursor, table):
     """Every row for `table`, retired ones included, oldest first: (Entry, retired_at)."""
-    _require_ledger(cursor)
-    cursor.execute(
-        f"SELECT {FIELDS}, retired_at FROM {LEDGER} WHERE table_name = %(name)s AND table_schema = {SCHEMA_OF} "
-        "ORDER BY recorded_at, id",
-        {"table": table, "name": table.split(".")[-1]},
-    )
-    return [(_entry(row[:-1]), row[-1]) for row in cursor.fetchall()]
+    rows = _read(cursor, f"SELECT {FIELDS}, retired_at FROM {LEDGER} WHERE table_name = %(name)s "
+                         f"AND table_schema = {SCHEMA_OF} ORDER BY recorded_at, id",
+                 {"table": table, "name": table.split(".")[-1]})
+    return [(_entry(row[:-1]), row[-1]) for row in rows]
 
 
 def same_model(identity, recorded):
@@ -191,23 +195,28 @@ def same_model(identity, recorded):
     return lowest >= SAME_MODEL_COSINE, lowest
 
 
-def record(cursor, table, column, identity, storage, source):
+def record(cursor, table, column, identity, storage, source, unless_retired=False):
     """Record `identity` as the model of `table`.`column` unless a model is recorded already; the
-    column's Entry either way (the caller compares)."""
-    cursor.execute(
+    column's Entry either way (the caller compares; None when `unless_retired` and a retired entry names the
+    column). One message."""
+    insert = cursor.mogrify(
         f"""
         INSERT INTO {LEDGER} (table_schema, table_name, column_name, model_name, description, fingerprint,
                               dimensions, storage, normalized, query_instruction, source, recorded_at)
         SELECT {SCHEMA_OF}, %(name)s, %(column)s, %(model)s, %(description)s, %(fingerprint)s, %(dimensions)s,
                %(storage)s, %(normalized)s, %(instruction)s, %(source)s, now()
+        WHERE NOT %(unless_retired)s OR NOT EXISTS (
+            SELECT 1 FROM {LEDGER} WHERE retired_at IS NOT NULL AND table_name = %(name)s
+              AND table_schema = {SCHEMA_OF} AND column_name = %(column)s)
         ON CONFLICT (table_schema, table_name, column_name) WHERE retired_at IS NULL DO NOTHING
         """,
         {"table": table, "name": table.split(".")[-1], "column": column, "model": identity.name,
          "description": identity.description, "dimensions": identity.dimensions, "storage": storage,
          "fingerprint": None if identity.fingerprint is None else json.dumps(identity.fingerprint),
-         "normalized": identity.normalized, "instruction": identity.query_instruction, "source": source},
+         "normalized": identity.normalized, "instruction": identity.query_instruction, "source": source,
+         "unless_retired": unless_retired},
     )
-    return entry(cursor, table, column)
+    return entries(cursor, table, before=insert.decode() if isinstance(insert, bytes) else insert).get(column)
 
 
 def rename(cursor, table, renames):
@@ -252,21 +261,24 @@ def mismatch(table, column, recorded, identity, cosine, doing):
     )
 
 
-def entry_for_writer(cursor, table, column, identity, storage_of, retired_ok=False):
+def entry_for_writer(cursor, table, column, identity, storage_of, retired_ok=False, recorded=None):
     """The Entry of the column this writer writes now: the one whose recorded model is `identity`
     (after a swap or an undo, `column` under its new name), else `column` itself, recorded as
     `identity`'s if no model is recorded for it yet (`storage_of()` gives its type then).
     ModelMismatch when `column` holds another model's vectors, or when its model was retired (the
     contract of its switch has begun) unless `retired_ok` (a loader that retired a declaration itself).
 
-    Call it inside the writing transaction, after `LOCK TABLE ... IN ROW EXCLUSIVE MODE`."""
-    recorded = entries(cursor, table)
+    Call it inside the writing transaction, after `LOCK TABLE ... IN ROW EXCLUSIVE MODE` (`recorded`: the
+    entries(), read in that message already)."""
+    if recorded is None:
+        recorded = entries(cursor, table)
     for entry_ in recorded.values():
         if same_model(identity, entry_.identity)[0] and entry_.source != "simulated":
             return entry_
-    if column not in recorded and not retired_ok:
+    found = recorded.get(column) or record(cursor, table, column, identity, storage_of(), "first write",
+                                           unless_retired=not retired_ok)
+    if found is None:
         _refuse_a_retired(cursor, table, column, identity)
-    found = recorded.get(column) or record(cursor, table, column, identity, storage_of(), "first write")
     matched, cosine = same_model(identity, found.identity)
     if not matched or found.source == "simulated":
         raise mismatch(table, column, found, identity, cosine, "this writer")
@@ -274,13 +286,15 @@ def entry_for_writer(cursor, table, column, identity, storage_of, retired_ok=Fal
 
 
 def _refuse_a_retired(cursor, table, column, identity):
-    """ModelMismatch when `column` has no model recorded because its model was retired (the contract of
-    its switch has begun): its vectors are going, and no writer may fill it again."""
+    """The ModelMismatch raised when `column` has no model recorded and none could be, because its model
+    was retired (the contract of its switch has begun): its vectors are going, and no writer may fill it
+    again."""
     retired = [entry_ for entry_, retired_at in history(cursor, table) if entry_.column == column and retired_at]
     if retired:
         raise ModelMismatch(
             f"{table}.{column} held the vectors of {retired[-1].identity}, retired: the contract of its switch has "
             f"begun and its vectors are going. Nothing was written; {identity} has no column to write any more.")
+    raise ModelMismatch(f"{table}.{column}: no model is recorded for it and none could be. Nothing was written.")
 
 
 def column_for_writer(cursor, table, column, identity, storage_of, retired_ok=False):

@@ -148,12 +148,11 @@ class VectorWriter:
         it on a column's first write; ledger.ModelMismatch when the column holds another model's
         vectors), in a transaction of its own unless the caller is in one."""
         own_transaction = self._autocommit()
-        if own_transaction:
-            cursor.execute("BEGIN")
-        try:
-            cursor.execute(f"LOCK TABLE {self.table} IN ROW EXCLUSIVE MODE")
+        lock = f"LOCK TABLE {self.table} IN ROW EXCLUSIVE MODE"
+        try:  # the lock and the ledger's read in one message (with the BEGIN of its own transaction)
+            recorded = ledger.entries(cursor, self.table, before=f"BEGIN; {lock}" if own_transaction else lock)
             entry = ledger.entry_for_writer(cursor, self.table, self.column, self.identity,
-                                            lambda: self.type_name or self._column_type(cursor))
+                                            lambda: self.type_name or self._column_type(cursor), recorded=recorded)
             if entry.column != self.column or self.type_name is None:
                 self.column = entry.column
                 self.type_name = self._column_type(cursor)
@@ -228,7 +227,9 @@ class VectorWriter:
             *after,
             self._update_sql(rows),
         ]
-        cursor.copy_expert(message(*statements), io.BytesIO(payload))
+        # In one piece: psycopg2 sends a COPY's data a chunk at a time (8 kB by default), taking the GIL back
+        # for each, and beside the other stages' threads each take can wait a switch interval (5 ms).
+        cursor.copy_expert(message(*statements), io.BytesIO(payload), size=max(len(payload), 8192))
         return cursor.rowcount
 
     def _update_sql(self, rows):

@@ -277,6 +277,8 @@ class Throttle:
         self.tracker = LagTracker()
         self.bucket = TokenBucket(max_rows_per_second, now=clock()) if max_rows_per_second else None
         self._lock = threading.Lock()
+        self._look_lock = threading.Lock()
+        self._looking = False
         self._connection = None
         self._opened_at = 0.0
         self._query = WITH_PAUSE
@@ -323,13 +325,25 @@ class Throttle:
         return False
 
     def health(self):
-        """What the database said at most LOOK_SECONDS ago (a look now when it is older)."""
+        """What the database said at most LOOK_SECONDS ago (a look now when it is older). While another
+        thread's look is on its way, what the last look said: far from the database a look is a round
+        trip, and the other writers do not wait for it (only for the first)."""
         with self._lock:
-            now = self.clock()
-            if self._looked_at is None or now - self._looked_at >= self.look_seconds:
-                self._health = self._look(now)
-                self._looked_at = self.clock()
-            return self._health
+            if self._looked_at is not None and (self._looking or self.clock() - self._looked_at < self.look_seconds):
+                return self._health
+        with self._look_lock:  # one look at a time; the first waits for it
+            with self._lock:
+                if self._looked_at is not None and self.clock() - self._looked_at < self.look_seconds:
+                    return self._health
+                self._looking = True
+            try:
+                health = self._look(self.clock())
+            finally:
+                with self._lock:
+                    self._looking = False
+            with self._lock:
+                self._health, self._looked_at = health, self.clock()
+                return health
 
     def _reason(self, health):
         if health.pause is not None:
@@ -413,6 +427,15 @@ class Throttle:
             self._query = WITH_PAUSE
         return row
 
+    def open_quietly(self):
+        """Open its connection ahead of its first look (far from the database a connection costs a few round
+        trips); a failure is left to that look, which reports it."""
+        with self._look_lock:
+            try:
+                self._open()
+            except Exception as exc:  # reported, with its fix, by the first look
+                logger.debug("opening %s's connection ahead failed: %s", self.what, exc)
+
     def _open(self):
         if self._connection is not None and round_trips.stale(self._opened_at):
             self._close()  # made before a link went silent: silent too
@@ -431,7 +454,7 @@ class Throttle:
             self._connection = None
 
     def close(self):
-        with self._lock:
+        with self._look_lock:
             self._close()
 
 

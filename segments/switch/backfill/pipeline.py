@@ -175,6 +175,8 @@ class Worker:
             self.writers.append(self.new_writer())
         opening = [threading.Thread(target=_open_quietly, args=(session,), daemon=True)
                    for session in (self.reader, self.beat_session, *self.writers)]
+        if self.throttle is not None:  # its connection too: the first batch waits only for its first look
+            opening.append(threading.Thread(target=self.throttle.open_quietly, daemon=True))
         for thread in opening:
             thread.start()
         self.control.query(self.heartbeat.start_sql(self.control, column, not self.control.pooled))
@@ -250,7 +252,9 @@ class Run:
         self.failures = []
         self.lock = threading.Lock()
         self.open_claims = set()
-        self.claimed_queue = queue.Queue(max(QUEUE_DEPTH, self.tuning.encode_window))
+        # room for two claiming round trips' batches: the next claim is on its way while the encoder works
+        self.claimed_queue = queue.Queue(max(QUEUE_DEPTH, self.tuning.encode_window,
+                                             2 * batches_per_claim(worker.measured_round_trip())))
         self.encoded_queue = queue.Queue(max(QUEUE_DEPTH, self.tuning.writers))
         self.clocks = {"claim": [StageClock()], "encode": [StageClock()], "write": []}
         self.writer_threads = []

@@ -10,7 +10,8 @@ the database (this process, on direct connections):
 1. **the engine**: the backfill over `--remote-engine-rows` segments, with the zero-cost encoder
    and with a simulated GPU (`--simulated-gpu-rate`), in a process of its own (remote_child.py): its
    pass's rows/s (the engine), and its rate counting the worker's start (connections, the model
-   ledger's checks: paid once a run);
+   ledger's checks: paid once a run); each `--remote-engine-runs` times, the run of median pass kept
+   (every run's rate listed beside it);
 2. **the follower**: `backfill_embeddings --follow` with the suite's model; `--remote-arrivals`
    segments inserted next to the database at `--remote-arrival-rate` a second; from each insert's
    commit to its vector's (seen by a poll every 10 ms): p50, p95, max;
@@ -49,6 +50,7 @@ from benchmark.measure import percentile_ms
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROUND_TRIPS = (0.0, 25.0, 50.0, 100.0)
 DEFAULT_ENGINE_ROWS = 20_000
+DEFAULT_ENGINE_RUNS = 3  # this machine's other work moves one run's rate by a fifth: the median of three
 DEFAULT_SWITCH_ROWS = 5_000
 DEFAULT_ARRIVALS = 100
 DEFAULT_ARRIVAL_RATE = 10.0
@@ -301,19 +303,21 @@ def _writes_held(server, name, step):
     return float(held_from), held_ms
 
 
-def engine(server, name, through, rate, proxy):
-    """The engine's runs through the proxy, and the bytes each row sent each way (all its runs together)."""
+def engine(server, name, through, rate, proxy, repeats=1):
+    """The engine's runs through the proxy (each encoder's median of `repeats`), and the bytes each row sent
+    each way (all its runs together)."""
     up, down = proxy.forwarded()
-    runs = _engine_runs(server, name, through, rate)
+    runs = _engine_runs(server, name, through, rate, repeats)
     up, down = (after - before for after, before in zip(proxy.forwarded(), (up, down)))
-    rows = sum(run["rows"] for run in runs.values())
+    rows = sum(run["rows"] * len(run["runs_rows_per_s"]) for run in runs.values())  # every run's
     runs["bytes_per_row"] = {"up": round(up / rows), "down": round(down / rows)} if rows else None
     return runs
 
 
-def _engine_runs(server, name, through, rate):
+def _engine_runs(server, name, through, rate, repeats):
     env = {**os.environ, "DATABASE_URL": server.url(name, through), "DATABASE_DIRECT_URL": server.url(name, through)}
-    done = subprocess.run([sys.executable, "-m", "benchmark.remote_child", "engine", "--simulated-gpu-rate", str(rate)],
+    done = subprocess.run([sys.executable, "-m", "benchmark.remote_child", "engine", "--simulated-gpu-rate", str(rate),
+                           "--repeats", str(repeats)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=COMMAND_SECONDS)
     if done.returncode != 0:
         raise RemoteFailed(f"the engine's runs failed: {done.stderr.strip()[-800:]}")
@@ -337,7 +341,8 @@ def one_round_trip(ctx, server, names, round_trip, model):
         ctx.progress(f"remote: round trip {round_trip:g} ms (measured {proxied_ms:.1f} ms through the proxy, "
                      f"{direct_ms:.2f} direct): the engine")
         figures = {"asked_ms": round_trip, "measured_ms": round(proxied_ms, 1), "direct_ms": round(direct_ms, 2),
-                   "engine": engine(server, names["engine"], through, options.simulated_gpu_rate, proxy)}
+                   "engine": engine(server, names["engine"], through, options.simulated_gpu_rate, proxy,
+                                    options.remote_engine_runs)}
         ctx.progress(f"remote: round trip {round_trip:g} ms: the follower")
         figures["follower"] = follower_latency(server, names["switch"], through, model, options.remote_arrivals,
                                                options.remote_arrival_rate)
@@ -413,6 +418,7 @@ def run(ctx):
             server.drop(name)
     ratios = _ratios(runs)
     return {"model": chosen.label, "model_chosen": chosen.chosen, "engine_rows": options.remote_engine_rows,
+            "engine_runs": options.remote_engine_runs,
             "switch_rows": options.remote_switch_rows, "simulated_gpu_texts_per_s": options.simulated_gpu_rate,
             "app_inserts_per_s": options.remote_app_rate, "round_trips": runs, "ratios": ratios,
             "targets": targets(runs, ratios)}

@@ -71,6 +71,7 @@ class Options:
     live_ops: float = live_site.DEFAULT_OPS  # the application's rounds a second (a read, a search, an insert)
     remote_round_trips: tuple = remote.DEFAULT_ROUND_TRIPS  # ms, each made by the delay proxy
     remote_engine_rows: int = remote.DEFAULT_ENGINE_ROWS
+    remote_engine_runs: int = remote.DEFAULT_ENGINE_RUNS  # each encoder's runs at each round trip (the median kept)
     remote_switch_rows: int = remote.DEFAULT_SWITCH_ROWS
     remote_arrivals: int = remote.DEFAULT_ARRIVALS
     remote_arrival_rate: float = remote.DEFAULT_ARRIVAL_RATE

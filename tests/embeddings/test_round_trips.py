@@ -130,3 +130,45 @@ def test_the_contracts_round_trips_do_not_grow_with_its_batches(segments_at, mon
         monkeypatch.setattr(contract, "link_for", original)
     # 30 clearing transactions or 3: the same few calls of the server's loop
     assert 0 < spent[10] == spent[100], spent
+    # its look at the table, the index drop, three VACUUMs, the loop's two calls and the waits after them, the
+    # sizes twice, the throttle's look (and the connection's own: its settings checked, its routines made)
+    assert spent[10] <= 14, spent
+
+
+def test_several_reads_go_as_one_statement_each_answering_its_rows_in_its_order():
+    connection.ensure_connection()
+    raw = connector("default")("reads")
+    raw.autocommit = True
+    try:
+        with raw.cursor() as cursor:
+            before = round_trips.round_trips(raw)
+            found = round_trips.reads(cursor, "SELECT 1, 'one'",
+                                      ("SELECT x, x * %s FROM generate_series(1, 3) AS x ORDER BY x DESC", [10]),
+                                      "SELECT 1 WHERE false",
+                                      "SELECT ARRAY['a', 'b'], NULL, true, 'it''s 100%'")
+        assert round_trips.round_trips(raw) - before == 1
+        assert found == [[(1, "one")], [(3, 30), (2, 20), (1, 10)], [], [(["a", "b"], None, True, "it's 100%")]]
+    finally:
+        raw.close()
+
+
+def test_the_first_batchs_look_at_the_model_ledger_is_one_message_and_its_commit():
+    from embeddings.writer import VectorWriter
+
+    connection.ensure_connection()
+    raw = connector("default")("writer")
+    raw.autocommit = True
+    identity = HashingEncoder().model_identity()
+    try:
+        with raw.cursor() as cursor:  # the column's type, as the engine knows it before its first batch
+            storage = VectorWriter(raw, "embedding", 384, identity=identity)._column_type(cursor)
+        spent = []
+        for _ in range(2):  # the column's first write records the model; the next finds it recorded
+            writer = VectorWriter(raw, "embedding", 384, identity=identity, type_name=storage)
+            before = round_trips.round_trips(raw)
+            with raw.cursor() as cursor:
+                writer.resolve(cursor)
+            spent.append(round_trips.round_trips(raw) - before)
+        assert spent == [3, 2]  # lock and read; the record (and its read) on a first write; the commit
+    finally:
+        raw.close()

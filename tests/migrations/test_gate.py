@@ -69,3 +69,35 @@ def test_migrate_check_and_plan_leave_the_operator_steps_out(segments_at):
     segments_at("expanded")
     migrate(check_unapplied=True)  # exit 0: nothing a deploy should apply (SystemExit(1) otherwise)
     assert "0006_embedding_384_hnsw" not in migrate(plan=True)
+
+
+def test_the_contract_records_the_migrations_that_waited_for_it_in_its_drops_one_message(segments_at):
+    from segments.switch import gate, steps
+
+    segments_at("swapped")
+    sent = []
+
+    def record(execute, sql, params, many, context):
+        sent.append(sql)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(record):
+        steps.contract(confirmed=True)
+    [drop] = [sql for sql in sent if "DROP COLUMN" in sql]
+    for name in ("0008_drop_embedding_legacy", "0010_first_switch_done", "0012_first_switch_joined"):
+        assert name in drop and name in applied()
+    assert not [sql for sql in sent if sql.strip().upper().startswith("INSERT INTO \"DJANGO_MIGRATIONS\"")]
+    assert gate.plain_migrate_waiting() == []
+
+
+def test_only_migrations_with_nothing_to_run_are_recorded_in_a_steps_message():
+    from django.db.migrations.loader import MigrationLoader
+
+    from segments.switch import gate
+
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    migration = lambda name: loader.get_migration("segments", name)  # noqa: E731
+    assert gate._records_only(migration("0010_first_switch_done"))  # state only
+    assert gate._records_only(migration("0012_first_switch_joined"))  # no operation
+    assert not gate._records_only(migration("0009_embedding_on_arrival"))
+    assert not gate._records_only(migration("0011_worker_link_and_pause"))

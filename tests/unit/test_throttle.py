@@ -124,6 +124,8 @@ class ScriptedDatabase:
         self.position, self.pause, self.replicas = 1000, None, []
         self.looks = 0
         self.connections = 0
+        self.answer = None  # an Event a look waits for before it answers (None: at once)
+        self.asked = threading.Event()  # a look has been asked
 
     def set(self, position=None, pause=None, replicas=None):
         if position is not None:
@@ -161,6 +163,9 @@ class FakeCursor:
     def execute(self, statement):
         assert "pg_stat_replication" in statement and "segments_switch_pause" in statement  # one statement
         self.database.looks += 1
+        self.database.asked.set()
+        if self.database.answer is not None:
+            assert self.database.answer.wait(10)
 
     def fetchone(self):
         database = self.database
@@ -193,6 +198,40 @@ def test_it_returns_at_once_when_nothing_holds_it_back_and_looks_at_most_every_l
         assert throttle_.before_write(1000) is True
     assert database.looks == 1 and database.connections == 1 and lines == []
     assert throttle_.waiting_for == ""
+
+
+def test_while_one_writers_look_is_on_its_way_the_others_write_on_what_the_last_look_said():
+    database = ScriptedDatabase()
+    throttle_, _lines = throttle(database, look_seconds=0.05)
+    assert throttle_.before_write(1000) is True  # the first look, answered at once
+    time.sleep(0.06)  # what it said is old now
+    database.answer, database.asked = threading.Event(), threading.Event()
+    looking, looked = in_thread(throttle_, 1000, threading.Event())  # this writer's look waits for its answer
+    assert database.asked.wait(5)
+    started = time.monotonic()
+    assert throttle_.before_write(1000) is True  # another writer: no second look, no wait for the first
+    assert time.monotonic() - started < 0.5 and database.looks == 2 and not looked.is_set()
+    database.answer.set()
+    looking.join(5)
+    assert looked.is_set()
+
+
+def test_the_first_look_is_waited_for_by_every_writer():
+    database = ScriptedDatabase()
+    database.set(pause=PAUSE)
+    database.answer = threading.Event()
+    throttle_, _lines = throttle(database)
+    stop = threading.Event()
+    first, first_done = in_thread(throttle_, 1000, stop)
+    assert database.asked.wait(5)
+    second, second_done = in_thread(throttle_, 1000, stop)
+    time.sleep(0.2)
+    assert database.looks == 1 and not second_done.is_set()  # nothing said yet: it cannot decide
+    database.answer.set()
+    time.sleep(0.2)
+    assert not first_done.is_set() and not second_done.is_set()  # the answer: paused
+    stop.set()
+    first.join(5), second.join(5)
 
 
 def test_a_pause_holds_the_writes_back_and_says_so_until_it_is_lifted():

@@ -146,6 +146,9 @@ class Command(BaseCommand):
                             f"{_listed(int(v) for v in Options.remote_round_trips)}; 0 is always run, the reference).")
         parser.add_argument("--remote-engine-rows", type=int, default=Options.remote_engine_rows, metavar="N",
                             help=f"Remote suite: segments the engine embeds (default {Options.remote_engine_rows:,}).")
+        parser.add_argument("--remote-engine-runs", type=int, default=Options.remote_engine_runs, metavar="N",
+                            help="Remote suite: runs of the engine with each encoder at each round trip, the median "
+                                 f"kept (default {Options.remote_engine_runs}).")
         parser.add_argument("--remote-switch-rows", type=int, default=Options.remote_switch_rows, metavar="N",
                             help="Remote suite: segments of the table verified, swapped and contracted (default "
                                  f"{Options.remote_switch_rows:,}).")
@@ -189,6 +192,8 @@ class Command(BaseCommand):
         for name, minimum in (("derive_base", 2), ("index_workers", 0), ("max_scan_tuples", 1), ("arrival_grace", 0)):
             if options[name] is not None and options[name] < minimum:
                 raise CommandError(f"--{name.replace('_', '-')} must be at least {minimum}.")
+        if options["remote_engine_runs"] < 1:
+            raise CommandError("--remote-engine-runs must be at least 1.")
         for name in ("remote_engine_rows", "remote_switch_rows", "remote_arrivals"):
             if options[name] < 10:
                 raise CommandError(f"--{name.replace('_', '-')} must be at least 10.")
@@ -219,6 +224,7 @@ class Command(BaseCommand):
             arrival_encoder=options.get("arrival_encoder"), live_seconds=options["live_seconds"],
             live_rate_cap=options["live_rate_cap"], live_ops=options["live_ops"],
             remote_round_trips=options["remote_round_trips"], remote_engine_rows=options["remote_engine_rows"],
+            remote_engine_runs=options["remote_engine_runs"],
             remote_switch_rows=options["remote_switch_rows"], remote_arrivals=options["remote_arrivals"],
             remote_arrival_rate=options["remote_arrival_rate"], remote_app_rate=options["remote_app_rate"],
             seed=options["seed"],

@@ -60,11 +60,12 @@ def plan(using="default"):
     schema = embedding_schema(using)
     if schema.compared is None:
         raise EvaluationError(nothing_to_compare(schema.phase).replace("The comparison", "The evaluation"))
-    old, new = schema.compared
+    old, new = schema.compared  # the replaced model's column, then the next (or live) one's
     with connections[using].cursor() as cursor:
         entries = ledger.entries(cursor, TABLE)
-    return (schema.phase, Side("old", table.column(old, using), entries.get(old)),
-            Side("new", table.column(new, using), entries.get(new)))
+    return (schema.phase,
+            Side("old", table.Column(old, schema.legacy_storage, schema.legacy_dimensions), entries.get(old)),
+            Side("new", table.Column(new, schema.vector_storage, schema.vector_dimensions), entries.get(new)))
 
 
 def attach(side, using, encoder=None, download=False):

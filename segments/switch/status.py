@@ -160,11 +160,17 @@ def _parts(using, schema, tables, scan):
         return part
 
     def events():
-        before = _event(using, tables, "before")
-        return before, _event(using, tables, "contract", since=before)
+        """(the latest "before" SwitchEvent, the latest "contract" one since it), in one query."""
+        if SwitchEvent._meta.db_table not in tables:  # before migration 0002
+            return None, None
+        found = list(SwitchEvent.objects.using(using).filter(step__in=("before", "contract")).order_by("-at", "-id"))
+        before = next((event for event in found if event.step == "before"), None)
+        contract = next((event for event in found if event.step == "contract"
+                         and (before is None or event.at >= before.at)), None)
+        return before, contract
 
     def rows_and_plan(cursor):
-        rows, extra = _rows(cursor, schema, events()[0], scan)
+        rows, extra = _rows(cursor, schema, SwitchEvent._meta.db_table in tables, scan)
         return (rows, extra), _index_plan(cursor, schema, rows)
 
     def indexes_and_size(cursor):
@@ -182,7 +188,7 @@ def _parts(using, schema, tables, scan):
         "workers": read(lambda cursor: (_workers(cursor, heartbeats=PendingSince._meta.db_table in tables,
                                                  claims=PendingSince._meta.db_table in tables,
                                                  waiting=SwitchPause._meta.db_table in tables),
-                                        _pause(cursor), _index_build(cursor))),
+                                        _pause(cursor, SwitchPause._meta.db_table in tables), _index_build(cursor))),
         "indexes": read(indexes_and_size),
         "swap": lambda: swap.refusal(using=using),
         "evaluation": lambda: last_verdict(using),
@@ -233,21 +239,27 @@ def _event(using, tables, step, since=None):
     return events.order_by("-at", "-id").first()
 
 
-def _rows(cursor, schema, before, scan):
-    """(the row counts, {"undo_lacks", "legacy_writes"}): the scan's counts, then the pending ones."""
+BEFORE_AT = (f"(SELECT e.at FROM {SwitchEvent._meta.db_table} e WHERE e.step = 'before' "
+             "ORDER BY e.at DESC, e.id DESC LIMIT 1)")  # when the switch began (its "before" SwitchEvent)
+
+
+def _rows(cursor, schema, events, scan):
+    """(the row counts, {"undo_lacks", "legacy_writes"}): the scan's counts, then the pending ones.
+    `events`: whether the SwitchEvent table exists (legacy_writes count from its "before" event)."""
     column, legacy = schema.vector_column, schema.legacy_column
     counts = dict.fromkeys(("total", "with_text", "embedded", "pending", "quarantined", "blank"))
     extra = {"undo_lacks": None, "legacy_writes": None}
     if scan:
-        parts, params = ["count(*)", f"count(*) FILTER (WHERE {blank_sql()})"], []
+        parts = ["count(*)", f"count(*) FILTER (WHERE {blank_sql()})"]
         if column:
             parts.append(f"count(s.{column})")
         if schema.phase == "swapped":  # segments with text and no legacy vector: the pending predicate's
             parts.append(f"count(*) FILTER (WHERE {pending_sql(legacy)})")
-        if schema.phase == "expanded" and before is not None:
-            parts.append(f"count(*) FILTER (WHERE s.created_at > (%s AT TIME ZONE 'UTC') AND s.{legacy} IS NOT NULL)")
-            params.append(before.at)
-        cursor.execute(f"SELECT {', '.join(parts)} FROM {TABLE} s", params)
+        if schema.phase == "expanded" and events:  # in the same scan, from the event's time read in it
+            parts.append(f"count(*) FILTER (WHERE s.created_at > ({BEFORE_AT} AT TIME ZONE 'UTC') "
+                         f"AND s.{legacy} IS NOT NULL)")
+            parts.append(f"{BEFORE_AT} IS NOT NULL")
+        cursor.execute(f"SELECT {', '.join(parts)} FROM {TABLE} s")
         found = list(cursor.fetchone())
         counts["total"], counts["blank"] = found.pop(0), found.pop(0)
         counts["with_text"] = counts["total"] - counts["blank"]
@@ -255,8 +267,9 @@ def _rows(cursor, schema, before, scan):
             counts["embedded"] = found.pop(0)
         if schema.phase == "swapped":
             extra["undo_lacks"] = found.pop(0)
-        if schema.phase == "expanded" and before is not None:
-            extra["legacy_writes"] = found.pop(0)
+        if schema.phase == "expanded" and events:
+            legacy_writes, began = found.pop(0), found.pop(0)
+            extra["legacy_writes"] = legacy_writes if began else None
     if column:
         cursor.execute(backfill_sql.count_pending_and_quarantined_sql(column))
         counts["pending"], counts["quarantined"] = cursor.fetchone()
@@ -363,9 +376,9 @@ def _rates(workers, rows, other_column):
     return {"running": running, "workers": workers, "rows_per_s": rate, "eta_seconds": eta}
 
 
-def _pause(cursor):
+def _pause(cursor, table_exists=None):
     """The operator's pause of the bulk writes (steps.pause), or None."""
-    found = throttle.current_pause(cursor)
+    found = throttle.current_pause(cursor, table_exists)
     if found is None:
         return None
     return {"by": found.by, "since": found.at, "reason": found.reason, "sentence": found.sentence()}

@@ -460,10 +460,13 @@ class Throttle:
 
 # --- the operator's pause -----------------------------------------------------------------------
 
-def current_pause(cursor):
-    """The pause in force (a Pause) or None; None too before migration 0011."""
-    cursor.execute(f"SELECT to_regclass('{PAUSE_TABLE}') IS NOT NULL")
-    if not cursor.fetchone()[0]:
+def current_pause(cursor, table_exists=None):
+    """The pause in force (a Pause) or None; None too before migration 0011 (`table_exists`: whether its
+    table is there, when the caller knows; else it is looked up)."""
+    if table_exists is None:
+        cursor.execute(f"SELECT to_regclass('{PAUSE_TABLE}') IS NOT NULL")
+        table_exists = cursor.fetchone()[0]
+    if not table_exists:
         return None
     cursor.execute(f"SELECT paused_by, paused_at, reason FROM {PAUSE_TABLE} WHERE scope = %s", [SCOPE])
     row = cursor.fetchone()

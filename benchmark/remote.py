@@ -23,6 +23,13 @@ the database (this process, on direct connections):
    a lock, sampled every 5 ms); and the writes held as the server measured them;
 5. **the contract** (`embedding_switch contract --confirm`, after a second swap): its wall time.
 
+**Side by side.** This machine's other work moves a run's figures by a fifth from one minute to the
+next, more than a ratio may err. So at each round trip but 0 a second proxy that adds no delay runs
+beside the first, and each run of the engine, verify_embeddings and embedding_status through the
+delaying proxy follows one through it: a ratio is of two medians taken in the same minutes, not of
+figures taken minutes apart. The contract runs once on a table: its ratio is to the run at round
+trip 0.
+
 Each round trip works on fresh databases, copied from two templates the suite builds first, next
 to the database (`CREATE DATABASE ... TEMPLATE`): one with the engine's segments at phase 1, one
 with `--remote-switch-rows` segments embedded by the suite's model, the HNSW index built. Its model
@@ -32,10 +39,12 @@ databases are the suite's own, on the same server, dropped at its end; the live 
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import psycopg2
@@ -50,7 +59,7 @@ from benchmark.measure import percentile_ms
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROUND_TRIPS = (0.0, 25.0, 50.0, 100.0)
 DEFAULT_ENGINE_ROWS = 20_000
-DEFAULT_ENGINE_RUNS = 3  # this machine's other work moves one run's rate by a fifth: the median of three
+DEFAULT_ENGINE_RUNS = 3  # runs of the engine at each round trip (and as many beside them through the reference)
 DEFAULT_SWITCH_ROWS = 5_000
 DEFAULT_ARRIVALS = 100
 DEFAULT_ARRIVAL_RATE = 10.0
@@ -256,13 +265,22 @@ def _seen(cursor, committed, embedded):
             embedded[segment_id] = now
 
 
-def switch_steps(server, name, through, model, app_rate):
-    """verify, status, swap and undo under the application's inserts, swap again, contract: their figures."""
+def switch_steps(server, name, through, model, app_rate, reference=None):
+    """verify, status, swap and undo under the application's inserts, swap again, contract: their figures.
+    verify and status run COMMAND_RUNS times, the median kept; with `reference` (the port of a proxy that adds
+    no delay) each run follows one through it, whose median is kept beside."""
     url = server.url(name, through)
     figures = {}
     for key, args in (("verify", ("verify_embeddings", "--recall-seconds", "5")), ("status", ("embedding_status",))):
-        seconds = sorted(manage("manage.py", *args, database_url=url, model=model)[0] for _ in range(COMMAND_RUNS))
-        figures[f"{key}_s"], figures[f"{key}_runs_s"] = seconds[len(seconds) // 2], [round(s, 2) for s in seconds]
+        far, near = [], []
+        for _ in range(COMMAND_RUNS):
+            if reference is not None:
+                near.append(manage("manage.py", *args, database_url=server.url(name, reference), model=model)[0])
+            far.append(manage("manage.py", *args, database_url=url, model=model)[0])
+        figures[f"{key}_s"], figures[f"{key}_runs_s"] = statistics.median(far), [round(s, 2) for s in far]
+        if near:
+            figures[f"{key}_reference_s"] = statistics.median(near)
+            figures[f"{key}_reference_runs_s"] = [round(s, 2) for s in near]
     app = Inserts(server, name, app_rate)
     app.start()
     try:
@@ -304,21 +322,39 @@ def _writes_held(server, name, step):
     return float(held_from), held_ms
 
 
-def engine(server, name, through, rate, proxy, repeats=1):
+def engine(server, name, through, rate, proxy, repeats=1, reference=None):
     """The engine's runs through the proxy (each encoder's median of `repeats`), and the bytes each row sent
-    each way (all its runs together)."""
-    up, down = proxy.forwarded()
-    runs = _engine_runs(server, name, through, rate, repeats)
-    up, down = (after - before for after, before in zip(proxy.forwarded(), (up, down)))
-    rows = sum(run["rows"] * len(run["runs_rows_per_s"]) for run in runs.values())  # every run's
-    runs["bytes_per_row"] = {"up": round(up / rows), "down": round(down / rows)} if rows else None
+    each way (all its runs together). With `reference` (the port of a proxy that adds no delay), each run
+    through the proxy follows one through the reference, and each encoder's figures carry the reference's
+    median: the ratio of a pair of figures taken side by side, not minutes apart."""
+    far, near, forwarded, rows = {}, {}, [0, 0], 0
+    for _ in range(repeats):
+        if reference is not None:
+            for key, run in _engine_runs(server, name, reference, rate).items():
+                near.setdefault(key, []).append(run)
+        before = proxy.forwarded()
+        for key, run in _engine_runs(server, name, through, rate).items():
+            far.setdefault(key, []).append(run)
+            rows += run["rows"]
+        forwarded = [total + after - first for total, after, first in zip(forwarded, proxy.forwarded(), before)]
+    runs = {}
+    for key, each in far.items():
+        runs[key] = {**_median(each), "runs_rows_per_s": [run["rows_per_s"] for run in each]}
+        if key in near:
+            runs[key]["reference_rows_per_s"] = _median(near[key])["rows_per_s"]
+            runs[key]["reference_runs_rows_per_s"] = [run["rows_per_s"] for run in near[key]]
+    runs["bytes_per_row"] = {"up": round(forwarded[0] / rows), "down": round(forwarded[1] / rows)} if rows else None
     return runs
 
 
-def _engine_runs(server, name, through, rate, repeats):
+def _median(runs):
+    """The run of median pass."""
+    return sorted(runs, key=lambda run: run["pass_seconds"])[len(runs) // 2]
+
+
+def _engine_runs(server, name, through, rate):
     env = {**os.environ, "DATABASE_URL": server.url(name, through), "DATABASE_DIRECT_URL": server.url(name, through)}
-    done = subprocess.run([sys.executable, "-m", "benchmark.remote_child", "engine", "--simulated-gpu-rate", str(rate),
-                           "--repeats", str(repeats)],
+    done = subprocess.run([sys.executable, "-m", "benchmark.remote_child", "engine", "--simulated-gpu-rate", str(rate)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=COMMAND_SECONDS)
     if done.returncode != 0:
         raise RemoteFailed(f"the engine's runs failed: {done.stderr.strip()[-800:]}")
@@ -333,7 +369,8 @@ def build_template(server, name, rows, embed, model):
 
 def one_round_trip(ctx, server, names, round_trip, model):
     options = ctx.options
-    with ProxyProcess(server.target, round_trip / 2) as proxy:
+    with ProxyProcess(server.target, round_trip / 2) as proxy, \
+            (ProxyProcess(server.target, 0) if round_trip else nullcontext()) as reference:
         server.create(names["engine"], template=names["engine_template"])
         server.create(names["switch"], template=names["switch_template"])
         through, direct = proxy.port, server.connect
@@ -343,27 +380,32 @@ def one_round_trip(ctx, server, names, round_trip, model):
                      f"{direct_ms:.2f} direct): the engine")
         figures = {"asked_ms": round_trip, "measured_ms": round(proxied_ms, 1), "direct_ms": round(direct_ms, 2),
                    "engine": engine(server, names["engine"], through, options.simulated_gpu_rate, proxy,
-                                    options.remote_engine_runs)}
+                                    options.remote_engine_runs, reference.port if reference else None)}
         ctx.progress(f"remote: round trip {round_trip:g} ms: the follower")
         figures["follower"] = follower_latency(server, names["switch"], through, model, options.remote_arrivals,
                                                options.remote_arrival_rate)
         ctx.progress(f"remote: round trip {round_trip:g} ms: verify, status, swap, undo, contract")
-        figures.update(switch_steps(server, names["switch"], through, model, options.remote_app_rate))
+        figures.update(switch_steps(server, names["switch"], through, model, options.remote_app_rate,
+                                    reference.port if reference else None))
     return figures
 
 
 def _ratios(runs):
-    """Each figure at each round trip against its value at round trip 0."""
+    """Each figure at each round trip against its value at round trip 0: the reference taken beside it
+    through a proxy that adds no delay where there is one (the engine, verify, status), else the run at
+    round trip 0 (the contract, which can run once on a table)."""
     base = runs[0]
     ratios = []
     for run in runs:
+        engine, first = run["engine"], base["engine"]
         ratios.append({
             "asked_ms": run["asked_ms"],
-            "engine_simulated_gpu": run["engine"]["simulated_gpu"]["rows_per_s"] / base["engine"]["simulated_gpu"]["rows_per_s"],
-            "engine_zero_cost": run["engine"]["zero_cost"]["rows_per_s"] / base["engine"]["zero_cost"]["rows_per_s"],
+            **{f"engine_{key}": engine[key]["rows_per_s"] / engine[key].get("reference_rows_per_s",
+                                                                             first[key]["rows_per_s"])
+               for key in ("simulated_gpu", "zero_cost")},
             "contract": run["contract_s"] / base["contract_s"],
-            "verify": run["verify_s"] / base["verify_s"],
-            "status": run["status_s"] / base["status_s"],
+            "verify": run["verify_s"] / run.get("verify_reference_s", base["verify_s"]),
+            "status": run["status_s"] / run.get("status_reference_s", base["status_s"]),
         })
     return ratios
 

@@ -7,8 +7,7 @@
 (with simulated legacy vectors), phase 1; with `--embed`, the new column filled by EMBEDDING_MODEL and
 its HNSW index built. `engine` runs the backfill engine over the table twice, with the zero-cost
 encoder and with a simulated GPU, emptying the new column before each, and prints each run's rows,
-its pass's seconds and the whole call's (the worker's start included); with `--repeats N`, the run of
-median pass of each encoder's N, and every run's rows/s. Both run where DATABASE_URL
+its pass's seconds and the whole call's (the worker's start included). Both run where DATABASE_URL
 points: next to the database, or through the delay proxy.
 """
 import argparse
@@ -42,7 +41,7 @@ def build(rows, embed):
         steps.index()
 
 
-def engine(rate, repeats=1):
+def engine(rate):
     from django.db import connection
 
     from benchmark.encoders import SimulatedGpuEncoder
@@ -53,22 +52,18 @@ def engine(rate, repeats=1):
 
     column = embedding_schema().vector_column
     runs = {}
-    for key, make in (("zero_cost", lambda: HashingEncoder(384)), ("simulated_gpu", lambda: SimulatedGpuEncoder(384, rate))):
-        each = []
-        for _ in range(repeats):
-            with connection.cursor() as cursor:  # one message: the column empty again, its model forgotten
-                cursor.execute(f"UPDATE segments SET {column} = NULL WHERE {column} IS NOT NULL; "
-                               f"DELETE FROM {LEDGER} WHERE column_name = %s", [column])
-            started = time.perf_counter()
-            report = run_backfill(make())
-            call_seconds = time.perf_counter() - started
-            each.append({"rows": report.rows_embedded, "pass_seconds": round(report.seconds, 3),
-                         "call_seconds": round(call_seconds, 3), "writers": report.writers,
-                         "round_trip_ms": report.round_trip_ms, "limited_by": report.limited_by,
-                         "rows_per_s": round(report.rows_embedded / report.seconds, 1),
-                         "rows_per_s_with_start": round(report.rows_embedded / call_seconds, 1)})
-        median = sorted(each, key=lambda run: run["pass_seconds"])[len(each) // 2]
-        runs[key] = {**median, "runs_rows_per_s": [run["rows_per_s"] for run in each]}
+    for key, encoder in (("zero_cost", HashingEncoder(384)), ("simulated_gpu", SimulatedGpuEncoder(384, rate))):
+        with connection.cursor() as cursor:  # one message: the column empty again, its model forgotten
+            cursor.execute(f"UPDATE segments SET {column} = NULL WHERE {column} IS NOT NULL; "
+                           f"DELETE FROM {LEDGER} WHERE column_name = %s", [column])
+        started = time.perf_counter()
+        report = run_backfill(encoder)
+        call_seconds = time.perf_counter() - started
+        runs[key] = {"rows": report.rows_embedded, "pass_seconds": round(report.seconds, 3),
+                     "call_seconds": round(call_seconds, 3), "writers": report.writers,
+                     "round_trip_ms": report.round_trip_ms, "limited_by": report.limited_by,
+                     "rows_per_s": round(report.rows_embedded / report.seconds, 1),
+                     "rows_per_s_with_start": round(report.rows_embedded / call_seconds, 1)}
     return runs
 
 
@@ -78,13 +73,12 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=0)
     parser.add_argument("--embed", action="store_true")
     parser.add_argument("--simulated-gpu-rate", type=float, default=20_000)
-    parser.add_argument("--repeats", type=int, default=1, help="engine: runs of each encoder (the median kept)")
     args = parser.parse_args(argv)
     setup_django()
     if args.mode == "build":
         build(args.rows, args.embed)
     else:
-        print(json.dumps(engine(args.simulated_gpu_rate, args.repeats)), flush=True)
+        print(json.dumps(engine(args.simulated_gpu_rate)), flush=True)
 
 
 if __name__ == "__main__":

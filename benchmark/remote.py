@@ -322,16 +322,19 @@ def _writes_held(server, name, step):
     return float(held_from), held_ms
 
 
-def engine(server, name, through, rate, proxy, repeats=1, reference=None):
+def engine(server, name, through, rate, proxy, repeats=1, reference=None, fresh=lambda: None):
     """The engine's runs through the proxy (each encoder's median of `repeats`), and the bytes each row sent
     each way (all its runs together). With `reference` (the port of a proxy that adds no delay), each run
     through the proxy follows one through the reference, and each encoder's figures carry the reference's
-    median: the ratio of a pair of figures taken side by side, not minutes apart."""
+    median: the ratio of a pair of figures taken side by side, not minutes apart. `fresh()` makes the
+    engine's database anew before each (a run leaves the table's dead row versions to the next)."""
     far, near, forwarded, rows = {}, {}, [0, 0], 0
     for _ in range(repeats):
         if reference is not None:
+            fresh()
             for key, run in _engine_runs(server, name, reference, rate).items():
                 near.setdefault(key, []).append(run)
+        fresh()
         before = proxy.forwarded()
         for key, run in _engine_runs(server, name, through, rate).items():
             far.setdefault(key, []).append(run)
@@ -371,7 +374,6 @@ def one_round_trip(ctx, server, names, round_trip, model):
     options = ctx.options
     with ProxyProcess(server.target, round_trip / 2) as proxy, \
             (ProxyProcess(server.target, 0) if round_trip else nullcontext()) as reference:
-        server.create(names["engine"], template=names["engine_template"])
         server.create(names["switch"], template=names["switch_template"])
         through, direct = proxy.port, server.connect
         proxied_ms, direct_ms = measure_added_ms(lambda: direct(names["switch"]),
@@ -380,7 +382,8 @@ def one_round_trip(ctx, server, names, round_trip, model):
                      f"{direct_ms:.2f} direct): the engine")
         figures = {"asked_ms": round_trip, "measured_ms": round(proxied_ms, 1), "direct_ms": round(direct_ms, 2),
                    "engine": engine(server, names["engine"], through, options.simulated_gpu_rate, proxy,
-                                    options.remote_engine_runs, reference.port if reference else None)}
+                                    options.remote_engine_runs, reference.port if reference else None,
+                                    fresh=lambda: server.create(names["engine"], template=names["engine_template"]))}
         ctx.progress(f"remote: round trip {round_trip:g} ms: the follower")
         figures["follower"] = follower_latency(server, names["switch"], through, model, options.remote_arrivals,
                                                options.remote_arrival_rate)

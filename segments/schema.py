@@ -106,7 +106,12 @@ def vector_column_types(using="default", cursor=None):
         with connections[using].cursor() as cursor:
             return vector_column_types(cursor=cursor)
     cursor.execute(VECTOR_COLUMNS, [TABLE])
-    return {name: (type_name, typmod if typmod > 0 else None) for name, type_name, typmod in cursor.fetchall()}
+    return column_types(cursor.fetchall())
+
+
+def column_types(rows):
+    """vector_column_types() from the rows of VECTOR_COLUMNS (read by a caller with other reads)."""
+    return {name: (type_name, typmod if typmod > 0 else None) for name, type_name, typmod in rows}
 
 
 def vector_columns(using="default"):
@@ -114,13 +119,14 @@ def vector_columns(using="default"):
     return {name: dims for name, (_, dims) in vector_column_types(using).items()}
 
 
-def embedding_schema(using="default", cursor=None):
+def embedding_schema(using="default", cursor=None, types=None):
     """The phase of the table, as an EmbeddingSchema; SchemaNotReady if there is no table (through
-    `cursor` when given)."""
+    `cursor` when given; from `types`, vector_column_types() read already, when given)."""
     if cursor is None:
         with connections[using].cursor() as cursor:
-            return embedding_schema(cursor=cursor)
-    types = vector_column_types(cursor=cursor)
+            return embedding_schema(cursor=cursor, types=types)
+    if types is None:
+        types = vector_column_types(cursor=cursor)
     columns = {name: dims for name, (_, dims) in types.items()}
     if LIVE not in columns:
         raise SchemaNotReady(

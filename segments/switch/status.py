@@ -39,8 +39,8 @@ index of pending rows (it holds only the rows still waiting). Everything else re
 catalogue, the statistics views and the small bookkeeping tables. `collect(using, scan=False)`
 skips the scan (those counts are then None): `brief()` does, so that `migrate` stays quick.
 
-Far from the database what it costs is round trips: about sixty reads, each one. So after two (the
-phase and the tables there are) its parts run side by side, each on a connection of its own
+Far from the database what it costs is round trips: about sixty reads, each one. So after one (the
+phase and the tables there are, in one statement) its parts run side by side, each on a connection of its own
 (askdrchaffee.postgres.side_by_side), and the status costs its longest part's round trips.
 """
 
@@ -48,12 +48,14 @@ from django.conf import settings
 from django.db import connections
 from django.db.migrations.recorder import MigrationRecorder
 
+from askdrchaffee import round_trips
 from askdrchaffee.postgres import human_bytes, side_by_side  # human_bytes: the panel and the command show sizes
 from embeddings import ledger
 from segments import index_build
 from segments.models import PendingSince, SwitchEvent, SwitchPause
 from segments.schema import (
-    HNSW_M, TABLE, WAITING_SINCE, SchemaNotReady, blank_sql, embedding_schema, pending_sql,
+    HNSW_M, TABLE, VECTOR_COLUMNS, WAITING_SINCE, SchemaNotReady, blank_sql, column_types, embedding_schema,
+    pending_sql,
 )
 from segments.storage import COSINE_OPCLASSES
 from segments.switch import catalog, gate, preflight, swap, throttle
@@ -114,12 +116,21 @@ def collect(using="default", scan=True):
     return _collect(using, scan)
 
 
+TABLES = """
+    SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('f', 'm', 'p', 'r', 'v') AND n.nspname NOT IN ('pg_catalog', 'pg_toast')
+      AND pg_catalog.pg_table_is_visible(c.oid)
+"""  # the tables and views the search_path shows, as Django's introspection lists them
+
+
 def _collect(using, scan):
+    with connections[using].cursor() as cursor:  # the phase and the tables there are: one statement
+        type_rows, table_rows = round_trips.reads(cursor, (VECTOR_COLUMNS, [TABLE]), TABLES)
     try:
-        schema = embedding_schema(using)
+        schema = embedding_schema(using, types=column_types(type_rows))
     except SchemaNotReady as exc:
         return _without_table(using, str(exc))
-    tables = set(connections[using].introspection.table_names())
+    tables = {name for (name,) in table_rows}
     parts = side_by_side(using, _parts(using, schema, tables, scan))
     (rows, extra), index_plan = parts["rows"]
     models, pending_age = parts["models"]

@@ -164,8 +164,9 @@ def clear_statement(rows_per_transaction):
 
 def clear_legacy_vectors(link, rows_per_transaction, local, progress=None, throttle=None):
     """Set the legacy column to NULL, a batch a transaction (each setting `local`), in the server's loop;
-    (how many rows were cleared, when its last write ended by the server's clock). Before each call of the loop `throttle` (segments/switch/throttle.py),
-    when given, may hold it back; with a rate cap, a call clears at most a second of it."""
+    (how many rows were cleared, when its last write ended by the server's clock). Before each call of
+    the loop `throttle` (segments/switch/throttle.py), when given, may hold it back; with a rate cap, a
+    call clears at most a second of it."""
     return _on_the_server(link, clear_statement(rows_per_transaction), local, progress, throttle,
                           rows_per_transaction)
 

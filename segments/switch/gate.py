@@ -16,7 +16,8 @@ swap and its undo, the contract) are marked on their migration with `operator_st
   the exception, with the contract's drop of the column: their migration is applied as ONE message
   from the table's lock to the commit, the migration's record in it (segments/switch/swap.py,
   contract.py), under lock retries: Django's executor would wait for client round trips (its
-  record, its commit) while the table is locked.
+  record, its commit) while the table is locked. The drop's message also records the migrations
+  that only waited for it, when none of them has anything to run (0010 and 0012 of the first switch).
 
 Each switch's migrations carry its number (`switch = N`): the first switch is 0003-0008, a later
 one is written by `manage.py makeswitch`. The switch under way is the latest whose expand
@@ -211,7 +212,8 @@ def _waiting_for(step_migration, loader):
     """The migrations a plain `migrate` would apply once `step_migration` is (those that depend on it), in
     order; [] when one of them needs a migration that is not applied."""
     key = (APP, step_migration.name)
-    dependents, applied, waiting = set(loader.graph.backwards_plan(key)), set(loader.applied_migrations) | {key}, []
+    dependents, waiting = set(loader.graph.backwards_plan(key)), []
+    applied = set(loader.applied_migrations) | {key}
     for leaf in loader.graph.leaf_nodes():
         for node in loader.graph.forwards_plan(leaf):
             if node not in dependents or node in applied:

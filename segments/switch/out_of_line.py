@@ -83,13 +83,8 @@ class Rewrite:
         where they are), in one scan of the table."""
         if not self.sizes:
             return "SELECT 0, 0"
-        return f"SELECT count(*), coalesce(sum({' + '.join(self.sizes)}), 0)::bigint FROM {TABLE} WHERE {self.where}"
-
-    def stored(self, cursor):
-        """stored_query()'s (rows, bytes)."""
-        cursor.execute(self.stored_query())
-        rows, stored = cursor.fetchone()
-        return rows, int(stored)
+        total = f"coalesce(sum({' + '.join(self.sizes)}), 0)::bigint"
+        return f"SELECT count(*), {total} FROM {TABLE} WHERE {self.where}"
 
     def batch_statement(self, size):
         """One rewriting transaction, for the server's loop (server_loop.batches): the out-of-line values of

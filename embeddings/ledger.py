@@ -60,7 +60,8 @@ class LedgerMissing(ImproperlyConfigured):
 
 def _read(cursor, sql, params):
     """`sql` (one message: statements ahead of the ledger's read, the read last); LedgerMissing, naming the
-    fix, when the ledger's table does not exist yet (the read fails: no look at the catalogue first)."""
+    fix, when the ledger's table does not exist yet (the read fails, no look at the catalogue first: in a
+    caller's transaction, that transaction is then aborted, as after any error)."""
     try:
         cursor.execute(sql, params)
     except Exception as exc:

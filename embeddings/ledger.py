@@ -217,7 +217,7 @@ def record(cursor, table, column, identity, storage, source, unless_retired=Fals
          "normalized": identity.normalized, "instruction": identity.query_instruction, "source": source,
          "unless_retired": unless_retired},
     )
-    return entries(cursor, table, before=insert.decode() if isinstance(insert, bytes) else insert).get(column)
+    return entries(cursor, table, before=insert.decode()).get(column)
 
 
 def rename(cursor, table, renames):

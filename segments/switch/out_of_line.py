@@ -66,9 +66,9 @@ class Rewrite:
         if rows is None:
             cursor.execute(*columns_query())
             rows = cursor.fetchall()
-        found = [tuple(row[:3]) for row in rows if row[0] not in skip]
-        tests = [stored_out_of_line_sql(*column, server_version or row[3])
-                 for column, row in zip(found, (row for row in rows if row[0] not in skip))]
+        kept = [row for row in rows if row[0] not in skip]
+        found = [tuple(row[:3]) for row in kept]
+        tests = [stored_out_of_line_sql(*row[:3], server_version or row[3]) for row in kept]
         self.where = " OR ".join(f"({test})" for test in tests) or "false"
         self.sizes = [f"CASE WHEN {test} THEN pg_column_size({quote_ident(column[0])}) ELSE 0 END"
                       for column, test in zip(found, tests)]

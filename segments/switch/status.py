@@ -240,16 +240,6 @@ def _column(name, dimensions, type_name):
     return None if name is None else {"name": name, "dimensions": dimensions, "type": type_name}
 
 
-def _event(using, tables, step, since=None):
-    """The latest SwitchEvent of `step` (recorded after the SwitchEvent `since`, when given)."""
-    if SwitchEvent._meta.db_table not in tables:  # before migration 0002
-        return None
-    events = SwitchEvent.objects.using(using).filter(step=step)
-    if since is not None:
-        events = events.filter(at__gte=since.at)
-    return events.order_by("-at", "-id").first()
-
-
 BEFORE_AT = (f"(SELECT e.at FROM {SwitchEvent._meta.db_table} e WHERE e.step = 'before' "
              "ORDER BY e.at DESC, e.id DESC LIMIT 1)")  # when the switch began (its "before" SwitchEvent)
 

@@ -10,8 +10,9 @@ counted here, in one place:
   On a connection in autocommit mode PostgreSQL runs them as one implicit transaction that
   commits at the end (a failure rolls all of them back at once, releasing their locks without
   another round trip) and answers once; psycopg2 hands back the last statement's rows. A COPY
-  FROM STDIN inside the message costs one round trip more (the server asks for the data), and
-  the rows of the statements after it are not handed back, only the last one's row count.
+  FROM STDIN inside the message costs one round trip more (the server asks for the data: a
+  message sent before its data is ready hides it), and the rows of the statements after it are
+  not handed back, only the last one's row count.
 - **Several reads, one statement** (`reads`): reads whose answers the client needs together (a
   step's look at the catalogue, sizes and counts) go as one SELECT of one JSON array each.
 - **Counting** (`CountedConnection`, a psycopg2 connection class): every message it sends is

@@ -21,7 +21,8 @@ columns under a stronger lock, so from that moment the answer holds until the co
 follows its model's column through a swap, and refuses, writing nothing, a column that holds
 another model's vectors. The whole batch is one message to the server (two round trips: the COPY
 asks for its data), so that a writer far from its database pays the distance twice a batch, not
-once a statement.
+once a statement; `write_ahead` sends that message before the batch is made, and the batch, once
+there, is one round trip from its commit.
 """
 import io
 import struct
@@ -143,6 +144,28 @@ class VectorWriter:
             payload = copy_payload(ids, text_md5s, vectors, self.type_name)
             return self._send(cursor, payload, len(ids), prologue, before, after)
 
+    def write_ahead(self, next_batch, rows, *, prologue=(), before=(), after=()):
+        """write(), its message sent before its batch is known: the server's call for the data (a round
+        trip) crosses the wire while the batch is still being made, and the batch, once there, costs one
+        round trip more. `next_batch()` is called when the server waits for the data; it returns (ids,
+        md5s, vectors) of at most `rows` rows, or raises to take the message back: the server then rolls
+        back what the message began, nothing is written, and its exception is raised here.
+
+        The writer must have resolved its ledger entry, on a connection in autocommit mode: the message is
+        a transaction of its own. `before` and `after` cannot depend on the batch (they may read
+        `staging_table`). Rows written."""
+        if self.entry_id is None or not self._autocommit():
+            raise ValueError("write_ahead needs a resolved writer on a connection in autocommit mode")
+        source = _BatchAhead(next_batch, rows, self.type_name)
+        with self.connection.cursor() as cursor:
+            try:
+                self._copy(cursor, source, rows, prologue, before, after)
+            except (psycopg2.Error, DatabaseError):
+                if source.withdrawn is not None:
+                    raise source.withdrawn from None
+                raise
+            return cursor.rowcount
+
     def resolve(self, cursor):
         """Take the write lock and ask the model ledger which column holds the writer's model (recording
         it on a column's first write; ledger.ModelMismatch when the column holds another model's
@@ -207,6 +230,12 @@ class VectorWriter:
         )
 
     def _send(self, cursor, payload, rows, prologue, before, after):
+        # In one piece: psycopg2 sends a COPY's data a chunk at a time (8 kB by default), taking the GIL back
+        # for each, and beside the other stages' threads each take can wait a switch interval (5 ms).
+        self._copy(cursor, io.BytesIO(payload), rows, prologue, before, after, size=max(len(payload), 8192))
+        return cursor.rowcount
+
+    def _copy(self, cursor, source, rows, prologue, before, after, size=8192):
         # The COPY comes first: the message's transaction is open while the server waits for the batch's
         # data (a round trip), and holds no lock on the table then; its write lock, the ledger's check and
         # the caller's statements follow once the data is there, so the table's locks last only as long as
@@ -227,10 +256,7 @@ class VectorWriter:
             *after,
             self._update_sql(rows),
         ]
-        # In one piece: psycopg2 sends a COPY's data a chunk at a time (8 kB by default), taking the GIL back
-        # for each, and beside the other stages' threads each take can wait a switch interval (5 ms).
-        cursor.copy_expert(message(*statements), io.BytesIO(payload), size=max(len(payload), 8192))
-        return cursor.rowcount
+        cursor.copy_expert(message(*statements), source, size=size)
 
     def _update_sql(self, rows):
         # The staging table has no statistics, so the planner would guess its size from its
@@ -243,6 +269,30 @@ class VectorWriter:
             f"FROM (SELECT id, text_md5, v FROM {self.staging_table} LIMIT {int(rows)}) st "
             f"WHERE s.id = st.id AND md5(s.text)::uuid = st.text_md5{only_missing}"
         )
+
+
+class _BatchAhead:
+    """The COPY data of VectorWriter.write_ahead, as psycopg2 reads it: the batch's payload in one piece,
+    asked of `next_batch()` only when the server waits for it; what that raised is kept in `withdrawn`
+    (psycopg2 then ends the COPY with an error of its own)."""
+
+    def __init__(self, next_batch, rows, type_name):
+        self.next_batch, self.rows, self.type_name = next_batch, rows, type_name
+        self.sent = False
+        self.withdrawn = None
+
+    def read(self, size=-1):
+        if self.sent:
+            return b""
+        self.sent = True
+        try:
+            ids, text_md5s, vectors = self.next_batch()
+            if len(ids) > self.rows:
+                raise ValueError(f"a batch of {len(ids)} rows for a message written for at most {self.rows}")
+            return copy_payload(ids, text_md5s, vectors, self.type_name)
+        except BaseException as exc:
+            self.withdrawn = exc
+            raise
 
 
 LEDGER_MOVED = "the model ledger no longer names this writer's column"

@@ -155,9 +155,9 @@ def expanded_before(cursor):
     return cursor.fetchone()[0]
 
 
-def require_vector_column(using="default", cursor=None):
-    """The EmbeddingSchema, or SchemaNotReady naming the migration to apply."""
-    schema = embedding_schema(using, cursor)
+def require_vector_column(using="default", cursor=None, types=None):
+    """The EmbeddingSchema, or SchemaNotReady naming the migration to apply (`types`: as for embedding_schema)."""
+    schema = embedding_schema(using, cursor, types)
     if schema.vector_column is None:
         raise SchemaNotReady(
             f"{TABLE} has no column for the new model yet (phase: legacy). Apply phase 1 first: "

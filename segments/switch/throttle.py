@@ -345,6 +345,32 @@ class Throttle:
                 self._health, self._looked_at = health, self.clock()
                 return health
 
+    @property
+    def rate_capped(self):
+        """Whether the writes have a rate cap (each may have to wait for its turn)."""
+        return self.bucket is not None
+
+    def goes_now(self, rows):
+        """Whether `rows` rows may be written at once, without waiting (else before_write() waits): nothing
+        holds the writes back, and no rate cap counts them."""
+        if self.free_rows and rows <= self.free_rows:
+            return True
+        if self.bucket is not None or self._reason(self.health()) is not None:
+            return False
+        self._go_on()
+        return True
+
+    def look_ahead(self):
+        """Take a look now, in the background: a backfill's pass starts it with its first claim, and its first
+        write finds the look taken, or on its way, instead of sending it then (far away, a round trip)."""
+        threading.Thread(target=self._look_quietly, daemon=True, name="throttle-look").start()
+
+    def _look_quietly(self):
+        try:
+            self.health()
+        except Exception as exc:  # the first write looks again, and reports it
+            logger.debug("%s's look ahead failed: %s", self.what, exc)
+
     def _reason(self, health):
         if health.pause is not None:
             return health.pause.sentence()

@@ -8,7 +8,7 @@ from django.db import connection
 
 from segments.switch.backfill import UNTUNED, Tuning, run_backfill
 from tests.embeddings.conftest import add_segments, command, scalar, sentences
-from tests.embeddings.encoders import RecordingEncoder
+from tests.embeddings.encoders import POISON_NAN, PoisonedEncoder, RecordingEncoder
 from tests.embeddings.test_backfill import assert_every_vector_is_its_texts
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -40,6 +40,25 @@ def test_three_write_sessions_write_every_row_once(write_log):
     assert writes == {segment_id: 1 for segment_id in ids}
     assert sessions > 1  # the batches were shared between the write sessions
     assert report.stages["write"]["threads"] == 3
+    assert_every_vector_is_its_texts()
+
+
+def test_messages_sent_ahead_write_every_row_once_and_a_batch_with_failures_goes_in_a_message_of_its_own(write_log):
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE segments ENABLE ALWAYS TRIGGER test_log_write")
+    texts = sentences(300, seed=17)
+    texts[40], texts[215] = f"{POISON_NAN} one", f"{POISON_NAN} two"
+    ids = add_segments(texts)
+    report = run_backfill(PoisonedEncoder(), batch_size=20, tuning=Tuning(writers=3, write_ahead=True))
+    assert (report.rows_embedded, report.rows_quarantined, report.batches) == (298, 2, 15)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT segment_id, count(*) FROM test_write_log GROUP BY segment_id")
+        writes = dict(cursor.fetchall())
+    assert writes == {segment_id: 1 for segment_id in ids if segment_id not in (ids[40], ids[215])}
+    assert scalar("SELECT count(*) FROM embeddings_backfill_claim") == 0
+    assert sorted(scalar_rows("SELECT segment_id FROM embeddings_quarantine")) == [(ids[40],), (ids[215],)]
+    with connection.cursor() as cursor:  # the others hold their texts' vectors
+        cursor.execute("DELETE FROM segments WHERE id = ANY(%s)", [[ids[40], ids[215]]])
     assert_every_vector_is_its_texts()
 
 

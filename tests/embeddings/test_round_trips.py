@@ -12,7 +12,7 @@ from django.db import connection
 from askdrchaffee import round_trips
 from embeddings.fakes import HashingEncoder
 from segments.switch import steps
-from segments.switch.backfill import Run, Worker, connector, run_backfill, target_for
+from segments.switch.backfill import Run, Tuning, Worker, connector, run_backfill, target_for
 from segments.switch.backfill import count_pending
 from tests.embeddings.conftest import add_segments, sentences, swapped_with_legacy_vectors
 from tests.embeddings.test_follow import follower_running, wait_until
@@ -20,33 +20,124 @@ from tests.embeddings.test_follow import follower_running, wait_until
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def counted_pass(batch_size):
+def counted_pass(batch_size, tuning=None):
     """One backfill pass over what is pending, its sessions' round trips counted from after the worker
-    opened them: ({"reader": n, "writers": n}, the pass's BackfillReport)."""
-    worker = Worker(HashingEncoder(), connector("default"))
+    opened them: ({"reader": n, "writers": n, "control": n}, the pass's BackfillReport)."""
+    worker = Worker(HashingEncoder(), connector("default"), tuning)
     try:
         target = worker.control.run(lambda connection_, cursor: target_for(cursor, worker))
         worker.start(target.column, batch_size)
-        before = {"reader": worker.reader.round_trips, "writers": sum(s.round_trips for s in worker.writers)}
+
+        def spent():
+            return {"reader": worker.reader.round_trips, "writers": sum(s.round_trips for s in worker.writers),
+                    "control": worker.control.round_trips}
+
+        before = spent()
         report = Run(worker, target, batch_size=batch_size).execute()
-        after = {"reader": worker.reader.round_trips, "writers": sum(s.round_trips for s in worker.writers)}
+        after = spent()
         return {key: after[key] - before[key] for key in after}, report
     finally:
         worker.close()
 
 
+@pytest.mark.parametrize("write_ahead", [False, True], ids=["sent-with-its-batch", "sent-ahead"])
 @pytest.mark.parametrize("batch_size", [10, 200])
-def test_a_backfill_batch_costs_two_round_trips_and_a_claim_one_whatever_they_hold(segments_at, batch_size):
+def test_a_backfill_batch_costs_two_round_trips_and_a_claim_one_whatever_they_hold(segments_at, batch_size,
+                                                                                   write_ahead):
     segments_at("expanded")
     add_segments(sentences(400))
 
-    spent, report = counted_pass(batch_size)
+    spent, report = counted_pass(batch_size, Tuning(write_ahead=write_ahead))
 
-    assert report.rows_embedded == 400 and count_pending() == 0
-    assert spent["writers"] == 2 * report.batches  # the batch's message, and the COPY asking for its data
+    assert report.rows_embedded == 400 and count_pending() == 0 and claims_left() == 0
+    # the batch's message, and the COPY asking for its data (sent ahead, that trip crosses the wire while
+    # the batch is encoded)
+    assert spent["writers"] == 2 * report.batches
     # a claim takes one round trip (several batches at a time far from the database); the last ones find
     # the rows in flight, then nothing: at most a few more than the batches
     assert spent["reader"] <= report.batches + 3
+    # the pass's counts: the model ledger's entry came with its target, its last claim said what is left
+    assert spent["control"] == 1
+
+
+def test_a_message_sent_ahead_of_its_batch_waits_in_its_copy_and_writes_the_batch_it_is_handed(segments_at):
+    from embeddings.writer import VectorWriter
+
+    segments_at("expanded")
+    texts = sentences(3)
+    ids = add_segments(texts)
+    raw = connector("default")("writer")
+    raw.autocommit = True
+    seen = {}
+    try:
+        writer = VectorWriter(raw, "embedding_384", 384, identity=HashingEncoder().model_identity())
+        with raw.cursor() as cursor:
+            writer.resolve(cursor)
+            cursor.execute("SELECT pg_backend_pid()")
+            pid = cursor.fetchone()[0]
+
+        def next_batch():  # asked once the server waits for the data: the message is there before its batch
+            seen["writer"] = scalar_row("SELECT state, wait_event, query FROM pg_stat_activity WHERE pid = %s", [pid])
+            seen["embedded"] = embedded_count()
+            return ids, md5s_of(ids), HashingEncoder().encode_documents(texts)
+
+        before = round_trips.round_trips(raw)
+        written = writer.write_ahead(next_batch, 10)
+        assert written == 3 and round_trips.round_trips(raw) - before == 2
+    finally:
+        raw.close()
+    state, wait_event, query = seen["writer"]
+    assert (state, wait_event) == ("active", "ClientRead") and "COPY" in query
+    assert seen["embedded"] == 0 and embedded_count() == 3
+
+
+def test_a_message_sent_ahead_and_taken_back_writes_nothing_and_its_connection_writes_on(segments_at):
+    from embeddings.writer import VectorWriter
+
+    segments_at("expanded")
+    texts = sentences(3)
+    ids = add_segments(texts)
+    raw = connector("default")("writer")
+    raw.autocommit = True
+    try:
+        writer = VectorWriter(raw, "embedding_384", 384, identity=HashingEncoder().model_identity())
+        with raw.cursor() as cursor:
+            writer.resolve(cursor)
+
+        def no_batch():
+            raise LookupError("no batch after all")
+
+        with pytest.raises(LookupError, match="no batch after all"):
+            writer.write_ahead(no_batch, 10)
+        assert embedded_count() == 0
+        too_many = lambda: (ids, md5s_of(ids), HashingEncoder().encode_documents(texts))  # noqa: E731
+        with pytest.raises(ValueError, match="at most 2"):
+            writer.write_ahead(too_many, 2)
+        assert embedded_count() == 0
+        assert writer.write_ahead(too_many, 10) == 3 and embedded_count() == 3
+    finally:
+        raw.close()
+
+
+def claims_left():
+    return scalar_row("SELECT count(*) FROM embeddings_backfill_claim")[0]
+
+
+def embedded_count():
+    return scalar_row("SELECT count(*) FROM segments WHERE embedding_384 IS NOT NULL")[0]
+
+
+def md5s_of(ids):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT md5(text)::uuid FROM segments WHERE id = ANY(%s) ORDER BY array_position(%s, id)",
+                       [ids, ids])
+        return [row[0] for row in cursor.fetchall()]
+
+
+def scalar_row(sql, params=None):
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()
 
 
 def test_the_message_of_a_batch_holds_the_copy_and_every_statement_of_its_transaction():

@@ -17,7 +17,7 @@ from django.db import connection
 from benchmark.delay_proxy import DelayProxy
 from embeddings.fakes import HashingEncoder
 from segments.switch import contract, server_loop, steps
-from segments.switch.backfill import connector, count_pending, run_backfill, session
+from segments.switch.backfill import Tuning, connector, count_pending, run_backfill, session
 from tests.conftest import wait_until
 from tests.embeddings.conftest import add_segments, sentences, swapped_with_legacy_vectors
 from tests.embeddings.test_follow import follower_running
@@ -90,7 +90,9 @@ def test_by_default_a_silent_link_is_noticed_within_30_seconds():
     assert server_loop.SECONDS_PER_CALL + 5 + server_loop.LINK_GRACE_SECONDS <= NOTICED_WITHIN  # lock_timeout 5 s
 
 
-def test_the_backfill_notices_a_silent_link_and_finishes_every_row_once(segments_at, proxy, write_log, monkeypatch):
+@pytest.mark.parametrize("write_ahead", [False, True], ids=["sent-with-its-batch", "sent-ahead"])
+def test_the_backfill_notices_a_silent_link_and_finishes_every_row_once(segments_at, proxy, write_log, monkeypatch,
+                                                                        write_ahead):
     monkeypatch.setattr(session, "STATEMENT_TIMEOUT_SECONDS", 3)
     monkeypatch.setattr(session, "LINK_GRACE_SECONDS", 2)
     segments_at("expanded")
@@ -98,7 +100,8 @@ def test_the_backfill_notices_a_silent_link_and_finishes_every_row_once(segments
     writes = write_log()
     results = []
     thread = threading.Thread(target=lambda: results.append(run_backfill(
-        SlowHashing(0.2), batch_size=100, connect=connector("default", through=("127.0.0.1", proxy.port)))))
+        SlowHashing(0.2), batch_size=100, connect=connector("default", through=("127.0.0.1", proxy.port)),
+        tuning=Tuning(write_ahead=write_ahead))))
     thread.start()
     assert wait_until(lambda: embedded() >= 300, 30), "timed out"
     proxy.silence()

@@ -118,24 +118,33 @@ def run_backfill(encoder, *, batch_size=None, limit=None, connect=None, progress
 
 def target_for(cursor, worker, doing="this backfill"):
     """The Target of `worker`: the column holding its model's vectors at the table's phase (the next
-    model's column before the swap, `embedding` after it, or a column a swap renamed). Checked
-    before any row is read: the encoder's width against the column's (DimensionMismatch), and the
-    model against the one the ledger records for the column, or, for a column with vectors and no
-    recorded model, against a few of its stored vectors (ledger.ModelMismatch)."""
-    schema = require_vector_column(cursor=cursor)
-    column = worker.column_now(cursor, schema.vector_column)
-    recorded = ledger.entries(cursor, TABLE)
+    model's column before the swap, `embedding` after it, or a column a swap renamed), and the model
+    ledger's entry its batches write under. Checked before any row is read: the encoder's width against
+    the column's (DimensionMismatch), and the model against the one the ledger records for the column,
+    or, for a column with vectors and no recorded model, against a few of its stored vectors
+    (ledger.ModelMismatch); a column with no recorded model is recorded as this model's.
+
+    Call it in a transaction (`Session.run`): it takes the table's write lock, so a swap or an undo
+    renames the columns before or after it, never between its reads. Three round trips, one more for
+    each record or sample it needs; the pass then writes under the entry without reading the ledger again
+    (each batch's message checks that the entry still names its column)."""
+    types = vector_column_types(cursor=cursor)
+    schema = require_vector_column(cursor=cursor, types=types)
+    recorded = ledger.entries(cursor, TABLE, before=f"LOCK TABLE {TABLE} IN ROW EXCLUSIVE MODE")
+    column = worker.column_now(schema.vector_column, recorded)
     if column is None:
         found = recorded[schema.vector_column]
         raise ledger.mismatch(TABLE, schema.vector_column, found, worker.identity,
                               ledger.same_model(worker.identity, found.identity)[1], doing)
-    storage, dims = vector_column_types(cursor=cursor)[column]
+    storage, dims = types[column]
     worker.encoder.check_dimensions(column, dims)
     if column not in recorded:
         samples = stored_samples(cursor, column)
         if samples:
-            ledger.adopt(cursor, TABLE, column, worker.encoder, storage, samples, doing)
-    return Target(column, dims, storage)
+            adopted = ledger.adopt(cursor, TABLE, column, worker.encoder, storage, samples, doing)
+            recorded = {**recorded, column: adopted}
+    entry = ledger.entry_for_writer(cursor, TABLE, column, worker.identity, lambda: storage, recorded=recorded)
+    return Target(entry.column, dims, storage, entry.id)
 
 
 def backfill_plan(using="default", retry_quarantined=False):

@@ -21,7 +21,11 @@ two, whatever they hold. What the distance still costs is hidden: the worker mea
 trip when it starts (and its heartbeat as it runs), claims several batches a round trip so that the
 encoder never waits for one, and keeps as many batches in flight as the link needs, one per write
 session (`writers_needed`: more sessions when a batch spends more time on the wire than on the
-server), starting sessions as its measures call for them.
+server), starting sessions as its measures call for them. A writer sends its batch's message before
+the batch is encoded (Tuning.write_ahead): the COPY's call for the data crosses the wire meanwhile,
+and a batch, once encoded, is one round trip from its commit. The pass starts writing as soon as its
+first batch is encoded: its target came with the model ledger's entry (backfill.target_for), the
+throttle's first look is on its way with the first claim, and the first encode call takes one claim.
 """
 import logging
 import math
@@ -33,14 +37,14 @@ from dataclasses import dataclass
 from psycopg2 import errors
 
 from embeddings import ledger
-from embeddings.writer import VectorWriter
+from embeddings.writer import VectorWriter, ledger_moved
 from segments.schema import TABLE
 
 from . import sql
 from .encode import ClaimedBatch, checked, encode_windows
 from .heartbeat import LEASE_SECONDS, Heartbeat
 from .report import BackfillError, BackfillReport
-from .session import Session, worker_name
+from .session import TRANSIENT_ERRORS, Session, worker_name
 from .stages import StageClock, limiting_stage, stage_figures
 
 logger = logging.getLogger(__package__)
@@ -49,6 +53,10 @@ QUEUE_DEPTH = 2  # encoded batches waiting for a writer
 POLL_SECONDS = 0.5  # how often a worker looks again while other workers hold the last rows
 BEFORE_FIRST_ID = -(2**31) - 1  # below every int4 id
 _END = object()  # a stage has no more batches
+# Far from the database (a round trip of at least AHEAD_ROUND_TRIP_SECONDS) a writer sends its next batch's
+# message before the batch is encoded, as long as batches come within AHEAD_WAIT_SECONDS (Tuning.write_ahead).
+AHEAD_ROUND_TRIP_SECONDS = 0.005
+AHEAD_WAIT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -63,12 +71,16 @@ class Tuning:
     - `synchronous_commit`: False lets a batch's commit return before its WAL reaches the disk
       (`SET LOCAL synchronous_commit = off`). A server crash can then lose the last batches
       committed, never part of one: their rows are pending again and the next pass embeds them.
+    - `write_ahead`: a writer sends its next batch's message before the batch is encoded, so that the
+      COPY's call for the data crosses the wire meanwhile and the batch, once there, costs one round
+      trip (Run._write_ahead). None: when the round trip is AHEAD_ROUND_TRIP_SECONDS or more.
     """
 
     writers: int = 2
     encode_window: int = 4
     synchronous_commit: bool = False
     max_writers: int = 8
+    write_ahead: bool | None = None
 
     def __post_init__(self):
         if self.writers < 1 or self.encode_window < 1:
@@ -116,11 +128,13 @@ def count_plan(session, column, blank=True, claims=()):
 
 @dataclass
 class Target:
-    """Where a pass writes: the column holding the worker's model's vectors, its width and type."""
+    """Where a pass writes: the column holding the worker's model's vectors, its width and type, and the
+    model ledger's entry for it (its id; None: the pass resolves it before its first write)."""
 
     column: str
     dims: int
     storage: str
+    entry_id: int | None = None
 
 
 def model_identity(encoder):
@@ -204,10 +218,10 @@ class Worker:
             if self.throttle is not None:
                 self.throttle.close()
 
-    def column_now(self, cursor, column):
+    def column_now(self, column, recorded):
         """The column holding this worker's model now: `column`, or its name after a swap or an undo;
-        None when another model's vectors are recorded there and this model has no column."""
-        recorded = ledger.entries(cursor, TABLE)
+        None when another model's vectors are recorded there and this model has no column (`recorded`:
+        the ledger's entries)."""
         for entry in recorded.values():
             if ledger.same_model(self.identity, entry.identity)[0] and entry.source != "simulated":
                 return entry.column
@@ -228,6 +242,10 @@ def _open_quietly(session):
         session.connection()
     except Exception as exc:  # reported, with its retries and its fix, by the session's first step
         logger.debug("opening the %s session ahead failed: %s", session.role, exc)
+
+
+class _NotAhead(Exception):
+    """Takes back a message sent ahead of its batch (Run._write_ahead): the batch, if any, goes the plain way."""
 
 
 class Run:
@@ -252,6 +270,10 @@ class Run:
         self.failures = []
         self.lock = threading.Lock()
         self.open_claims = set()
+        self.unhanded = 0  # claimed batches no writer has taken yet
+        self.awaited = 0  # of those, batches a writer's message, sent ahead, waits for
+        self.coming = threading.Condition(self.lock)  # notified as batches are claimed, and at the encoder's end
+        self.encoded_all = False  # the encoder has handed over its last batch
         # room for two claiming round trips' batches: the next claim is on its way while the encoder works
         self.claimed_queue = queue.Queue(max(QUEUE_DEPTH, self.tuning.encode_window,
                                              2 * batches_per_claim(worker.measured_round_trip())))
@@ -263,6 +285,7 @@ class Run:
         self.vector_writers = {}  # write session: its VectorWriter
         self.ledger_writer = VectorWriter(None, target.column, target.dims, identity=worker.identity,
                                           type_name=target.storage)  # what the pass learns of the ledger, once
+        self.ledger_writer.entry_id = target.entry_id  # resolved with the target, or before the first write
         self.ready = threading.Event()  # the pass's counts and the ledger's entry are in: the writes may go
         self.since = None
         self.total = 0
@@ -287,6 +310,8 @@ class Run:
             # The pass's counts and the ledger's entry (a few round trips) are read beside the first claims
             # and encoding; the writes wait for them.
             setup.start()
+            if self.worker.throttle is not None and self.wait_for_arrivals is None:
+                self.worker.throttle.look_ahead()  # (a follower's first write may come much later: it looks then)
             if not self.retry_quarantined:
                 claim.start()
             self._add_writers(writers_needed(self.tuning, self.worker.round_trip, self.server_seconds))
@@ -318,15 +343,16 @@ class Run:
         return self.report
 
     def _set_up(self, claim):
-        """The pass's counts (`since`, the total, the blank count) and the ledger's entry for its column;
-        then the claims, if they waited for `since` (a retry of the quarantine)."""
+        """The pass's counts (`since`, the total, the blank count) and, unless its target came with it, the
+        ledger's entry for its column; then the claims, if they waited for `since` (a retry of the quarantine)."""
         try:
             self.since, total, self.blank = self._following_renames(self.worker.control, self._prepare)
             self.total = total if self.limit is None else min(total, self.limit)
             self._report_progress()
             if self.retry_quarantined:
                 claim.start()  # its claims retry the entries recorded before the pass's start time
-            self._following_renames(self.worker.control, self._resolve_ledger)
+            if self.ledger_writer.entry_id is None:
+                self._following_renames(self.worker.control, self._resolve_ledger)
         finally:
             self.ready.set()  # a failure has stopped the stages: the writers need not wait
 
@@ -355,6 +381,7 @@ class Run:
             room = self._room(claimed)
             if room <= 0:
                 break
+            self.batch_done.clear()  # before the claim: a batch written while it is on its way wakes the wait below
             with clock.timing("busy"):
                 batches, counts = self._claim_renamed_safely(after, room)
             if batches:
@@ -369,7 +396,6 @@ class Run:
                 with clock.timing("waiting_for_input"):
                     self._wait_for_arrivals()
             else:
-                self.batch_done.clear()
                 left, pending, quarantined = counts
                 if left == 0:
                     self.final_counts = (pending, quarantined)
@@ -411,7 +437,8 @@ class Run:
         except errors.UndefinedColumn as exc:
             if self.target.column not in (exc.diag.message_primary or ""):
                 raise  # another column is missing: not a rename of this pass's column
-            column = self.worker.control.run(lambda connection, cursor: self.worker.column_now(cursor, None))
+            column = self.worker.control.run(
+                lambda connection, cursor: self.worker.column_now(None, ledger.entries(cursor, TABLE)))
             if column is None:
                 raise BackfillError(f"{TABLE}.{self.target.column} is gone, and no column holds "
                                     f"{self.worker.identity.name}'s vectors any more.") from None
@@ -442,26 +469,32 @@ class Run:
                 if not all(self._put(self.encoded_queue, batch) for batch in encoded):
                     results.close()
                     return
+        with self.coming:
+            self.encoded_all = True
+            self.coming.notify_all()
         self._put(self.encoded_queue, _END)  # each writer passes it on as it ends
 
     def _windows(self, clock):
-        """Each window of claimed batches (_window) until the claim stage ends (read on the stream's thread)."""
+        """Each window of claimed batches (_window) until the claim stage ends (read on the stream's thread).
+        The pass's first window is one claim: its batch is encoded, and on its way to be written, sooner."""
+        size = 1
         while True:
             with clock.timing("waiting_for_input"):
-                batches, ended = self._window()
+                batches, ended = self._window(size)
             if batches:
                 yield batches
             if ended:
                 return
+            size = self.tuning.encode_window
 
-    def _window(self):
-        """(up to encode_window claimed batches, whether the claim stage has ended): waits for
-        the first, then takes only those already queued."""
+    def _window(self, size):
+        """(up to `size` claimed batches, whether the claim stage has ended): waits for the first, then
+        takes only those already queued."""
         first = self._get(self.claimed_queue)
         if first is _END:
             return [], True
         batches = [first]
-        while len(batches) < self.tuning.encode_window:
+        while len(batches) < size:
             try:
                 batch = self.claimed_queue.get_nowait()
             except queue.Empty:
@@ -487,45 +520,161 @@ class Run:
                 thread.start()
 
     def _write_stage(self, session, clock):
+        slow = False  # the last batch kept this writer waiting AHEAD_WAIT_SECONDS or more: it waits for the next
         while True:
-            with clock.timing("waiting_for_input"):
-                batch = self._get(self.encoded_queue)
+            started, written = time.perf_counter(), None
+            if not slow and self._may_send_ahead():
+                with clock.timing("waiting_for_input"):
+                    if not self._await_a_batch():
+                        return  # the pass has ended (the batches still coming are awaited by others) or stops
+                if not self._wait_until_ready(clock):
+                    return
+                batch, written = self._write_ahead(session, clock)
+                if batch is None:
+                    slow = True  # none came in time (or the link failed first): this writer waits for the next
+                    continue
+            else:
+                with clock.timing("waiting_for_input"):
+                    batch = self._take()
+            slow = time.perf_counter() - started >= AHEAD_WAIT_SECONDS
             if batch is _END:
                 self._end_for_the_other_writers()
                 return
-            with clock.timing("busy"):
-                batch = checked(batch, self.target.dims)
-            with clock.timing("waiting_for_input"):
-                while not self.ready.wait(0.2):
-                    if self.stopping:
-                        return
-            if self.stopping:
-                return
-            throttle = self.worker.throttle
-            if throttle is not None:
-                with clock.timing("waiting_for_room"):
-                    if not throttle.before_write(len(batch.ids) + len(batch.failed), self.stop):
-                        return  # stopped while held back: the claim is released at the end of the pass
-            with clock.timing("busy"):
-                started = time.perf_counter()
-                written = session.write(self._writer(session), (batch.ids, batch.md5s, batch.vectors),
-                                        *self._statements(session, batch)) \
-                    if batch.ids else self._write_failures_only(session, batch)
-                self._measured(time.perf_counter() - started, len(batch.ids))
-            self._moved_to(self.vector_writers[session].column if batch.ids else self.target.column)
-            self.worker.heartbeat.batch(len(batch.ids) + len(batch.failed), self.target.column)
+            if written is None:
+                with clock.timing("busy"):
+                    batch = checked(batch, self.target.dims)
+                written = self._write(session, clock, batch)
+                if written is None:
+                    return  # stopped
+            self._written(session, batch, written)
+
+    def _may_send_ahead(self):
+        """Whether this pass's writers send a batch's message before the batch is there (VectorWriter's
+        write_ahead: far from the database, the COPY's call for the data crosses the wire while the batch is
+        encoded): per Tuning.write_ahead, the pass's ledger entry resolved, no rate cap (the message cannot
+        wait its turn)."""
+        wanted = self.tuning.write_ahead
+        if wanted is None:
+            wanted = self.worker.measured_round_trip() >= AHEAD_ROUND_TRIP_SECONDS
+        throttle = self.worker.throttle
+        return (bool(wanted) and self.ledger_writer.entry_id is not None
+                and (throttle is None or not throttle.rate_capped))
+
+    def _await_a_batch(self):
+        """Wait until a claimed batch is on its way that no writer awaits yet, and await it (count it, under
+        the lock: each batch sent ahead for is one that comes); False when none will come (the encoder has
+        handed over every batch, and the others await the rest) or the pass stops."""
+        with self.coming:
+            while not self.stopping:
+                if self.unhanded > self.awaited:
+                    self.awaited += 1
+                    return True
+                if self.encoded_all:
+                    return False
+                self.coming.wait(0.2)
+        return False
+
+    def _take(self, within=None):
+        """The next encoded batch (_get): None when `within` seconds pass first."""
+        item = self._get(self.encoded_queue, within)
+        if item is not None and item is not _END:
             with self.lock:
-                self.open_claims.discard(batch.claim_id)
-                for report in (self.report, self.burst):
-                    report.batches += 1
-                    report.rows_embedded += written
-                    report.rows_stale += len(batch.ids) - written
-                    report.rows_quarantined += len(batch.failed)
-                self.done += len(batch.ids) + len(batch.failed)
-                self._report_progress()
-            for segment_id, _, reason in batch.failed:
-                logger.warning("segment %s quarantined: %s", segment_id, reason)
-            self.batch_done.set()
+                self.unhanded -= 1
+        return item
+
+    def _wait_until_ready(self, clock):
+        """Wait for the pass's counts and the ledger's entry; False when the pass stops meanwhile."""
+        with clock.timing("waiting_for_input"):
+            while not self.ready.wait(0.2):
+                if self.stopping:
+                    return False
+        return not self.stopping
+
+    def _write(self, session, clock, batch):
+        """Write an EncodedBatch (or its quarantine only) in one message, once the pass is ready and the
+        throttle lets it; rows written, None when the pass stopped meanwhile."""
+        if not self._wait_until_ready(clock):
+            return None
+        throttle = self.worker.throttle
+        if throttle is not None:
+            with clock.timing("waiting_for_room"):
+                if not throttle.before_write(len(batch.ids) + len(batch.failed), self.stop):
+                    return None  # stopped while held back: the claim is released at the end of the pass
+        with clock.timing("busy"):
+            started = time.perf_counter()
+            written = session.write(self._writer(session), (batch.ids, batch.md5s, batch.vectors),
+                                    *self._statements(session, batch)) \
+                if batch.ids else self._write_failures_only(session, batch)
+            self._measured(time.perf_counter() - started, len(batch.ids))
+        return written
+
+    def _write_ahead(self, session, clock):
+        """Send the message of a batch this writer awaits (_await_a_batch) before the batch is there, and hand
+        it the next encoded batch when the server asks for the data: (the batch, rows written). (the batch,
+        None) when the message was taken back and the batch is to be written the plain way (it has rows to
+        quarantine, or none to write, or the throttle would hold it, or the link failed once it was handed
+        over); (None, None) when none came within AHEAD_WAIT_SECONDS, or the link failed before."""
+        taken, handed_at, asked = [], [], []
+
+        def next_batch():
+            asked.append(True)
+            try:
+                with clock.timing("waiting_for_input"):
+                    item = self._take(within=AHEAD_WAIT_SECONDS)
+            finally:
+                with self.lock:
+                    self.awaited -= 1
+            if item is None:
+                raise _NotAhead("no batch in time")
+            taken.append(item)
+            if item is _END:
+                self._end_for_the_other_writers()  # at once: the others need not wait for this message's end
+                raise _NotAhead("the pass's end")
+            with clock.timing("busy"):
+                batch = taken[0] = checked(item, self.target.dims)
+            throttle = self.worker.throttle
+            if batch.failed or not batch.ids or self.stopping or not (throttle is None
+                                                                      or throttle.goes_now(len(batch.ids))):
+                raise _NotAhead("a batch for a message of its own")
+            handed_at.append(time.perf_counter())
+            return batch.ids, batch.md5s, batch.vectors
+
+        try:
+            written = session.write_ahead(self._writer(session), next_batch, self.batch_size,
+                                          *self._ahead_statements(session))
+        except _NotAhead:
+            return (taken[0] if taken else None), None
+        except Exception as exc:
+            if not (isinstance(exc, TRANSIENT_ERRORS) or ledger_moved(exc)):
+                raise
+            logger.info("a message sent ahead of its batch failed (%s); the batch goes in one of its own",
+                        " ".join(str(exc).split()))
+            return (taken[0] if taken else None), None
+        finally:
+            if not asked:  # the message failed before the server asked for the batch
+                with self.lock:
+                    self.awaited -= 1
+        seconds = time.perf_counter() - handed_at[0]
+        clock.busy += seconds
+        self._measured(seconds + self.worker.measured_round_trip(), len(taken[0].ids))  # as if sent then: two trips
+        return taken[0], written
+
+    def _written(self, session, batch, written):
+        """A batch's message has committed: the pass's counts, its claim, the heartbeat, the claim stage's wait."""
+        self._moved_to(self.vector_writers[session].column if batch.ids else self.target.column)
+        self.worker.heartbeat.batch(len(batch.ids) + len(batch.failed), self.target.column)
+        with self.lock:
+            self.open_claims.discard(batch.claim_id)
+            for report in (self.report, self.burst):
+                report.batches += 1
+                report.rows_embedded += written
+                report.rows_stale += len(batch.ids) - written
+                report.rows_quarantined += len(batch.failed)
+            self.done += len(batch.ids) + len(batch.failed)
+            self._report_progress()
+        for segment_id, _, reason in batch.failed:
+            logger.warning("segment %s quarantined: %s", segment_id, reason)
+        self.batch_done.set()
 
     def _end_for_the_other_writers(self):
         try:
@@ -553,13 +702,17 @@ class Run:
                 continue
         return False
 
-    def _get(self, source):
+    def _get(self, source, within=None):
+        """The next item of `source`; _END when the pass stops meanwhile; None when `within` seconds pass first."""
+        until = None if within is None else time.monotonic() + within
         while True:
             try:
-                return source.get(timeout=0.2)
+                return source.get(timeout=0.2 if until is None else max(0.0, min(0.2, until - time.monotonic())))
             except queue.Empty:
                 if self.stopping:
                     return _END
+                if until is not None and time.monotonic() >= until:
+                    return None
 
     def _report_progress(self):
         """Call `progress(done, total)`; the write threads call it holding the lock, in order."""
@@ -591,8 +744,10 @@ class Run:
             batch.ids.append(segment_id)
             batch.texts.append(text)
             batch.md5s.append(md5)
-        with self.lock:
+        with self.coming:
             self.open_claims.update(batches)
+            self.unhanded += len(batches)
+            self.coming.notify_all()
         return sorted(batches.values(), key=lambda batch: batch.ids[0]), None
 
     def _writer(self, session):
@@ -604,6 +759,14 @@ class Run:
                 type_name=self.target.storage)  # the target's type: no catalogue read a batch
             writer.follow(self.ledger_writer)
         return writer
+
+    def _ahead_statements(self, session):
+        """(before, after) the COPY of a message sent ahead of its batch, which cannot name the batch: the
+        claim whose first row is the first row staged ended (a batch sent ahead has every row of its claim),
+        after the COPY the quarantine entries of the rows written dropped."""
+        staging = self._writer(session).staging_table
+        before = [session.mogrify(sql.delete_staged_claim_sql(staging), [str(self.worker.heartbeat.id)])]
+        return before, [sql.unquarantine_staged_sql(staging) % self.batch_size]
 
     def _statements(self, session, batch):
         """(before, after) the COPY of a batch's message: its quarantine, its claim's end and the

@@ -5,7 +5,8 @@ timeout, a link gone silent).
 A worker far from its database pays each round trip 20-150 ms, so every step of the engine is one
 message (askdrchaffee/round_trips.py): the session's connection is in autocommit mode, and a step's
 statements, this session's settings first, go to the server together as one implicit transaction
-that the server commits at its end (`query`: one round trip; `write`: a batch with its COPY, two).
+that the server commits at its end (`query`: one round trip; `write`: a batch with its COPY, two;
+`write_ahead`: the same message sent before its batch is there, one round trip once it is).
 The few steps that need a transaction spanning several messages (resolving the target, once a
 run) use `run`.
 
@@ -159,6 +160,20 @@ class Session:
         """One batch of VectorWriter `writer` ((ids, md5s, vectors)) with the statements `before` and `after`
         (cursor.mogrify'd), after the session's settings, as one message; rows written."""
         return self._retried(self._write, writer, batch_rows, before, after)
+
+    def write_ahead(self, writer, next_batch, rows, before=(), after=()):
+        """VectorWriter `writer`'s write_ahead() (its message sent before its batch is known) on this session,
+        after the session's settings; rows written. Sent once, not retried: the batch a retry needs may be
+        taken already, and the caller writes it with `write`. A failure of the link closes the connection
+        (the next step opens another)."""
+        connection = self._retried(self.connection)
+        writer.connection = connection
+        try:
+            with self._answered(connection):
+                return writer.write_ahead(next_batch, rows, prologue=[self.prologue()], before=before, after=after)
+        except TRANSIENT_ERRORS:
+            self.close()
+            raise
 
     def run(self, work, *args):
         """`work(connection, cursor, *args)` in one transaction of several messages; its result."""

@@ -149,6 +149,13 @@ QUARANTINE = """
 """
 
 
+def delete_staged_claim_sql(staging_table):
+    """Ends the claim of worker %s whose first row is the first row staged (a batch that holds every row of
+    its claim: no two live claims begin with the same row)."""
+    return (f"DELETE FROM embeddings_backfill_claim c WHERE c.worker_id = %s "
+            f"AND c.first_id = (SELECT min(id) FROM {staging_table})")
+
+
 def unquarantine_staged_sql(staging_table):
     """Drops the quarantine entries of the %s rows just staged (the LIMIT tells the planner
     the staging table's size, as in embeddings/writer.py)."""

@@ -60,7 +60,10 @@ def test_a_backfill_batch_costs_two_round_trips_and_a_claim_one_whatever_they_ho
     assert spent["control"] == 1
 
 
-def test_a_message_sent_ahead_of_its_batch_waits_in_its_copy_and_writes_the_batch_it_is_handed(segments_at):
+@pytest.fixture
+def writing(segments_at):
+    """Three segments at phase 1, and a VectorWriter of the HashingEncoder's model for embedding_384 on a
+    connection of its own (autocommit), its ledger entry resolved: (the writer, its connection, ids, texts)."""
     from embeddings.writer import VectorWriter
 
     segments_at("expanded")
@@ -68,55 +71,48 @@ def test_a_message_sent_ahead_of_its_batch_waits_in_its_copy_and_writes_the_batc
     ids = add_segments(texts)
     raw = connector("default")("writer")
     raw.autocommit = True
-    seen = {}
     try:
         writer = VectorWriter(raw, "embedding_384", 384, identity=HashingEncoder().model_identity())
         with raw.cursor() as cursor:
             writer.resolve(cursor)
-            cursor.execute("SELECT pg_backend_pid()")
-            pid = cursor.fetchone()[0]
-
-        def next_batch():  # asked once the server waits for the data: the message is there before its batch
-            seen["writer"] = scalar_row("SELECT state, wait_event, query FROM pg_stat_activity WHERE pid = %s", [pid])
-            seen["embedded"] = embedded_count()
-            return ids, md5s_of(ids), HashingEncoder().encode_documents(texts)
-
-        before = round_trips.round_trips(raw)
-        written = writer.write_ahead(next_batch, 10)
-        assert written == 3 and round_trips.round_trips(raw) - before == 2
+        yield writer, raw, ids, texts
     finally:
         raw.close()
+
+
+def test_a_message_sent_ahead_of_its_batch_waits_in_its_copy_and_writes_the_batch_it_is_handed(writing):
+    writer, raw, ids, texts = writing
+    with raw.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    seen = {}
+
+    def next_batch():  # asked once the server waits for the data: the message is there before its batch
+        seen["writer"] = scalar_row("SELECT state, wait_event, query FROM pg_stat_activity WHERE pid = %s", [pid])
+        seen["embedded"] = embedded_count()
+        return ids, md5s_of(ids), HashingEncoder().encode_documents(texts)
+
+    before = round_trips.round_trips(raw)
+    assert writer.write_ahead(next_batch, 10) == 3 and round_trips.round_trips(raw) - before == 2
     state, wait_event, query = seen["writer"]
     assert (state, wait_event) == ("active", "ClientRead") and "COPY" in query
     assert seen["embedded"] == 0 and embedded_count() == 3
 
 
-def test_a_message_sent_ahead_and_taken_back_writes_nothing_and_its_connection_writes_on(segments_at):
-    from embeddings.writer import VectorWriter
+def test_a_message_sent_ahead_and_taken_back_writes_nothing_and_its_connection_writes_on(writing):
+    writer, _raw, ids, texts = writing
 
-    segments_at("expanded")
-    texts = sentences(3)
-    ids = add_segments(texts)
-    raw = connector("default")("writer")
-    raw.autocommit = True
-    try:
-        writer = VectorWriter(raw, "embedding_384", 384, identity=HashingEncoder().model_identity())
-        with raw.cursor() as cursor:
-            writer.resolve(cursor)
+    def no_batch():
+        raise LookupError("no batch after all")
 
-        def no_batch():
-            raise LookupError("no batch after all")
-
-        with pytest.raises(LookupError, match="no batch after all"):
-            writer.write_ahead(no_batch, 10)
-        assert embedded_count() == 0
-        too_many = lambda: (ids, md5s_of(ids), HashingEncoder().encode_documents(texts))  # noqa: E731
-        with pytest.raises(ValueError, match="at most 2"):
-            writer.write_ahead(too_many, 2)
-        assert embedded_count() == 0
-        assert writer.write_ahead(too_many, 10) == 3 and embedded_count() == 3
-    finally:
-        raw.close()
+    with pytest.raises(LookupError, match="no batch after all"):
+        writer.write_ahead(no_batch, 10)
+    assert embedded_count() == 0
+    too_many = lambda: (ids, md5s_of(ids), HashingEncoder().encode_documents(texts))  # noqa: E731
+    with pytest.raises(ValueError, match="at most 2"):
+        writer.write_ahead(too_many, 2)
+    assert embedded_count() == 0
+    assert writer.write_ahead(too_many, 10) == 3 and embedded_count() == 3
 
 
 def claims_left():

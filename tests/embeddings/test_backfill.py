@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from django.db import connection
 
-from segments.switch.backfill import BEFORE_FIRST_ID, BackfillError, claim_sql, connector, run_backfill
+from segments.switch.backfill import BEFORE_FIRST_ID, BackfillError, Tuning, claim_sql, connector, run_backfill
 from embeddings.encoder import DimensionMismatch
 from embeddings.fakes import HashingEncoder
 from segments.models import BackfillClaim, QuarantinedSegment
 from segments.switch import swap
-from tests.conftest import as_stored
+from tests.conftest import as_stored, wait_until
 from tests.embeddings.conftest import (
     add_segments, is_blank_in_postgres, scalar, segment_texts, sentences, stored_vectors, vector_column,
 )
@@ -239,6 +239,46 @@ def test_rows_claimed_by_a_live_worker_are_waited_for_not_taken():
     assert time.monotonic() - started_at >= 1.5
     assert report.rows_embedded == 10 and report.batches == 2
     assert_every_vector_is_its_texts()
+
+
+class ArrivingEncoder(RecordingEncoder):
+    """Calls `arrive()` in its second encode call, once the pass's first batch is written."""
+
+    def __init__(self, arrive):
+        super().__init__()
+        self.arrive, self.calls_made = arrive, 0
+
+    def encode_documents(self, texts, texts_per_call=None):
+        self.calls_made += 1
+        if self.calls_made == 2:
+            assert wait_until(lambda: scalar(f"SELECT count({vector_column()}) FROM segments") > 0, 10)
+            self.arrive()
+        return super().encode_documents(texts)
+
+
+def test_rows_that_arrive_during_the_run_and_another_worker_holds_are_left_to_it():
+    add_segments(sentences(30))
+    with connection.cursor() as cursor:  # this test's session plays a live follower
+        cursor.execute("SELECT pg_backend_pid(), backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+        pid, started = cursor.fetchone()
+    held = []
+
+    def arrive():  # the application inserts while the pass runs; the follower claims the arrivals at once
+        ids = add_segments([f"arrival {n} during the run" for n in range(3)])
+        held.append(BackfillClaim.objects.create(first_id=ids[0], last_id=ids[-1], worker_pid=pid,
+                                                 worker_started_at=started, worker_name="follower:1"))
+
+    let_go = threading.Timer(10, lambda: BackfillClaim.objects.filter(worker_name="follower:1").delete())
+    let_go.start()  # were the pass to wait for the follower's claim, it would end only then
+    try:
+        started_at = time.monotonic()
+        report = run_backfill(ArrivingEncoder(arrive), batch_size=10, tuning=Tuning(encode_window=1))
+        took = time.monotonic() - started_at
+    finally:
+        let_go.cancel()
+    assert took < 5, took
+    assert (report.rows_embedded, report.rows_remaining) == (30, 3)
+    assert list(BackfillClaim.objects.all()) == held  # the follower's claim is its own still
 
 
 def test_a_connection_factory_points_the_engine_at_another_schema():

@@ -50,7 +50,7 @@ def test_the_human_report_says_what_was_done():
 def test_limit_leaves_the_rest_for_the_next_run_and_says_so():
     add_segments(sentences(12))
     out, _ = command("backfill_embeddings", "--limit", "5", encoder=HashingEncoder())
-    assert "7 segment(s) still need a vector (--limit was reached)" in out
+    assert "7 segment(s) still need a vector: --limit was reached. Run `manage.py backfill_embeddings` again." in out
 
 
 def test_dry_run_writes_nothing_and_loads_no_model(settings):

@@ -337,9 +337,11 @@ class Command(BaseCommand):
             )
         left = report.rows_remaining
         if left and not options["json"]:
-            why = "--limit was reached" if options["limit"] is not None else "they were written after the last pass"
+            why = ("--limit was reached. Run" if options["limit"] is not None else
+                   "they arrived or changed while it ran. A follower (`backfill_embeddings --follow`) embeds them "
+                   "as they come; without one, run")
             self.stdout.write(self.style.WARNING(
-                f"{left} segment(s) still need a vector ({why}): run `manage.py backfill_embeddings` again."
+                f"{left} segment(s) still need a vector: {why} `manage.py backfill_embeddings` again."
             ))
 
 

@@ -35,7 +35,9 @@ Consequences:
   not require it. It is counted in the report as `rows_blank`.
 - Several workers (processes, machines) share the work through the claims table; each row is
   claimed by one worker at a time. A worker finishes when nothing is pending outside the
-  quarantine, waiting for other live workers' batches if need be.
+  quarantine, waiting for other live workers' batches if need be; rows that arrived while it ran and
+  that another worker holds (a follower, with the application inserting all the while) are left to
+  that worker and counted as remaining.
 - It yields to the database's health: before each batch's write the worker's Throttle
   (segments/switch/throttle.py) holds it back while an operator has paused the switch
   (`embedding_switch pause`), while a streaming replica lags more than BACKFILL_MAX_REPLICA_LAG

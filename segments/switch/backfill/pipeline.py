@@ -288,6 +288,7 @@ class Run:
         self.ledger_writer.entry_id = target.entry_id  # resolved with the target, or before the first write
         self.ready = threading.Event()  # the pass's counts and the ledger's entry are in: the writes may go
         self.since = None
+        self.horizon = None  # the last id when the pass began: what arrives since and another worker takes is its
         self.total = 0
         self.blank = None  # blank segments, counted as the pass starts
         self.final_counts = None  # (pending, quarantined), when the last claim found nothing open
@@ -346,7 +347,8 @@ class Run:
         """The pass's counts (`since`, the total, the blank count) and, unless its target came with it, the
         ledger's entry for its column; then the claims, if they waited for `since` (a retry of the quarantine)."""
         try:
-            self.since, total, self.blank = self._following_renames(self.worker.control, self._prepare)
+            self.since, total, self.blank, horizon = self._following_renames(self.worker.control, self._prepare)
+            self.horizon = None if self.wait_for_arrivals is not None else horizon
             self.total = total if self.limit is None else min(total, self.limit)
             self._report_progress()
             if self.retry_quarantined:
@@ -401,7 +403,9 @@ class Run:
                     self.final_counts = (pending, quarantined)
                     break
                 # The last rows are in batches in flight: this worker's (look again as soon as one
-                # of them is written) or another worker's (look again after POLL_SECONDS).
+                # of them is written) or another worker's (look again after POLL_SECONDS), of rows that were
+                # pending when the pass began (what arrived since and another worker took, a follower,
+                # is that worker's to write: waiting for it could last as long as the arrivals do).
                 with clock.timing("waiting_for_input"):
                     self.batch_done.wait(POLL_SECONDS)
         self._put(self.claimed_queue, _END)
@@ -735,7 +739,7 @@ class Run:
         rows = session.query(self.claim_query, {
             "key": sql.CLAIM_LOCK_KEY, "after": after, "limit": limit, "since": self.since, "batch": self.batch_size,
             "name": worker_name(), "worker": str(self.worker.heartbeat.id), "lease": LEASE_SECONDS,
-            "session": not session.pooled})
+            "session": not session.pooled, "horizon": self.horizon})
         if rows and rows[0][0] is None:
             return [], tuple(rows[0][4:])
         batches = {}

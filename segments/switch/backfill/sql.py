@@ -53,10 +53,14 @@ def claim_message(column, retry_quarantined=False):
     then up to %(limit)s pending, unclaimed, not quarantined segments after %(after)s taken and cut
     into claims of %(batch)s rows (one row of embeddings_backfill_claim each, leased to worker
     %(worker)s). Its rows: (id, text, md5 of the text, claim id, None, None, None), by id; or, when
-    nothing was taken, one row (None x 4, open, pending, quarantined): what is pending and not
-    quarantined (claimed or not), pending, and of those quarantined, so that the worker knows without
-    another round trip whether it is done."""
-    counts = (f"SELECT count(*) FILTER (WHERE NOT {quarantined_sql(retry_quarantined)}), count(*), "
+    nothing was taken, one row (None x 4, open, pending, quarantined): what the worker still waits for
+    (pending and not quarantined: its own claims' rows, and others' rows of id %(horizon)s or less, the
+    last id when its pass began, or all when None: rows that arrived since and that another worker
+    took, a follower, are that worker's), pending, and of those quarantined, so that the worker knows
+    without another round trip whether it is done."""
+    waits_for = ("(%(horizon)s::bigint IS NULL OR s.id <= %(horizon)s OR EXISTS (SELECT 1 FROM "
+                 "embeddings_backfill_claim c WHERE s.id BETWEEN c.first_id AND c.last_id AND c.worker_id = %(worker)s))")
+    counts = (f"SELECT count(*) FILTER (WHERE NOT {quarantined_sql(retry_quarantined)} AND {waits_for}), count(*), "
               f"count(*) FILTER (WHERE {quarantined_sql(False)}) FROM segments s WHERE {pending_sql(column)}")
     return "; ".join([
         LOCK_CLAIMS % "%(key)s",
@@ -83,10 +87,11 @@ def claim_message(column, retry_quarantined=False):
 def prepare_message(column, blank=True):
     """A pass's first step: quarantine entries that no longer apply dropped; its row: (the run's start
     time, its quarantine cutoff; how many segments need a vector; how many are blank: None when not
-    counted, a table scan a follower's pass leaves out)."""
+    counted, a table scan a follower's pass leaves out; the last id, the pass's horizon)."""
     blank_count = f"({COUNT_BLANK})" if blank else "NULL::bigint"
     return (f"{obsolete_quarantine_sql(column).strip()}; "
-            f"SELECT now(), count(*), {blank_count} FROM segments s WHERE {pending_sql(column)}")
+            f"SELECT now(), count(*), {blank_count}, (SELECT max(id) FROM segments) "
+            f"FROM segments s WHERE {pending_sql(column)}")
 
 
 def final_counts_message(column, blank=True):

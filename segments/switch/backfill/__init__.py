@@ -127,9 +127,10 @@ def target_for(cursor, worker, doing="this backfill"):
     (ledger.ModelMismatch); a column with no recorded model is recorded as this model's.
 
     Call it in a transaction (`Session.run`): it takes the table's write lock, so a swap or an undo
-    renames the columns before or after it, never between its reads. Three round trips, one more for
-    each record or sample it needs; the pass then writes under the entry without reading the ledger again
-    (each batch's message checks that the entry still names its column)."""
+    renames the columns before or after it, never between its reads. Two round trips (four with the
+    transaction's begin and commit), one more for each record or sample it needs; the pass then writes
+    under the entry without reading the ledger again (each batch's message checks that the entry still
+    names its column)."""
     types = vector_column_types(cursor=cursor)
     schema = require_vector_column(cursor=cursor, types=types)
     recorded = ledger.entries(cursor, TABLE, before=f"LOCK TABLE {TABLE} IN ROW EXCLUSIVE MODE")

@@ -308,8 +308,8 @@ class Run:
         claim = threading.Thread(target=self._guarded, args=(self._claim_stage,), name="backfill-claim")
         setup = threading.Thread(target=self._guarded, args=(self._set_up, claim), name="backfill-setup")
         try:
-            # The pass's counts and the ledger's entry (a few round trips) are read beside the first claims
-            # and encoding; the writes wait for them.
+            # The pass's counts (and the ledger's entry, when its target came without it) are read beside the
+            # first claims and encoding; the writes wait for them.
             setup.start()
             if self.worker.throttle is not None and self.wait_for_arrivals is None:
                 self.worker.throttle.look_ahead()  # (a follower's first write may come much later: it looks then)

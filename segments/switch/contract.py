@@ -177,7 +177,7 @@ def _on_the_server(link, statement, local, progress, throttle, rows_per_transact
     hold = (lambda rows: throttle.before_write(rows)) if throttle is not None else None
     try:
         return server_loop.batches(link, statement, local=local, on_batches=progress, before_call=hold, most=most,
-                                   lock_attempts=LOCK_ATTEMPTS)
+                                   lock_attempts=LOCK_ATTEMPTS, look=throttle)
     except server_loop.LockBlocked:
         raise interrupted() from None
 

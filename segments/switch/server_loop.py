@@ -37,7 +37,8 @@ FIRST_ID = -(2**31) - 1  # below every id (a literal PostgreSQL reads as bigint,
 BATCHES = """
 CREATE OR REPLACE PROCEDURE pg_temp.segments_batches(
     statement text, INOUT after bigint, INOUT done bigint, INOUT blocked boolean,
-    most bigint, seconds double precision, lock_timeout text, replica boolean, INOUT finished timestamptz)
+    most bigint, seconds double precision, lock_timeout text, replica boolean, INOUT finished timestamptz,
+    look text, INOUT wal bigint, INOUT pause json, INOUT replicas json)
 LANGUAGE plpgsql AS $procedure$
 DECLARE
     deadline timestamptz := clock_timestamp() + make_interval(secs => seconds);
@@ -62,6 +63,13 @@ BEGIN
         EXIT WHEN after IS NULL OR done >= most OR clock_timestamp() >= deadline;
     END LOOP;
     finished := clock_timestamp();
+    IF look IS NOT NULL THEN  -- the throttle's look, answered with the call: the next call needs none of its own
+        BEGIN
+            EXECUTE look INTO wal, pause, replicas;
+        EXCEPTION WHEN undefined_table THEN
+            wal := NULL;  -- the caller looks for itself
+        END;
+    END IF;
 END
 $procedure$
 """
@@ -177,11 +185,13 @@ def _transient(exc):
     return isinstance(exc, postgres.TRANSIENT_ERRORS)
 
 
-def batches(link, statement, *, local, on_batches=None, before_call=None, most=None, lock_attempts=5):
+def batches(link, statement, *, local, on_batches=None, before_call=None, most=None, lock_attempts=5, look=None):
     """Run `statement` on the server again and again (one transaction each) until it says nothing is left:
     it takes the id to go on after ($1) and answers (rows done, the id to go on after; NULL when done).
     Each call of the server's loop works for up to SECONDS_PER_CALL (and at most `most` rows);
     `before_call(most)` may hold a call back (a throttle); `on_batches(rows)` hears of each call's rows.
+    `look`, a throttle (its `look_query` and `observe(row)`), has each call answer with its look, taken
+    by the server as the call ends: the next `before_call` rests on it instead of a round trip of its own.
     A batch that waits for a lock longer than `local`'s lock_timeout rolls back and the call answers:
     it is tried again after a pause, `lock_attempts` times in a row, then LockBlocked. (The total, when the
     last call ended by the server's clock.)"""
@@ -191,9 +201,12 @@ def batches(link, statement, *, local, on_batches=None, before_call=None, most=N
     while after is not None:
         if before_call is not None:
             before_call(most)
-        after, done, blocked, finished = link.run(
-            lambda cursor: _call(cursor, statement, after, most, local, replica),
+        look_query = look.look_query if look is not None else None
+        after, done, blocked, finished, *looked = link.run(
+            lambda cursor: _call(cursor, statement, after, most, local, replica, look_query),
             SECONDS_PER_CALL + postgres.parse_duration_ms(local["lock_timeout"]) / 1000)
+        if look is not None and looked[0] is not None:
+            look.observe(looked)
         total += done
         if on_batches is not None and done:
             on_batches(done)
@@ -213,9 +226,9 @@ class LockBlocked(Exception):
         self.done = done
 
 
-def _call(cursor, statement, after, most, local, replica):
-    cursor.execute("CALL pg_temp.segments_batches(%s, %s, 0, false, %s, %s, %s, %s, NULL)",
-                   [statement, after, most, SECONDS_PER_CALL, local["lock_timeout"], replica])
+def _call(cursor, statement, after, most, local, replica, look_query):
+    cursor.execute("CALL pg_temp.segments_batches(%s, %s, 0, false, %s, %s, %s, %s, NULL, %s, NULL, NULL, NULL)",
+                   [statement, after, most, SECONDS_PER_CALL, local["lock_timeout"], replica, look_query])
     return cursor.fetchone()
 
 

@@ -413,6 +413,21 @@ class Throttle:
 
     # The look: one statement.
 
+    @property
+    def look_query(self):
+        """The statement of a look, for a caller that sends it in a message of its own (then `observe`)."""
+        return self._query
+
+    def observe(self, row):
+        """A look someone else took with `look_query` (the contract's server loop answers each call with
+        one), its row, as if this throttle had just taken it: the decisions of the next LOOK_SECONDS rest
+        on it, with no look of their own."""
+        with self._look_lock:
+            self._learned(row)
+            health = self._health_of(row, self.clock())
+            with self._lock:
+                self._health, self._looked_at = health, self.clock()
+
     def _look(self, now):
         try:
             row = self._read()
@@ -425,6 +440,10 @@ class Throttle:
             self._look_failed = True
             return Health(None, (), None)
         self._look_failed = False
+        return self._health_of(row, now)
+
+    def _health_of(self, row, now):
+        """The Health a look's row (its WAL position, the pause, the replicas) says at `now`."""
         current, pause, replicas = row
         pause = Pause(pause["by"], pause["at"], pause["reason"]) if pause and "by" in pause else None
         replicas = [Replica(r["pid"], r["name"], r["address"], r["replayed"], r["replay_lag"]) for r in replicas]
@@ -449,9 +468,12 @@ class Throttle:
                 self._query = WITHOUT_PAUSE
                 cursor.execute(self._query)
             row = cursor.fetchone()
+        self._learned(row)
+        return row
+
+    def _learned(self, row):
         if self._query is WITHOUT_PAUSE and row[1] is not None:  # the table came: look at it from now on
             self._query = WITH_PAUSE
-        return row
 
     def open_quietly(self):
         """Open its connection ahead of its first look (far from the database a connection costs a few round

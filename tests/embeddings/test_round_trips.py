@@ -222,6 +222,26 @@ def test_the_contracts_round_trips_do_not_grow_with_its_batches(segments_at, mon
     assert spent[10] <= 14, spent
 
 
+def test_each_call_of_the_contracts_server_loop_answers_with_the_throttles_look(segments_at, monkeypatch):
+    from segments.switch import server_loop
+    from segments.switch.throttle import Throttle
+
+    segments_at("expanded")
+    swapped_with_legacy_vectors(300)
+    monkeypatch.setattr(server_loop, "SECONDS_PER_CALL", 0.0)  # a call a batch: many calls
+    own, observed = [], []
+    read, observe = Throttle._read, Throttle.observe
+    monkeypatch.setattr(Throttle, "_read", lambda self: own.append(1) or read(self))
+    monkeypatch.setattr(Throttle, "observe", lambda self, row: observed.append(row) or observe(self, row))
+
+    result = steps.contract(confirmed=True, rows_per_transaction=20)
+
+    assert result.details["legacy_vectors_cleared"] == 300
+    assert len(observed) >= 15  # the 15 clearing calls at least, each answering with a look
+    assert len(own) <= 2  # the look before the first call (and one after a VACUUM's pause, at most)
+    assert all(isinstance(wal, int) and isinstance(replicas, list) for wal, _pause, replicas in observed)
+
+
 def test_several_reads_go_as_one_statement_each_answering_its_rows_in_its_order():
     connection.ensure_connection()
     raw = connector("default")("reads")

@@ -6,7 +6,8 @@ time, each costs a few round trips: far from the database (51 ms a round trip) 5
 that took 3.5 s next to it. Here the loop runs on the server instead: a procedure of the session's
 own (created in `pg_temp` on the contract's connection: it needs no privilege but TEMP, and goes
 with the session) runs one batch statement again and again, committing after each, for up to
-SECONDS_PER_CALL, then answers: one round trip per second of work, whatever the batches hold.
+SECONDS_PER_CALL, then answers: one round trip per second of work, whatever the batches hold. Its
+answer carries the throttle's look, taken as the call ends, so that the next call needs none of its own.
 Waiting for the transactions that hold VACUUM back is a function of the same kind, which looks
 every 0.2 s on the server.
 

@@ -87,12 +87,14 @@ def query(server, sql, params=None):
 
 
 @pytest.mark.slow
-def test_the_backfill_rides_out_a_server_restart(private_server):
+@pytest.mark.parametrize("write_ahead", ["", "1"], ids=["sent-with-its-batch", "sent-ahead"])
+def test_the_backfill_rides_out_a_server_restart(private_server, write_ahead):
     texts = sentences(3000, seed=8)
     with closing(private_server.connect()) as conn, conn.cursor() as cursor:
         cursor.execute("INSERT INTO segments (video_id, start_sec, end_sec, text) "
                        "SELECT 'v', n, n + 1, t FROM unnest(%s::text[]) WITH ORDINALITY u(t, n)", [texts])
-    env = {**os.environ, "DATABASE_URL": private_server.url, "FAKE_ENCODER_DELAY": "0.01"}
+    env = {**os.environ, "DATABASE_URL": private_server.url, "FAKE_ENCODER_DELAY": "0.01",
+           "FAKE_BACKFILL_WRITE_AHEAD": write_ahead}
     process = subprocess.Popen([sys.executable, str(FAKE_BACKFILL), "--batch-size", "20", "--json"], env=env,
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     embedded = "SELECT count(*) FROM segments WHERE embedding_384 IS NOT NULL"  # the expanded phase, as in production

@@ -651,8 +651,11 @@ class Run:
         except Exception as exc:
             if not (isinstance(exc, TRANSIENT_ERRORS) or ledger_moved(exc)):
                 raise
-            logger.info("a message sent ahead of its batch failed (%s); the batch goes in one of its own",
-                        " ".join(str(exc).split()))
+            if ledger_moved(exc):  # a swap or an undo renamed the column: the plain write follows it
+                logger.info("the column moved under a message sent ahead of its batch; the batch follows it")
+            else:
+                logger.warning("the backfill %s failed (a message sent ahead of its batch): %s; retrying with the "
+                               "batch in a message of its own", session.role, " ".join(str(exc).split()))
             return (taken[0] if taken else None), None
         finally:
             if not asked:  # the message failed before the server asked for the batch

@@ -193,7 +193,11 @@ class Session:
             return round_trips.measure_ms(connection, times)
 
     def mogrify(self, sql, params):
-        """`sql` with `params` bound, as the server will read it (to join it to a message)."""
+        """`sql` with `params` bound, as the server will read it (to join it to a message); the connection it
+        needs is opened, with retries, if a failure closed it."""
+        return self._retried(self._mogrify, sql, params)
+
+    def _mogrify(self, sql, params):
         with self.connection().cursor() as cursor:
             return cursor.mogrify(sql, params).decode()
 

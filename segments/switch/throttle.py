@@ -345,11 +345,6 @@ class Throttle:
                 self._health, self._looked_at = health, self.clock()
                 return health
 
-    @property
-    def rate_capped(self):
-        """Whether the writes have a rate cap (each may have to wait for its turn)."""
-        return self.bucket is not None
-
     def goes_now(self, rows):
         """Whether `rows` rows may be written at once, without waiting (else before_write() waits): nothing
         holds the writes back, and no rate cap counts them."""

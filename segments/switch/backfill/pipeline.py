@@ -129,12 +129,12 @@ def count_plan(session, column, blank=True, claims=()):
 @dataclass
 class Target:
     """Where a pass writes: the column holding the worker's model's vectors, its width and type, and the
-    model ledger's entry for it (its id; None: the pass resolves it before its first write)."""
+    id of the model ledger's entry its batches write under (backfill.target_for resolves it)."""
 
     column: str
     dims: int
     storage: str
-    entry_id: int | None = None
+    entry_id: int
 
 
 def model_identity(encoder):
@@ -285,8 +285,8 @@ class Run:
         self.vector_writers = {}  # write session: its VectorWriter
         self.ledger_writer = VectorWriter(None, target.column, target.dims, identity=worker.identity,
                                           type_name=target.storage)  # what the pass learns of the ledger, once
-        self.ledger_writer.entry_id = target.entry_id  # resolved with the target, or before the first write
-        self.ready = threading.Event()  # the pass's counts and the ledger's entry are in: the writes may go
+        self.ledger_writer.entry_id = target.entry_id  # resolved with the target: each batch's message checks it
+        self.ready = threading.Event()  # the pass's counts are in: the writes may go
         self.since = None
         self.horizon = None  # the last id when the pass began: what arrives since and another worker takes is its
         self.total = 0
@@ -308,8 +308,7 @@ class Run:
         claim = threading.Thread(target=self._guarded, args=(self._claim_stage,), name="backfill-claim")
         setup = threading.Thread(target=self._guarded, args=(self._set_up, claim), name="backfill-setup")
         try:
-            # The pass's counts (and the ledger's entry, when its target came without it) are read beside the
-            # first claims and encoding; the writes wait for them.
+            # The pass's counts are read beside the first claims and encoding; the writes wait for them.
             setup.start()
             if self.worker.throttle is not None and self.wait_for_arrivals is None:
                 self.worker.throttle.look_ahead()  # (a follower's first write may come much later: it looks then)
@@ -344,8 +343,8 @@ class Run:
         return self.report
 
     def _set_up(self, claim):
-        """The pass's counts (`since`, the total, the blank count) and, unless its target came with it, the
-        ledger's entry for its column; then the claims, if they waited for `since` (a retry of the quarantine)."""
+        """The pass's counts (`since`, the total, the blank count, its horizon); then the claims, if they
+        waited for `since` (a retry of the quarantine)."""
         try:
             self.since, total, self.blank, horizon = self._following_renames(self.worker.control, self._prepare)
             self.horizon = None if self.wait_for_arrivals is not None else horizon
@@ -353,18 +352,8 @@ class Run:
             self._report_progress()
             if self.retry_quarantined:
                 claim.start()  # its claims retry the entries recorded before the pass's start time
-            if self.ledger_writer.entry_id is None:
-                self._following_renames(self.worker.control, self._resolve_ledger)
         finally:
             self.ready.set()  # a failure has stopped the stages: the writers need not wait
-
-    def _resolve_ledger(self, session):
-        def resolve(connection):
-            self.ledger_writer.connection = connection
-            with connection.cursor() as cursor:
-                self.ledger_writer.resolve(cursor)
-        session.call(resolve)
-        self._moved_to(self.ledger_writer.column)
 
     def _guarded(self, stage, *args):
         try:
@@ -555,14 +544,12 @@ class Run:
     def _may_send_ahead(self):
         """Whether this pass's writers send a batch's message before the batch is there (VectorWriter's
         write_ahead: far from the database, the COPY's call for the data crosses the wire while the batch is
-        encoded): per Tuning.write_ahead, the pass's ledger entry resolved, no rate cap (the message cannot
-        wait its turn)."""
+        encoded): per Tuning.write_ahead, without a rate cap (the message cannot wait its turn)."""
         wanted = self.tuning.write_ahead
         if wanted is None:
             wanted = self.worker.measured_round_trip() >= AHEAD_ROUND_TRIP_SECONDS
         throttle = self.worker.throttle
-        return (bool(wanted) and self.ledger_writer.entry_id is not None
-                and (throttle is None or not throttle.rate_capped))
+        return bool(wanted) and (throttle is None or not throttle.max_rows_per_second)
 
     def _await_a_batch(self):
         """Wait until a claimed batch is on its way that no writer awaits yet, and await it (count it, under
@@ -587,7 +574,7 @@ class Run:
         return item
 
     def _wait_until_ready(self, clock):
-        """Wait for the pass's counts and the ledger's entry; False when the pass stops meanwhile."""
+        """Wait for the pass's counts; False when the pass stops meanwhile."""
         with clock.timing("waiting_for_input"):
             while not self.ready.wait(0.2):
                 if self.stopping:

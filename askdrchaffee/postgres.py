@@ -416,9 +416,11 @@ def connection_params(using="default", direct=False):
     return private, private.get_connection_params()
 
 
-def private_connection(using="default", purpose="work", settings=None, application_name=None, autocommit=True):
+def private_connection(using="default", purpose="work", settings=None, application_name=None, autocommit=True,
+                       then=()):
     """A new psycopg2 connection for work that needs a session of its own (`purpose` names it in
-    errors), with `settings` ({name: value}) given as startup options, so that no SET is ever sent.
+    errors), with `settings` ({name: value}) given as startup options, so that no SET is ever sent;
+    `then`: statements (the session's own routines) sent in the same message as the settings' check.
 
     It goes over DATABASE_DIRECT_URL when that is set. Otherwise, when the usual route is a pooler
     or proxy (`behind_pooler`), it refuses with PoolerRefused, naming that setting: a pooler drops
@@ -439,7 +441,7 @@ def private_connection(using="default", purpose="work", settings=None, applicati
     connection = private.get_new_connection(params)
     connection.autocommit = autocommit
     try:
-        _check_settings(connection, settings or {}, purpose)
+        _check_settings(connection, settings or {}, purpose, then)
     except BaseException:
         connection.close()
         raise
@@ -471,17 +473,27 @@ def _option_value(value):
     raise ValueError(f"startup option value {text!r}: only letters, digits and . : / - _ are allowed")
 
 
-def _check_settings(connection, wanted, purpose):
-    """PoolerRefused when the server did not take the startup options (a proxy dropped them).
+def _check_settings(connection, wanted, purpose, then=()):
+    """PoolerRefused when the server did not take the startup options (a proxy dropped them); `then`
+    (statements) run first, in the same message.
 
     Each setting's current value is compared with the value asked for as the server shows it
-    (`set_config(..., true)` in the same statement, which ends with it: nothing stays set)."""
-    for name, value in wanted.items():
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT current_setting(%s), set_config(%s, %s, true)", [name, name, str(value)])
-            got, asked = cursor.fetchone()
-        if not connection.autocommit:
-            connection.rollback()
+    (`set_config(..., true)` in the same statement, which ends with the message's transaction: nothing
+    stays set)."""
+    from askdrchaffee import round_trips
+
+    names = list(wanted)
+    if not names and not then:
+        return
+    with connection.cursor() as cursor:
+        check = cursor.mogrify("SELECT " + ", ".join(["current_setting(%s), set_config(%s, %s, true)"] * len(names)),
+                               [part for name in names for part in (name, name, str(wanted[name]))]).decode()
+        cursor.execute(round_trips.message(*then, check if names else ""))
+        found = cursor.fetchone() if names else ()
+    if not connection.autocommit:
+        connection.rollback()
+    for number, name in enumerate(names):
+        value, (got, asked) = wanted[name], found[2 * number:2 * number + 2]
         if got != asked:
             raise PoolerRefused(
                 f"{purpose} asked for {name} = {value} as a startup option and the server reports {got}: "

@@ -170,6 +170,11 @@ def entries(cursor, table, before=""):
     return {row[1]: _entry(row) for row in _read(cursor, sql, {"table": table, "name": table.split(".")[-1]})}
 
 
+def entries_from(rows):
+    """{column: Entry} from the rows of ACTIVE (read by a caller with other reads: round_trips.reads)."""
+    return {row[1]: _entry(row) for row in rows}
+
+
 def entry(cursor, table, column):
     return entries(cursor, table).get(column)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from django.db import connections
 
+from askdrchaffee import round_trips
 from embeddings.ledger import EVIDENCE_ROWS
 
 TABLE = "segments"
@@ -119,14 +120,17 @@ def vector_columns(using="default"):
     return {name: dims for name, (_, dims) in vector_column_types(using).items()}
 
 
-def embedding_schema(using="default", cursor=None, types=None):
+def embedding_schema(using="default", cursor=None, types=None, recorded=None, expanded=None):
     """The phase of the table, as an EmbeddingSchema; SchemaNotReady if there is no table (through
-    `cursor` when given; from `types`, vector_column_types() read already, when given)."""
+    `cursor` when given; from `types`, vector_column_types() read already, and `recorded`, what
+    MIGRATIONS_RECORDED answered, or `expanded`, what expanded_before() says, when given: without them,
+    one statement reads the first two)."""
     if cursor is None:
         with connections[using].cursor() as cursor:
-            return embedding_schema(cursor=cursor, types=types)
+            return embedding_schema(cursor=cursor, types=types, recorded=recorded, expanded=expanded)
     if types is None:
-        types = vector_column_types(cursor=cursor)
+        type_rows, ((recorded,),) = round_trips.reads(cursor, (VECTOR_COLUMNS, [TABLE]), MIGRATIONS_RECORDED)
+        types = column_types(type_rows)
     columns = {name: dims for name, (_, dims) in types.items()}
     if LIVE not in columns:
         raise SchemaNotReady(
@@ -139,16 +143,22 @@ def embedding_schema(using="default", cursor=None, types=None):
     if PREVIOUS in columns:
         return EmbeddingSchema("swapped", LIVE, columns[LIVE], PREVIOUS, columns[PREVIOUS], types[LIVE][0],
                                types[PREVIOUS][0])
-    if expanded_before(cursor):
+    if expanded_before(cursor, recorded) if expanded is None else expanded:
         return EmbeddingSchema("final", LIVE, columns[LIVE], None, None, types[LIVE][0])
     return EmbeddingSchema("legacy", None, None, LIVE, columns[LIVE], None, types[LIVE][0])
 
 
-def expanded_before(cursor):
+MIGRATIONS_RECORDED = "SELECT to_regclass('django_migrations') IS NOT NULL"  # read with the columns
+
+
+def expanded_before(cursor, recorded=None):
     """Whether this project ever expanded the table (its first phase 1 is recorded as applied):
-    with only `embedding` left, the table is then at the end of a switch, not the original one."""
-    cursor.execute("SELECT to_regclass('django_migrations') IS NOT NULL")
-    if not cursor.fetchone()[0]:
+    with only `embedding` left, the table is then at the end of a switch, not the original one.
+    `recorded`: MIGRATIONS_RECORDED's answer, when read already."""
+    if recorded is None:
+        cursor.execute(MIGRATIONS_RECORDED)
+        recorded = cursor.fetchone()[0]
+    if not recorded:
         return False
     cursor.execute("SELECT EXISTS (SELECT 1 FROM django_migrations WHERE app = 'segments' AND name = %s)",
                    [FIRST_EXPAND])

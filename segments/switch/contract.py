@@ -37,6 +37,7 @@ WAIT_FOR_OLDER_TRANSACTIONS_SECONDS) for the transactions older than the contrac
 naming them (segments/switch/horizon.py); one still open after that is reported in the result
 (`held_back_by`), and the space it holds comes back at a VACUUM after it ends.
 """
+import json
 import time
 from dataclasses import dataclass
 
@@ -58,9 +59,12 @@ LOCK_ATTEMPTS = 5
 # How long each VACUUM waits for the transactions older than the contract's writes (horizon.py).
 WAIT_FOR_OLDER_TRANSACTIONS_SECONDS = 300
 
+# Bytes on disk of segments' heap, its TOAST table (with its index), its indexes, and all of them together
+# (with the heap's free space and visibility maps).
 RELATION_SIZES = f"""
-    SELECT pg_relation_size(c.oid), COALESCE(pg_total_relation_size(NULLIF(c.reltoastrelid, 0)), 0),
-           pg_indexes_size(c.oid), pg_total_relation_size(c.oid)
+    SELECT pg_relation_size(c.oid) AS heap_bytes,
+           COALESCE(pg_total_relation_size(NULLIF(c.reltoastrelid, 0)), 0) AS toast_bytes,
+           pg_indexes_size(c.oid) AS indexes_bytes, pg_total_relation_size(c.oid) AS total_bytes
     FROM pg_class c WHERE c.oid = to_regclass('{TABLE}')
 """
 SIZE_KEYS = ("heap_bytes", "toast_bytes", "indexes_bytes", "total_bytes")
@@ -86,18 +90,6 @@ def refuse_dependent_views(cursor, rows=None):
             f"Contract refused, nothing changed: {names} select(s) segments.{LEGACY}, which the contract "
             "drops. Redefine them without that column (or drop them), then run the contract again."
         )
-
-
-def table_size(cursor):
-    """pg_total_relation_size of segments: heap, TOAST and indexes."""
-    return relation_sizes(cursor)["total_bytes"]
-
-
-def relation_sizes(cursor):
-    """Bytes on disk of segments' heap, its TOAST table (with its index), its indexes, and all of
-    them together (with the heap's free space and visibility maps)."""
-    cursor.execute(RELATION_SIZES)
-    return dict(zip(SIZE_KEYS, cursor.fetchone()))
 
 
 def drop_legacy_indexes(link, out, indexes=None):
@@ -164,7 +156,8 @@ def clear_statement(rows_per_transaction):
 
 def clear_legacy_vectors(link, rows_per_transaction, local, progress=None, throttle=None):
     """Set the legacy column to NULL, a batch a transaction (each setting `local`), in the server's loop;
-    (how many rows were cleared, when its last write ended by the server's clock). Before each call of
+    a server_loop.Done (how many rows were cleared, when its last write ended by the server's clock, who
+    could still see the cleared rows then). Before each call of
     the loop `throttle` (segments/switch/throttle.py), when given, may hold it back; with a rate cap, a
     call clears at most a second of it."""
     return _on_the_server(link, clear_statement(rows_per_transaction), local, progress, throttle,
@@ -198,16 +191,17 @@ def move_out_of_line_values(link, rewrite, found, rows_per_transaction, local, p
                             throttle=None):
     """Rewrite the values stored out of line (`rewrite`: an out_of_line.Rewrite; `found`: what
     out_of_line_now() said), `rows_per_transaction` rows a transaction (each setting `local`), in the
-    server's loop, so that they move to the front of the TOAST table; (how many rows were rewritten: 0
-    without room to move them into, when the last write ended by the server's clock: None without one)."""
+    server's loop, so that they move to the front of the TOAST table; a server_loop.Done (how many rows
+    were rewritten: 0 without room to move them into; when the last write ended by the server's clock and
+    who could still see it then: None without one)."""
     sizes, rows, stored = found
     if stored > MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST * sizes["toast_bytes"]:
         out(f"the values stored out of line fill {stored / max(sizes['toast_bytes'], 1):.0%} of the TOAST table: no "
             "room to move them to its front, left where they are")
-        return 0, None
+        return server_loop.Done(0, None)
     statement = rewrite.batch_statement(rows_per_transaction)
     if statement is None or not rows:
-        return 0, None
+        return server_loop.Done(0, None)
     bar = progress_factory(rows) if progress_factory else None
     if bar is not None and hasattr(bar, "set_description"):
         bar.set_description("moving out-of-line values")
@@ -226,16 +220,18 @@ def count_legacy_vectors(cursor):
     return cursor.fetchone()[0]
 
 
-def vacuum_after_writes(link, out, wait_seconds, held_back, analyze=False, since=None):
-    """vacuum() once the transactions that began before `since` (the contract's last write, by the server's
-    clock; None: now) have ended, or `wait_seconds` have passed: what still holds the space is recorded in
-    `held_back`, {who: description}. The wait runs on the server, answering every WAIT_STEP_SECONDS with
-    who it still waits for."""
+def vacuum_after_writes(link, out, wait_seconds, held_back, analyze=False, written=None):
+    """vacuum() once the transactions that began before the contract's last write (`written`, a
+    server_loop.Done: when, by the server's clock, and who could still see it then; None: now) have ended,
+    or `wait_seconds` have passed: what still holds the space is recorded in `held_back`, {who: description}.
+    The wait runs on the server, answering every WAIT_STEP_SECONDS with who it still waits for."""
+    since, left = (written.finished, written.holders) if written is not None else (None, None)
     if since is None:
-        since = link.run(horizon.server_now)
-    deadline, said, step = time.monotonic() + wait_seconds, set(), 0.0  # the first look answers at once
+        since, left = link.run(horizon.server_now), None
+    deadline, said = time.monotonic() + wait_seconds, set()
+    if left is None:  # the call that wrote last did not look: a look that answers at once
+        left = server_loop.holders_after(link, since, 0.0)
     while True:
-        left = server_loop.holders_after(link, since, step)
         for holder in left:
             if holder.who not in said:
                 said.add(holder.who)
@@ -243,7 +239,8 @@ def vacuum_after_writes(link, out, wait_seconds, held_back, analyze=False, since
                     f"(waiting up to {int(wait_seconds)} s in all)")
         if not left or time.monotonic() >= deadline:
             break
-        step = max(0.0, min(server_loop.WAIT_STEP_SECONDS, deadline - time.monotonic()))
+        left = server_loop.holders_after(link, since, max(0.0, min(server_loop.WAIT_STEP_SECONDS,
+                                                                   deadline - time.monotonic())))
     for holder in left:
         held_back[holder.who] = holder.line
     vacuum(link, analyze)
@@ -261,16 +258,18 @@ def vacuum(link, analyze=False):
     patiently(link, f"VACUUM ({options}) {TABLE}")
 
 
-def raw_connection(using):
+def raw_connection(using, then=()):
     """A psycopg2 connection of its own in autocommit mode (VACUUM and CONCURRENTLY need one), with
-    lock_timeout as a startup option: over DATABASE_DIRECT_URL behind a pooler (askdrchaffee.postgres)."""
+    lock_timeout as a startup option: over DATABASE_DIRECT_URL behind a pooler (askdrchaffee.postgres);
+    `then`, statements sent with the check of that setting."""
     return postgres.private_connection(using, "The contract", settings={"lock_timeout": LOCK_TIMEOUT},
-                                       application_name="embedding_switch contract")
+                                       application_name="embedding_switch contract", then=then)
 
 
 def link_for(using):
-    """The contract's ServerLink: raw connections (opened again after a lost or silent link)."""
-    return server_loop.ServerLink(lambda: raw_connection(using))
+    """The contract's ServerLink: raw connections (opened again after a lost or silent link), each
+    creating the link's routines in its first message."""
+    return server_loop.ServerLink(lambda routines: raw_connection(using, then=[routines]), sends_routines=True)
 
 
 def _megabytes(sizes):
@@ -283,22 +282,35 @@ class Prepared:
     """What the contract reads before it changes anything (prepare(), one message)."""
 
     local: dict  # what each of its transactions sets for itself (transaction_settings)
-    sizes: dict  # relation_sizes()
+    sizes: dict  # RELATION_SIZES, by SIZE_KEYS
     to_clear: int  # legacy vectors
     legacy_indexes: list  # catalog.Index on the legacy column
     rewrite: out_of_line.Rewrite  # how its values stored out of line are found and moved
+    applied: set  # the recorded migrations, (app, name): the contract's plan (gate.contract_plan)
+    look: tuple = None  # the throttle's look, when asked for (Throttle.observe reads it)
 
 
-def prepare(cursor):
-    """The contract's look at the table, in one message (ContractRefused while a view selects the legacy
-    column, TriggersNotQuieted when the application's triggers would fire and may not be kept quiet):
-    a Prepared. Nothing is changed."""
-    views, trigger_rows, (sizes,), ((to_clear,),), indexes, columns = round_trips.reads(
-        cursor, catalog.dependent_views_query(LEGACY), user_triggers_query(), RELATION_SIZES, COUNT_LEGACY,
-        catalog.column_indexes_query(LEGACY), out_of_line.columns_query())
+APPLIED = "SELECT app, name FROM django_migrations"
+
+
+def prepare(cursor, look=None):
+    """The contract's look at the table, in one message, with the recorded migrations and, given `look` (a
+    throttle's look_query_for_reads), the throttle's look (ContractRefused while a view selects the legacy column,
+    TriggersNotQuieted when the application's triggers would fire and may not be kept quiet): a Prepared.
+    Nothing is changed."""
+    queries = [catalog.dependent_views_query(LEGACY), user_triggers_query(), RELATION_SIZES, COUNT_LEGACY,
+               catalog.column_indexes_query(LEGACY), out_of_line.columns_query(), APPLIED]
+    try:
+        views, trigger_rows, (sizes,), ((to_clear,),), indexes, columns, applied, *looked = round_trips.reads(
+            cursor, *queries, *([look] if look else []))
+    except errors.UndefinedTable:  # the look's pause table, before its migration (the plan then says so)
+        if not look:
+            raise
+        return prepare(cursor)
     refuse_dependent_views(cursor, views)
     return Prepared(transaction_settings(cursor, trigger_rows), dict(zip(SIZE_KEYS, sizes)), to_clear,
-                    [catalog.Index(*row) for row in indexes], out_of_line.Rewrite(cursor, skip={LEGACY}, rows=columns))
+                    [catalog.Index(*row) for row in indexes], out_of_line.Rewrite(cursor, skip={LEGACY}, rows=columns),
+                    {tuple(row) for row in applied}, looked[0][0] if looked else None)
 
 
 def run(link, prepared, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=print, progress_factory=None,
@@ -317,23 +329,24 @@ def run(link, prepared, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=p
     bar = progress_factory(prepared.to_clear) if progress_factory else None
     reconnects = link.reconnects
     try:
-        cleared, last_write = clear_legacy_vectors(link, rows_per_transaction, local, bar.update if bar else None,
-                                                   throttle)
+        clearing = clear_legacy_vectors(link, rows_per_transaction, local, bar.update if bar else None, throttle)
     finally:
         if bar is not None:
             bar.close()
+    cleared = clearing.rows
     if link.reconnects != reconnects:  # a call whose answer a lost link took has cleared its rows too
         cleared = prepared.to_clear - link.run(count_legacy_vectors)
-    vacuum_after_writes(link, out, wait_seconds, held_back, since=last_write)
+    vacuum_after_writes(link, out, wait_seconds, held_back, written=clearing)
     found = out_of_line_now(link, prepared.rewrite)
     sizes["cleared"] = found[0]
     out(f"cleared {cleared:,} legacy vectors; segments is {_megabytes(sizes['cleared'])}; "
         "moving the values stored out of line to the front of the TOAST table")
-    moved, last_write = move_out_of_line_values(link, prepared.rewrite, found, rows_per_transaction, local,
-                                                progress_factory, out, throttle)
-    vacuum_after_writes(link, out, wait_seconds, held_back, analyze=True, since=last_write)
-    sizes["moved"] = link.run(relation_sizes)
-    out(f"rewrote the out-of-line values of {moved:,} segments; segments is {_megabytes(sizes['moved'])}")
+    moving = move_out_of_line_values(link, prepared.rewrite, found, rows_per_transaction, local, progress_factory,
+                                     out, throttle)
+    moved = moving.rows
+    vacuum_after_writes(link, out, wait_seconds, held_back, analyze=True,
+                        written=moving if moving.finished else server_loop.Done(0, clearing.finished))
+    out(f"rewrote the out-of-line values of {moved:,} segments")
     if held_back:
         out(f"NOT all the space came back: {'; '.join(held_back.values())} still saw the cleared rows after "
             f"{wait_seconds} s. A VACUUM of segments after it ends (autovacuum runs one) frees them.")
@@ -342,8 +355,7 @@ def run(link, prepared, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=p
         "legacy_vectors_cleared": cleared,
         "out_of_line_rows_moved": moved,
         "size_before_contract_bytes": sizes["start"]["total_bytes"],
-        "size_after_vacuum_bytes": sizes["moved"]["total_bytes"],
-        "sizes": sizes,
+        "sizes": sizes,  # "after", with the drop: Record
         "held_back_by": list(held_back.values()),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -358,22 +370,57 @@ def drop_legacy_column(schema_editor):
         cursor.execute(drop_statements(cursor))
 
 
-def drop_statements(cursor, lock_timeout=None, migration=None, also_recorded=()):
+class Record:
+    """The contract's SwitchEvent, written by the last statement of the drop's message: run()'s `figures`,
+    with the table's sizes once the column is dropped (sizes.after, size_after_vacuum_bytes, total_bytes),
+    its size before the switch began, and how long the message took on the server (drop_column_ms).
+    `details`: the event's, once written."""
+
+    def __init__(self, figures):
+        self.figures, self.details = figures, None
+
+    def statement(self, cursor):
+        from segments.models import SwitchEvent
+
+        events = SwitchEvent._meta.db_table
+        return cursor.mogrify(f"""
+            INSERT INTO {events} (step, at, details)
+            SELECT 'contract', now(), jsonb_set(%s::jsonb, '{{sizes,after}}', to_jsonb(s)) || jsonb_build_object(
+                'drop_column_ms', round((extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::numeric, 1),
+                'size_after_vacuum_bytes', s.total_bytes, 'total_bytes', s.total_bytes,
+                'total_bytes_before_switch', (SELECT e.details->'total_bytes' FROM {events} e
+                                              WHERE e.step = 'before' ORDER BY e.at DESC, e.id DESC LIMIT 1))
+            FROM ({RELATION_SIZES}) s
+            RETURNING details::text""", [json.dumps(self.figures, default=str)]).decode()
+
+    def written(self, row):
+        self.details = json.loads(row[0])
+
+
+def after_size_line(details):
+    """The line that tells the table's size once the contract is done."""
+    return f"dropped the legacy column; segments is {_megabytes(details['sizes']['after'])}"
+
+
+def drop_statements(cursor, lock_timeout=None, migration=None, also_recorded=(), record=None):
     """The contract migration's work as one message (the operator's path, segments/switch/gate.py): from
     the first lock to the commit no client round trip; with the migration's record ((app, name)) when
-    given, and those of `also_recorded` (migrations with nothing to run that wait for it). A view made on
-    the legacy column meanwhile stops it (DependentObjectsStillInUse: the drop has no CASCADE)."""
+    given, and those of `also_recorded` (migrations with nothing to run that wait for it), and last the
+    contract's SwitchEvent (`record`, a Record) when given. A view made on the legacy column meanwhile
+    stops it (DependentObjectsStillInUse: the drop has no CASCADE)."""
     from embeddings import ledger
     from segments import triggers
     from segments.schema import LIVE
 
-    record = [] if migration is None else [
-        "INSERT INTO django_migrations (app, name, applied) VALUES ({}, {}, now())".format(
-            *(postgres.quote_literal(part) for part in recorded)) for recorded in (migration, *also_recorded)]
+    recorded = [] if migration is None else [  # planned before the contract began: each once
+        "INSERT INTO django_migrations (app, name, applied) SELECT {0}, {1}, now() WHERE NOT EXISTS "
+        "(SELECT 1 FROM django_migrations WHERE app = {0} AND name = {1})".format(
+            *(postgres.quote_literal(part) for part in names)) for names in (migration, *also_recorded)]
     return round_trips.message(
         f"SELECT set_config('lock_timeout', {postgres.quote_literal(lock_timeout)}, true)" if lock_timeout else "",
         cursor.mogrify(*ledger.retire_statement(TABLE, LEGACY)).decode(),
         triggers.create_sql(LIVE),
         f"ALTER TABLE {TABLE} DROP COLUMN {LEGACY}",
-        *record,
+        *recorded,
+        record.statement(cursor) if record is not None else "",
     )

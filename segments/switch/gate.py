@@ -23,6 +23,8 @@ Each switch's migrations carry its number (`switch = N`): the first switch is 00
 one is written by `manage.py makeswitch`. The switch under way is the latest whose expand
 migration is applied.
 """
+from dataclasses import dataclass
+
 from django.core.management.base import CommandError
 from django.db import connections
 from askdrchaffee import postgres
@@ -143,17 +145,52 @@ def apply_step(step, using="default", inputs=None, out=None):
     if step in ("swap", "undo"):
         _apply_locked(migration, using, inputs, forward=not backwards)
     elif step == "contract":
-        waiting = _waiting_for(migration, executor.loader)
-        recorded = waiting if all(map(_records_only, waiting)) else []
-        _drop_in_one_message(migration, using, recorded)
-        if recorded:
-            return migration
+        return drop_legacy(ContractPlan.of(migration, executor.loader), using, record=inputs)
     else:
         bind(migration, inputs=inputs, out=out)
         executor.migrate([(APP, migration.name)], plan=[(migration, backwards)])
     if not backwards:
         _apply_what_waited_for(migration, using)
     return migration
+
+
+@dataclass
+class ContractPlan:
+    """The switch's contract migration, and the migrations with nothing to run that wait for it (recorded
+    with it), as the recorded migrations say when it is planned."""
+
+    migration: object
+    recorded: list
+
+    @classmethod
+    def of(cls, migration, loader):
+        waiting = _waiting_for(migration, loader)
+        return cls(migration, waiting if all(map(_records_only, waiting)) else [])
+
+
+def contract_plan(applied, using="default"):
+    """The ContractPlan of the switch under way, from `applied` (the recorded migrations, read with the
+    contract's other reads before it changes anything); CommandError while a plain `migrate` has work
+    left, or when its migration is recorded already (while the legacy column is there)."""
+    executor = executor_from(applied) or LockRetryingExecutor(connections[using])
+    _require_plain_migrate_done(executor)
+    migration = switches(executor.loader)[current_switch(executor.loader)]["contract"]
+    if (APP, migration.name) in executor.loader.applied_migrations:
+        before = next((name for app, name in migration.dependencies if app == APP), "zero")
+        raise CommandError(f"{APP}.{migration.name} is recorded as applied, and the legacy column it drops is still "
+                           f"there: the record was made by hand. Unrecord it (`manage.py migrate {APP} {before} "
+                           "--fake`), then run the contract again. Nothing was changed.")
+    return ContractPlan.of(migration, executor.loader)
+
+
+def drop_legacy(plan, using="default", record=None):
+    """The contract's migration of `plan` (a ContractPlan), the legacy column dropped, in one message with its
+    record, the records of the migrations that wait for it and the contract's SwitchEvent (`record`, a
+    contract.Record); then the migrations that wait for it and have work to do. The migration."""
+    _drop_in_one_message(plan.migration, using, plan.recorded, record)
+    if not plan.recorded:
+        _apply_what_waited_for(plan.migration, using)
+    return plan.migration
 
 
 CATALOG_ATTEMPTS = 3  # the swap's message written again when an index or a view changed under it
@@ -182,11 +219,11 @@ def _apply_locked(migration, using, inputs, *, forward):
                                    holders=lambda: segments_lock_holders(connections[using]))
 
 
-def _drop_in_one_message(migration, using, waiting=()):
+def _drop_in_one_message(migration, using, waiting=(), record=None):
     """The contract's migration (the legacy column dropped) as one message, its record included (and the
-    records of `waiting`, migrations with nothing to run that wait for it), under lock retries: its ACCESS
-    EXCLUSIVE lasts as long as the server's own work. A view made on the legacy column meanwhile stops it:
-    ContractRefused, naming the view."""
+    records of `waiting`, migrations with nothing to run that wait for it, and the contract's SwitchEvent,
+    `record`, a contract.Record, when given), under lock retries: its ACCESS EXCLUSIVE lasts as long as the
+    server's own work. A view made on the legacy column meanwhile stops it: ContractRefused, naming the view."""
     from django.db.utils import DatabaseError
     from psycopg2 import errors
 
@@ -197,7 +234,9 @@ def _drop_in_one_message(migration, using, waiting=()):
         with connections[using].cursor() as cursor:
             try:
                 cursor.execute(contract.drop_statements(cursor, lock_timeout, (APP, migration.name),
-                                                        [(m.app_label, m.name) for m in waiting]))
+                                                        [(m.app_label, m.name) for m in waiting], record))
+                if record is not None:
+                    record.written(cursor.fetchone())
             except DatabaseError as exc:
                 if isinstance(exc.__cause__, errors.DependentObjectsStillInUse):
                     contract.refuse_dependent_views(cursor)
@@ -255,6 +294,25 @@ def _apply_what_waited_for(step_migration, using):
             if (migration.app_label, migration.name) in after and not backwards]
     if plan:
         executor.migrate([(m.app_label, m.name) for m, _ in plan], plan=plan)
+
+
+def executor_from(applied):
+    """A migration executor whose loader takes `applied`, the (app, name) of the recorded migrations (read by
+    the caller with other reads), as recorded, reading nothing itself; None when a squashed migration is on
+    disk (what is applied then depends on more than the recorded rows)."""
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(None)  # the graph from disk alone
+    if executor.loader.replacements:
+        return None
+    executor.loader.applied_migrations = dict.fromkeys(applied)
+    return executor
+
+
+def plain_migrate_waiting_from(applied):
+    """plain_migrate_waiting() from `applied` (as for executor_from); None with a squashed migration on disk."""
+    executor = executor_from(applied)
+    return None if executor is None else plain_migrate_waiting(executor=executor)
 
 
 def plain_migrate_waiting(using="default", executor=None):

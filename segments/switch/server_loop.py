@@ -7,9 +7,10 @@ that took 3.5 s next to it. Here the loop runs on the server instead: a procedur
 own (created in `pg_temp` on the contract's connection: it needs no privilege but TEMP, and goes
 with the session) runs one batch statement again and again, committing after each, for up to
 SECONDS_PER_CALL, then answers: one round trip per second of work, whatever the batches hold. Its
-answer carries the throttle's look, taken as the call ends, so that the next call needs none of its own.
-Waiting for the transactions that hold VACUUM back is a function of the same kind, which looks
-every 0.2 s on the server.
+answer carries the throttle's look, taken as the call ends, so that the next call needs none of its own,
+and, from the call that did the last batch, the transactions that can still see what it wrote (those a
+VACUUM must wait for), so that the wait begins with no round trip when there are none. Waiting for the
+transactions that hold VACUUM back is a function of the same kind, which looks every 0.2 s on the server.
 
 `ServerLink` is that connection: in autocommit mode (a procedure that commits cannot run inside a
 transaction), its routines created when it opens, opened again after it drops or goes silent (each
@@ -17,6 +18,7 @@ call has a deadline: askdrchaffee/round_trips.py), with backoff, one log line pe
 """
 import logging
 import time
+from typing import NamedTuple
 
 from django.core.management.base import CommandError
 from psycopg2 import errors
@@ -39,7 +41,7 @@ BATCHES = """
 CREATE OR REPLACE PROCEDURE pg_temp.segments_batches(
     statement text, INOUT after bigint, INOUT done bigint, INOUT blocked boolean,
     most bigint, seconds double precision, lock_timeout text, replica boolean, INOUT finished timestamptz,
-    look text, INOUT wal bigint, INOUT pause json, INOUT replicas json)
+    look text, INOUT wal bigint, INOUT pause json, INOUT replicas json, holders_shown int, INOUT holders json)
 LANGUAGE plpgsql AS $procedure$
 DECLARE
     deadline timestamptz := clock_timestamp() + make_interval(secs => seconds);
@@ -71,6 +73,10 @@ BEGIN
             wal := NULL;  -- the caller looks for itself
         END;
     END IF;
+    IF after IS NULL AND NOT blocked AND holders_shown IS NOT NULL THEN  -- done: who still sees the rows written
+        SELECT coalesce(json_agg(json_build_array(h.who, h.state, h.seconds, h.application, h.query)), '[]') INTO holders
+        FROM pg_temp.segments_holders(finished, 0, holders_shown) h;
+    END IF;
 END
 $procedure$
 """
@@ -101,11 +107,16 @@ class ContractLinkLost(CommandError):
     """The contract's connection kept failing; what was done stays done."""
 
 
-class ServerLink:
-    """The contract's connection of its own (module docstring), from `connect()`."""
+ROUTINES = round_trips.message(BATCHES, HOLDERS)  # created on each of the link's connections
 
-    def __init__(self, connect, what="the contract"):
-        self.connect, self.what = connect, what
+
+class ServerLink:
+    """The contract's connection of its own (module docstring), from `connect()`; from `connect(ROUTINES)`
+    when `sends_routines`: it sends them in its first message (askdrchaffee.postgres.private_connection's
+    `then`, with its check of the settings), a round trip fewer."""
+
+    def __init__(self, connect, what="the contract", sends_routines=False):
+        self.connect, self.what, self.sends_routines = connect, what, sends_routines
         self.connection = None
         self.opened_at = 0.0
         self.round_trips_before = 0  # of the connections closed so far
@@ -122,13 +133,14 @@ class ServerLink:
             self.close()  # made before a link went silent: silent too
         if self.connection is None or self.connection.closed:
             self.opened_at = time.monotonic()
-            connection = self.connect()
+            connection = self.connect(ROUTINES) if self.sends_routines else self.connect()
             try:
                 connection.autocommit = True
                 round_trips.end_abandoned(connection, self.abandoned)  # the contract's link is direct
                 self.abandoned = []
-                with connection.cursor() as cursor:
-                    cursor.execute(round_trips.message(BATCHES, HOLDERS))
+                if not self.sends_routines:
+                    with connection.cursor() as cursor:
+                        cursor.execute(ROUTINES)
             except BaseException:
                 connection.close()
                 raise
@@ -194,16 +206,17 @@ def batches(link, statement, *, local, on_batches=None, before_call=None, most=N
     `look`, a throttle (its `look_query` and `observe(row)`), has each call answer with its look, taken
     by the server as the call ends: the next `before_call` rests on it instead of a round trip of its own.
     A batch that waits for a lock longer than `local`'s lock_timeout rolls back and the call answers:
-    it is tried again after a pause, `lock_attempts` times in a row, then LockBlocked. (The total, when the
-    last call ended by the server's clock.)"""
-    after, total, blocked_in_a_row, finished = FIRST_ID, 0, 0, None
+    it is tried again after a pause, `lock_attempts` times in a row, then LockBlocked. A Done: the total,
+    when the last call ended by the server's clock, and the transactions that could still see its writes
+    then (horizon.Holder), looked at by that call."""
+    after, total, blocked_in_a_row, finished, holders = FIRST_ID, 0, 0, None, None
     most = most or 2**62
     replica = local.get("session_replication_role") == "replica"
     while after is not None:
         if before_call is not None:
             before_call(most)
         look_query = look.look_query if look is not None else None
-        after, done, blocked, finished, *looked = link.run(
+        after, done, blocked, finished, *looked, holders = link.run(
             lambda cursor: _call(cursor, statement, after, most, local, replica, look_query),
             SECONDS_PER_CALL + postgres.parse_duration_ms(local["lock_timeout"]) / 1000)
         if look is not None and looked[0] is not None:
@@ -216,7 +229,16 @@ def batches(link, statement, *, local, on_batches=None, before_call=None, most=N
             raise LockBlocked(total)
         if blocked:
             time.sleep(0.1 * blocked_in_a_row)
-    return total, finished
+    return Done(total, finished, None if holders is None else [horizon.describe(*row) for row in holders])
+
+
+class Done(NamedTuple):
+    """What batches() did: rows done, when its last write ended (server's clock; None without a call), and
+    the transactions that could still see its writes then (None: not looked at)."""
+
+    rows: int
+    finished: object
+    holders: list = None
 
 
 class LockBlocked(Exception):
@@ -228,8 +250,9 @@ class LockBlocked(Exception):
 
 
 def _call(cursor, statement, after, most, local, replica, look_query):
-    cursor.execute("CALL pg_temp.segments_batches(%s, %s, 0, false, %s, %s, %s, %s, NULL, %s, NULL, NULL, NULL)",
-                   [statement, after, most, SECONDS_PER_CALL, local["lock_timeout"], replica, look_query])
+    cursor.execute("CALL pg_temp.segments_batches(%s, %s, 0, false, %s, %s, %s, %s, NULL, %s, NULL, NULL, NULL, %s, "
+                   "NULL)", [statement, after, most, SECONDS_PER_CALL, local["lock_timeout"], replica, look_query,
+                             QUERY_SHOWN + 1])
     return cursor.fetchone()
 
 

@@ -46,7 +46,6 @@ phase and the tables there are, in one statement) its parts run side by side, ea
 
 from django.conf import settings
 from django.db import connections
-from django.db.migrations.recorder import MigrationRecorder
 
 from askdrchaffee import round_trips
 from askdrchaffee.postgres import human_bytes, side_by_side  # human_bytes: the panel and the command show sizes
@@ -54,8 +53,8 @@ from embeddings import ledger
 from segments import index_build
 from segments.models import PendingSince, SwitchEvent, SwitchPause
 from segments.schema import (
-    HNSW_M, TABLE, VECTOR_COLUMNS, WAITING_SINCE, SchemaNotReady, blank_sql, column_types, embedding_schema,
-    pending_sql,
+    FIRST_EXPAND, HNSW_M, LIVE, NEXT_COLUMNS, TABLE, VECTOR_COLUMNS, WAITING_SINCE, SchemaNotReady, blank_sql,
+    column_types, embedding_schema, pending_sql,
 )
 from segments.storage import COSINE_OPCLASSES
 from segments.switch import catalog, gate, preflight, swap, throttle
@@ -126,15 +125,15 @@ TABLES = """
 def _collect(using, scan):
     with connections[using].cursor() as cursor:  # the phase and the tables there are: one statement
         type_rows, table_rows = round_trips.reads(cursor, (VECTOR_COLUMNS, [TABLE]), TABLES)
+    tables = {name for (name,) in table_rows}
     try:
-        schema = embedding_schema(using, types=column_types(type_rows))
+        schema = embedding_schema(using, types=column_types(type_rows), recorded="django_migrations" in tables)
     except SchemaNotReady as exc:
         return _without_table(using, str(exc))
-    tables = {name for (name,) in table_rows}
     parts = side_by_side(using, _parts(using, schema, tables, scan))
     (rows, extra), index_plan = parts["rows"]
     models, pending_age = parts["models"]
-    workers, pause, index_build = parts["workers"]
+    workers, (pause, index_build) = parts["workers"], parts["activity"]
     indexes, size = parts["indexes"]
     status = {
         "phase": schema.phase,
@@ -190,32 +189,73 @@ def _parts(using, schema, tables, scan):
 
     def models_and_age(cursor):
         models = _models(cursor, tables)
-        return models, _pending_age(cursor, schema, models)
+        return models, _pending_age(cursor, schema, models, tables)
 
     return {
         "rows": read(rows_and_plan),
         "models": read(models_and_age),
         # Workers and their leased claims come with migration 0009 (whose pending_since table marks it).
-        "workers": read(lambda cursor: (_workers(cursor, heartbeats=PendingSince._meta.db_table in tables,
-                                                 claims=PendingSince._meta.db_table in tables,
-                                                 waiting=SwitchPause._meta.db_table in tables),
-                                        _pause(cursor, SwitchPause._meta.db_table in tables), _index_build(cursor))),
+        "workers": read(lambda cursor: _workers(cursor, heartbeats=PendingSince._meta.db_table in tables,
+                                                claims=PendingSince._meta.db_table in tables,
+                                                waiting=SwitchPause._meta.db_table in tables)),
+        "activity": read(lambda cursor: (_pause(cursor, SwitchPause._meta.db_table in tables), _index_build(cursor))),
         "indexes": read(indexes_and_size),
         "swap": lambda: swap.refusal(using=using),
         "evaluation": lambda: last_verdict(using),
-        "migrations": lambda: (_adopted(using), gate.plain_migrate_waiting(using)),
+        "migrations": lambda: _migrations(using),
         **preflight.parts(using, schema),
     }
 
 
 def brief(using="default"):
-    """A few lines for the end of `migrate`: the phase and the next command (no table scan)."""
-    status = collect(using, scan=False)
+    """A few lines for the end of `migrate` and of each operator step: the phase and the next command (no
+    table scan). After the swap, two statements (_next_after_the_swap); before, the status's parts."""
+    status = _next_after_the_swap(using) or collect(using, scan=False)
     lines = [f"phase: {status['phase'] or 'no segments table'}"]
     step = status["next"]
     lines.append(f"next: {step['command'] or 'nothing'} ({step['why']})")
     lines.append(f"`{COMMANDS['status']}` shows the whole picture.")
     return lines
+
+
+# What the next step depends on once the swap is done (next_step: the migrations waiting, the pause, the
+# workers and the rows still pending, the live column's model), and the tables it is read from.
+AFTER_THE_SWAP_TABLES = {"django_migrations", throttle.PAUSE_TABLE, PendingSince._meta.db_table, ledger.LEDGER,
+                         "segments_backfill_worker", "embeddings_backfill_claim", "embeddings_quarantine"}
+
+
+def _next_after_the_swap(using):
+    """The part of the status next_step() reads (phase, columns, rows pending, backfill, pause, models,
+    migrations_waiting) with `next`, for a table at the swap's phase or after it: the phase and the tables
+    in one statement, the rest in another (far from the database, 2 round trips where the whole status
+    costs its parts' connections). None before the swap, or before this project's bookkeeping tables."""
+    with connections[using].cursor() as cursor:
+        type_rows, table_rows = round_trips.reads(cursor, (VECTOR_COLUMNS, [TABLE]), TABLES)
+        types, tables = column_types(type_rows), {name for (name,) in table_rows}
+        if LIVE not in types or any(column in types for column in NEXT_COLUMNS) or not AFTER_THE_SWAP_TABLES <= tables:
+            return None  # no table, or before the swap: the whole status
+        applied, pause, heartbeats, claims, ((pending, quarantined),), models = round_trips.reads(
+            cursor, "SELECT app, name FROM django_migrations", (throttle.PAUSE_QUERY, [throttle.SCOPE]),
+            heartbeats_query(), LIVE_CLAIMS, backfill_sql.count_pending_and_quarantined_sql(LIVE),
+            (ledger.ACTIVE, {"table": TABLE, "name": TABLE}))
+    applied = {tuple(row) for row in applied}
+    schema = embedding_schema(using, types=types, expanded=("segments", FIRST_EXPAND) in applied)
+    waiting = gate.plain_migrate_waiting_from(applied)
+    if not schema.is_live or waiting is None:
+        return None  # the original table, never expanded: the whole status (the pre-flight)
+    rows = {**dict.fromkeys(("total", "with_text", "embedded", "blank")), "pending": pending, "quarantined": quarantined}
+    status = {
+        "phase": schema.phase,
+        "columns": {"vector": _column(schema.vector_column, schema.vector_dimensions, schema.vector_storage),
+                    "legacy": _column(schema.legacy_column, schema.legacy_dimensions, schema.legacy_storage)},
+        "rows": rows,
+        "backfill": _rates(_workers_from(heartbeats, claims), rows, schema.legacy_column),
+        "pause": _pause_from(throttle.Pause(*pause[0]) if pause else None),
+        "models": {column: {"model": entry.identity.name} for column, entry in ledger.entries_from(models).items()},
+        "migrations_waiting": waiting,
+    }
+    status["next"] = next_step(status)
+    return status
 
 
 # The parts.
@@ -290,31 +330,25 @@ def _models(cursor, tables):
 
 
 PENDING_AGE_READ_UP_TO = 100_000
-PENDING_AGE = f"""
-    SELECT extract(epoch FROM now() - min({WAITING_SINCE}))
-    FROM {TABLE} s LEFT JOIN segments_pending_since p ON p.segment_id = s.id WHERE {{pending}}
-"""
 
 
-def _pending_age(cursor, schema, models):
+def _pending_age(cursor, schema, models, tables):
     """{column: seconds the oldest waiting segment has waited, or None} for the columns this project
-    fills (the new model's; and the live one when its vectors were written here)."""
+    fills (the new model's; and the live one when its vectors were written here), in one statement (the
+    ages are not read past PENDING_AGE_READ_UP_TO segments waiting for the new model)."""
     columns = [schema.vector_column] if schema.vector_column else []
     if schema.phase == "expanded" and models.get(schema.legacy_column, {}).get("source") not in (None, "declared",
                                                                                                 "simulated"):
         columns.append(schema.legacy_column)
-    pending = f"(SELECT count(*) FROM {TABLE} s WHERE {pending_sql(schema.vector_column)})" if schema.vector_column \
-        else "0"
-    cursor.execute(f"SELECT to_regclass('segments_pending_since') IS NOT NULL, {pending}")
-    has_table, pending_now = cursor.fetchone()
-    if not has_table or pending_now > PENDING_AGE_READ_UP_TO:
+    if not columns or PendingSince._meta.db_table not in tables:  # before migration 0009
         return dict.fromkeys(columns)
-    ages = {}
-    for column in columns:
-        cursor.execute(PENDING_AGE.format(pending=pending_sql(column)))
-        age = cursor.fetchone()[0]
-        ages[column] = None if age is None else round(float(age), 1)
-    return ages
+    ages = ", ".join(
+        f"CASE WHEN n.waiting > {PENDING_AGE_READ_UP_TO} THEN NULL ELSE (SELECT extract(epoch FROM now() - "
+        f"min({WAITING_SINCE})) FROM {TABLE} s LEFT JOIN {PendingSince._meta.db_table} p ON p.segment_id = s.id "
+        f"WHERE {pending_sql(column)}) END" for column in columns)
+    cursor.execute(f"SELECT {ages} FROM (SELECT count(*) AS waiting FROM {TABLE} s "
+                   f"WHERE {pending_sql(schema.vector_column)}) n")
+    return {column: None if age is None else round(float(age), 1) for column, age in zip(columns, cursor.fetchone())}
 
 
 def live_column(status):
@@ -327,29 +361,46 @@ def live_column(status):
     return None
 
 
+def heartbeats_query(waiting=True):
+    """HEARTBEATS, with the columns migration 0011 adds when `waiting`."""
+    return HEARTBEATS.format(waiting="w.waiting_for" if waiting else "NULL",
+                             link="w.round_trip_ms, w.batches_in_flight" if waiting else "NULL, NULL")
+
+
 def _workers(cursor, heartbeats=True, claims=True, waiting=True):
     """The workers running now: heartbeats of live runs, and live claims of workers that have not
     written a batch yet."""
-    workers = []
+    heartbeat_rows = claim_rows = []
     if heartbeats:
-        cursor.execute(HEARTBEATS.format(waiting="w.waiting_for" if waiting else "NULL",  # 0011 adds them
-                                         link="w.round_trip_ms, w.batches_in_flight" if waiting else "NULL, NULL"))
-        workers = [
-            {"name": name, "pid": pid, "device": device, "rows_done": done,
-             "rows_per_s": round(done / float(elapsed), 1) if elapsed else None,
-             "started": started.isoformat(), "updated": updated.isoformat(),
-             "seconds_since_update": round(float(idle), 1), "claims": 0, "claimed_ids": None,
-             "mode": mode, "model": model, "column": column or None,
-             "last_batch_at": last_at.isoformat() if last_at else None, "last_batch_rows": last_rows,
-             "seconds_since_last_batch": None if since_batch is None else round(float(since_batch), 1),
-             "recent_rows_per_s": recent, "waiting_for": waiting_for or "",
-             "round_trip_ms": round_trip_ms, "batches_in_flight": in_flight}
-            for (name, pid, device, done, started, updated, elapsed, idle, mode, model, column, last_at, last_rows,
-                 recent, since_batch, waiting_for, round_trip_ms, in_flight) in cursor.fetchall()
-        ]
+        cursor.execute(heartbeats_query(waiting))
+        heartbeat_rows = cursor.fetchall()
     if claims:
         cursor.execute(LIVE_CLAIMS)
-    for name, claims, first_id, last_id in (cursor.fetchall() if claims else []):
+        claim_rows = cursor.fetchall()
+    return _workers_from(heartbeat_rows, claim_rows)
+
+
+def _iso(moment):
+    """A timestamp as ISO 8601 text (one read through JSON is that text already)."""
+    return moment if moment is None or isinstance(moment, str) else moment.isoformat()
+
+
+def _workers_from(heartbeat_rows, claim_rows):
+    """_workers() from the rows of heartbeats_query() and LIVE_CLAIMS."""
+    workers = [
+        {"name": name, "pid": pid, "device": device, "rows_done": done,
+         "rows_per_s": round(done / float(elapsed), 1) if elapsed else None,
+         "started": _iso(started), "updated": _iso(updated),
+         "seconds_since_update": round(float(idle), 1), "claims": 0, "claimed_ids": None,
+         "mode": mode, "model": model, "column": column or None,
+         "last_batch_at": _iso(last_at), "last_batch_rows": last_rows,
+         "seconds_since_last_batch": None if since_batch is None else round(float(since_batch), 1),
+         "recent_rows_per_s": recent, "waiting_for": waiting_for or "",
+         "round_trip_ms": round_trip_ms, "batches_in_flight": in_flight}
+        for (name, pid, device, done, started, updated, elapsed, idle, mode, model, column, last_at, last_rows,
+             recent, since_batch, waiting_for, round_trip_ms, in_flight) in heartbeat_rows
+    ]
+    for name, claims, first_id, last_id in claim_rows:
         mine = [worker for worker in workers if worker["name"] == name]
         if not mine:
             mine = [{"name": name, "pid": None, "device": None, "rows_done": 0, "rows_per_s": None,
@@ -379,7 +430,11 @@ def _rates(workers, rows, other_column):
 
 def _pause(cursor, table_exists=None):
     """The operator's pause of the bulk writes (steps.pause), or None."""
-    found = throttle.current_pause(cursor, table_exists)
+    return _pause_from(throttle.current_pause(cursor, table_exists))
+
+
+def _pause_from(found):
+    """_pause() from throttle.current_pause()'s answer."""
     if found is None:
         return None
     return {"by": found.by, "since": found.at, "reason": found.reason, "sentence": found.sentence()}
@@ -447,9 +502,11 @@ def _preflight(report):
             "blocking": len(report.blocking)}
 
 
-def _adopted(using):
-    """Whether migration segments.0001 is recorded (made here, or adopted with --fake-initial)."""
-    return ("segments", "0001_initial") in MigrationRecorder(connections[using]).applied_migrations()
+def _migrations(using):
+    """(whether migration segments.0001 is recorded (made here, or adopted with --fake-initial), the
+    migrations a plain `migrate` would apply now), from one read of the recorded migrations."""
+    executor = gate.LockRetryingExecutor(connections[using])
+    return ("segments", "0001_initial") in executor.loader.applied_migrations, gate.plain_migrate_waiting(using, executor)
 
 
 # What it means.

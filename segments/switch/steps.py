@@ -7,7 +7,6 @@ it is not), does its work, records a SwitchEvent and returns what it did. They a
 changes nothing. They act on the switch under way, whichever it is (the first, 0003-0008, or one
 `manage.py makeswitch` wrote).
 """
-import json
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -287,23 +286,40 @@ def contract(using="default", out=None, confirmed=False, rows_per_transaction=No
     Irreversible. Its clearing yields to the database's health (segments/switch/throttle.py): a pause,
     a replica more than `max_replica_lag` seconds behind (BACKFILL_MAX_REPLICA_LAG by default; None: no
     limit), `max_rows_per_second` (None: no cap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from segments.switch import contract as contracting
 
-    schema = embedding_schema(using)
-    if schema.phase == "final":
-        return StepResult("contract", False, "The contract is done already: the legacy column is gone.")
-    if schema.phase != "swapped":
-        raise StepRefused(f"The contract follows the swap; the table is in phase {schema.phase}.")
     if not confirmed:
+        done = _contract_phase(using)
+        if done is not None:
+            return done
         raise StepRefused("The contract drops the legacy vectors for good (the swap can no longer be undone "
                           "after it). Run it with --confirm once the new search has served long enough.")
     link = contracting.link_for(using)
-    link.open()  # before anything changes: behind a pooler, it may refuse
     # the throttle looks over the contract's own connection, between its calls: no other to open
     throttle = throttling.Throttle(lambda role: link.open(), using=using, max_rows_per_second=max_rows_per_second,
                                    max_replica_lag=max_replica_lag, say=out, what="the contract")
+    # The contract's own connection opens, and reads what the contract needs (prepare(): the table, the recorded
+    # migrations, the throttle's first look), while this one reads the phase: far from the database, side by
+    # side rather than one after the other.
+    with ThreadPoolExecutor(1, thread_name_prefix="contract link") as beside:
+        preparing = beside.submit(link.run, lambda cursor: contracting.prepare(cursor, look=throttle.look_query_for_reads))
+        try:
+            done = _contract_phase(using)
+        except BaseException:
+            preparing.exception()  # waited for: it ends before its link closes
+            link.close()
+            raise
     try:
-        prepared = link.run(contracting.prepare)  # refuses (a view on the legacy column) before any change
+        if done is not None:
+            return done
+        # behind a pooler the link refuses, a view on the legacy column stops the contract, and so does a plain
+        # `migrate` with work left: before any change
+        prepared = preparing.result()
+        plan = gate.contract_plan(prepared.applied, using)
+        if prepared.look is not None:
+            throttle.observe(prepared.look)
         _start_contract(using)
         figures = contracting.run(link, prepared, rows_per_transaction or contracting.DEFAULT_ROWS_PER_TRANSACTION,
                                   out=out or (lambda line: None), progress_factory=progress_factory,
@@ -311,25 +327,21 @@ def contract(using="default", out=None, confirmed=False, rows_per_transaction=No
     finally:
         link.close()
         throttle.close()
-    started = time.perf_counter()
-    gate.apply_step("contract", using)
-    figures["drop_column_ms"] = round((time.perf_counter() - started) * 1000, 1)
-    figures = _record_contract(using, figures)
-    return StepResult("contract", True, "Contracted: the legacy column is gone and its space given back.", figures)
+    record = contracting.Record(figures)  # written by the drop's message
+    gate.drop_legacy(plan, using, record)
+    (out or (lambda line: None))(contracting.after_size_line(record.details))
+    return StepResult("contract", True, "Contracted: the legacy column is gone and its space given back.",
+                      record.details)
 
 
-def _record_contract(using, figures):
-    """The contract's SwitchEvent, with the table's size now and before the switch began, in one statement;
-    its details."""
-    with connections[using].cursor() as cursor:
-        cursor.execute(f"""
-            INSERT INTO {SwitchEvent._meta.db_table} (step, at, details)
-            SELECT 'contract', now(), %s::jsonb || jsonb_build_object(
-                'total_bytes', pg_total_relation_size(to_regclass('{TABLE}')),
-                'total_bytes_before_switch', (SELECT e.details->'total_bytes' FROM {SwitchEvent._meta.db_table} e
-                                              WHERE e.step = 'before' ORDER BY e.at DESC, e.id DESC LIMIT 1))
-            RETURNING details::text""", [json.dumps(figures, default=str)])
-        return json.loads(cursor.fetchone()[0])
+def _contract_phase(using):
+    """StepRefused unless the table is at the swap's phase; a StepResult when the contract is done already."""
+    schema = embedding_schema(using)
+    if schema.phase == "final":
+        return StepResult("contract", False, "The contract is done already: the legacy column is gone.")
+    if schema.phase != "swapped":
+        raise StepRefused(f"The contract follows the swap; the table is in phase {schema.phase}.")
+    return None
 
 
 def _start_contract(using):

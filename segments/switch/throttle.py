@@ -47,11 +47,11 @@ It says on one line (`say`) when it starts waiting and when it goes on.
 """
 import bisect
 import collections
+import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timezone
 
 import psycopg2
 from psycopg2 import errors
@@ -413,10 +413,17 @@ class Throttle:
         """The statement of a look, for a caller that sends it in a message of its own (then `observe`)."""
         return self._query
 
+    @property
+    def look_query_for_reads(self):
+        """look_query for a caller that reads it with other reads (round_trips.reads, whose JSON keeps no
+        key of a nested object): the pause and the replicas as JSON text, which observe() reads."""
+        return f"SELECT l.wal, l.pause::text, l.replicas::text FROM ({self._query}) AS l(wal, pause, replicas)"
+
     def observe(self, row):
-        """A look someone else took with `look_query` (the contract's server loop answers each call with
-        one), its row, as if this throttle had just taken it: the decisions of the next LOOK_SECONDS rest
-        on it, with no look of their own."""
+        """A look someone else took with `look_query` or `look_query_for_reads` (the contract's server loop
+        answers each call with one), its row, as if this throttle had just taken it: the decisions of the
+        next LOOK_SECONDS rest on it, with no look of their own."""
+        row = tuple(json.loads(value) if isinstance(value, str) else value for value in row)
         with self._look_lock:
             self._learned(row)
             health = self._health_of(row, self.clock())
@@ -511,8 +518,11 @@ def current_pause(cursor, table_exists=None):
         table_exists = cursor.fetchone()[0]
     if not table_exists:
         return None
-    cursor.execute(f"SELECT paused_by, paused_at, reason FROM {PAUSE_TABLE} WHERE scope = %s", [SCOPE])
+    cursor.execute(PAUSE_QUERY, [SCOPE])
     row = cursor.fetchone()
-    if row is None:
-        return None
-    return Pause(row[0], row[1].astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"), row[2])
+    return None if row is None else Pause(*row)
+
+
+# The pause in force (PAUSE_TABLE): by, since (UTC, to the second), reason; no row when none.
+PAUSE_QUERY = (f"SELECT paused_by, to_char(paused_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), reason "
+               f"FROM {PAUSE_TABLE} WHERE scope = %s")

@@ -8,6 +8,7 @@ import uuid
 from io import StringIO
 
 import pytest
+from django.conf import settings
 from django.core.management import call_command
 from django.db import connection, connections
 from django.db.migrations.recorder import MigrationRecorder
@@ -184,6 +185,58 @@ def test_in_the_legacy_phase_the_next_command_adopts_or_migrates(segments_at):
     lines = status.brief()
     assert 2 <= len(lines) <= 4
     assert lines[0] == "phase: legacy" and lines[1].startswith("next: python manage.py migrate --fake-initial")
+
+
+def briefs(monkeypatch):
+    """(status.brief()'s lines and the statements it sent, the lines the whole status gives)."""
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as sent:
+        lines = status.brief()
+    with monkeypatch.context() as whole:
+        whole.setattr(status, "_next_after_the_swap", lambda using: None)
+        return lines, len(sent.captured_queries), status.brief()
+
+
+def test_after_the_swap_the_brief_reads_two_statements_and_says_what_the_whole_status_says(segments_at,
+                                                                                            monkeypatch):
+    from django.utils import timezone
+
+    from segments.switch import steps
+    from tests.db.vectors import record_hand_made
+
+    segments_at("swapped")
+    known_rows("embedding")  # one segment pending, one quarantined
+    lines, sent, whole = briefs(monkeypatch)
+    assert lines == whole and sent == 2
+    assert lines[:2] == ["phase: swapped", "next: python manage.py backfill_embeddings (1 segment(s) with text have "
+                                           "no 384-dim vector yet)"]
+
+    now = timezone.now()
+    BackfillWorker.objects.create(worker_name="host:3", started=now - timezone.timedelta(seconds=10), updated=now,
+                                  mode="batch", column="embedding", rows_done=100)
+    lines, sent, whole = briefs(monkeypatch)
+    assert lines == whole and sent == 2 and "once the running backfill finishes (ETA" in lines[1]
+
+    steps.pause(reason="the replica is rebuilt")
+    lines, sent, whole = briefs(monkeypatch)
+    assert lines == whole and sent == 2
+    assert lines[1].startswith("next: python manage.py embedding_switch resume") and "the replica is rebuilt" in lines[1]
+
+    MigrationRecorder(connection).record_unapplied("sessions", "0001_initial")  # code deployed ahead of its migrate
+    try:
+        lines, sent, whole = briefs(monkeypatch)
+    finally:
+        MigrationRecorder(connection).record_applied("sessions", "0001_initial")
+    assert lines == whole and sent == 2 and lines[1].startswith("next: python manage.py migrate (applies sessions.0001")
+
+    segments_at("final")
+    record_hand_made()  # another model than EMBEDDING_MODEL: the next switch
+    lines, sent, whole = briefs(monkeypatch)
+    assert lines == whole and sent == 2
+    assert lines[:2] == ["phase: final", "next: python manage.py makeswitch (EMBEDDING_MODEL is "
+                         f"{settings.EMBEDDING_MODEL}, and segments.embedding holds hand-made vectors: write the next "
+                         "switch (README \"Switching again\"))"]
 
 
 def test_only_a_follower_of_the_new_models_column_holds_the_next_step_back(segments_at):

@@ -59,11 +59,11 @@ def test_killed_ten_times_at_random_and_resumed_the_table_ends_exactly_right():
 
 
 def test_killed_with_the_real_model_and_resumed_every_vector_is_the_models(minilm):
-    add_segments(sentences(120, seed=4, words=10))
-    claims = kill_once_it_writes(manage("backfill_embeddings", "--batch-size", "8"), random.Random(5))
-    assert claims is not None and 0 < embedded() < 120
+    add_segments(sentences(480, seed=4, words=10))  # a pass of a few seconds: the kill lands within its first 0.1 s
+    claims = kill_once_it_writes(manage("backfill_embeddings", "--batch-size", "8"), random.Random(5), most=0.1)
+    assert claims is not None and 0 < embedded() < 480
     final = manage("backfill_embeddings", "--json")
     out, err = final.communicate(timeout=300)
     assert final.returncode == 0, err
     assert json.loads(out)["rows_remaining"] == 0
-    assert len(assert_vectors_are_the_models(minilm)) == 120
+    assert len(assert_vectors_are_the_models(minilm)) == 480

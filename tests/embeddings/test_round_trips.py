@@ -6,6 +6,9 @@ small number of them per step, whatever the step holds (askdrchaffee/round_trips
 - the contract's clearing: one round trip per call of the server's loop, not per batch;
 - the swap and the undo: one message from the table's lock to the commit.
 """
+import json
+import time
+
 import pytest
 from django.db import connection
 
@@ -87,8 +90,13 @@ def test_a_message_sent_ahead_of_its_batch_waits_in_its_copy_and_writes_the_batc
         pid = cursor.fetchone()[0]
     seen = {}
 
-    def next_batch():  # asked once the server waits for the data: the message is there before its batch
-        seen["writer"] = scalar_row("SELECT state, wait_event, query FROM pg_stat_activity WHERE pid = %s", [pid])
+    def next_batch():  # asked once the server asked for the data: the message is there before its batch
+        deadline = time.monotonic() + 5  # the server sends its call for the data, then waits for it
+        while True:
+            seen["writer"] = scalar_row("SELECT state, wait_event, query FROM pg_stat_activity WHERE pid = %s", [pid])
+            if seen["writer"][1] == "ClientRead" or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         seen["embedded"] = embedded_count()
         return ids, md5s_of(ids), HashingEncoder().encode_documents(texts)
 
@@ -237,9 +245,11 @@ def test_each_call_of_the_contracts_server_loop_answers_with_the_throttles_look(
     result = steps.contract(confirmed=True, rows_per_transaction=20)
 
     assert result.details["legacy_vectors_cleared"] == 300
-    assert len(observed) >= 15  # the 15 clearing calls at least, each answering with a look
-    assert len(own) <= 2  # the look before the first call (and one after a VACUUM's pause, at most)
-    assert all(isinstance(wal, int) and isinstance(replicas, list) for wal, _pause, replicas in observed)
+    assert len(observed) >= 16  # the contract's look at the table, then the 15 clearing calls at least, each with one
+    assert len(own) <= 1  # after a VACUUM's pause, at most: the first call's look came with the look at the table
+    first, *calls = observed
+    assert isinstance(first[0], int) and json.loads(first[2]) == []  # read with other reads: as JSON text
+    assert all(isinstance(wal, int) and isinstance(replicas, list) for wal, _pause, replicas in calls)
 
 
 def test_several_reads_go_as_one_statement_each_answering_its_rows_in_its_order():

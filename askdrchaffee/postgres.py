@@ -34,8 +34,10 @@ Nothing here imports the project's apps: settings.py, `segments` and `benchmark`
 """
 import logging
 import os
+import queue
 import random
 import re
+import threading
 import time
 from datetime import timedelta
 
@@ -517,38 +519,89 @@ def _begun_by_the_first_statement():
 
 
 def side_by_side(using, parts, at_once=True):
-    """{name: part()} for the read-only `parts` ({name: callable}).
+    """{name: part()} for the read-only `parts` ({name: callable}), run by a SideBySide."""
+    with SideBySide(using, len(parts) if at_once else 0) as readers:
+        return readers.run(parts)
 
-    `at_once`: each part runs in a thread of its own, on a connection of its own (Django's, per
-    thread), in a REPEATABLE READ read-only transaction of its own (its reads agree with each other;
-    the parts' snapshots are taken within a round trip of each other). No part waits for another,
-    and none holds a connection while waiting for another (behind a pooler, a pool of one connection
-    serves them in turn). Else, or inside the caller's transaction (which may have written what other
-    sessions would not see), they run one after the other on the caller's connection."""
-    import threading
 
-    from django.db import connections
+class SideBySide:
+    """Read-only parts run side by side: each in a thread of its own, on a connection of its own (Django's,
+    per thread), in a REPEATABLE READ read-only transaction of its own (its reads agree with each other;
+    the parts' snapshots are taken within a round trip of each other). No part waits for another, and
+    none holds a connection while waiting for another (behind a pooler, a pool of one connection serves
+    them in turn).
 
-    if not at_once or connections[using].in_atomic_block or len(parts) < 2:
-        return {name: part() for name, part in parts.items()}
-    results, failures = {}, []
+    Its `count` threads open their connections as soon as it is made, and wait for the parts: far from
+    the database, what the caller reads meanwhile (the parts it will run depend on it) costs no round
+    trip besides the connections'. With `count` 0, or inside the caller's transaction (which may have
+    written what other sessions would not see), the parts run one after the other on the caller's
+    connection. A context manager: its end closes the connections no part used."""
 
-    def run(name, part):
-        # The thread's connection is in autocommit: its transaction begins with its first statement, in
-        # the same message, and ends when the connection closes (read only: nothing to commit).
-        try:
-            with connections[using].execute_wrapper(_begun_by_the_first_statement()):
-                results[name] = part()
-        except BaseException as exc:  # the caller's thread raises it
-            failures.append(exc)
-        finally:
-            connections[using].close()
+    def __init__(self, using, count):
+        from django.db import connections
 
-    threads = [threading.Thread(target=run, args=item, name=f"read {item[0]}") for item in parts.items()]
-    for thread in threads:
+        self.using, self.threads, self.jobs = using, [], queue.Queue()
+        self.inline = not count or connections[using].in_atomic_block
+        for _ in range(0 if self.inline else count):
+            self._start()
+
+    def _start(self):
+        thread = threading.Thread(target=self._serve, name="read side by side", daemon=True)
         thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        raise failures[0]
-    return results
+        self.threads.append(thread)
+
+    def _serve(self):
+        from django.db import connections
+
+        try:
+            try:
+                connections[self.using].ensure_connection()
+            except Exception:  # the part this thread runs meets it again, and raises it to the caller
+                pass
+            job = self.jobs.get()
+            if job is not None:
+                job()
+        finally:  # the part's transaction, read only, ends with its connection
+            connections[self.using].close()
+
+    def run(self, parts):
+        """{name: part()}; a part's failure raised here, once all have ended."""
+        from django.db import connections
+
+        if self.inline or len(parts) < 2:
+            return {name: part() for name, part in parts.items()}
+        results, failures = {}, []
+
+        def job(name, part):
+            def run():
+                # The thread's connection is in autocommit: its transaction begins with its first statement,
+                # in the same message, and ends when the connection closes.
+                try:
+                    with connections[self.using].execute_wrapper(_begun_by_the_first_statement()):
+                        results[name] = part()
+                except BaseException as exc:  # the caller's thread raises it
+                    failures.append(exc)
+            return run
+
+        while len(self.threads) < len(parts):
+            self._start()
+        for name, part in parts.items():
+            self.jobs.put(job(name, part))
+        self.close()
+        if failures:
+            raise failures[0]
+        return results
+
+    def close(self):
+        """Let each thread end (those without a part close their connection), and wait for them."""
+        for _ in self.threads:
+            self.jobs.put(None)
+        for thread in self.threads:
+            thread.join()
+        self.threads = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -5,6 +5,7 @@ what it is, not by name: a real deployment's table was built by another project'
 """
 from dataclasses import dataclass
 
+from askdrchaffee import round_trips
 from segments.schema import TABLE
 
 
@@ -54,57 +55,75 @@ def table_exists(cursor):
     return cursor.fetchone()[0]
 
 
+COLUMNS = """
+    SELECT a.attname, t.typname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+           pg_get_expr(d.adbin, d.adrelid), a.attidentity <> ''
+    FROM pg_attribute a
+    JOIN pg_type t ON t.oid = a.atttypid
+    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+    WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+    ORDER BY a.attnum
+"""
+
+
 def columns(cursor):
     """The Columns of `segments`, in table order."""
-    cursor.execute(
-        """
-        SELECT a.attname, t.typname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
-               pg_get_expr(d.adbin, d.adrelid), a.attidentity <> ''
-        FROM pg_attribute a
-        JOIN pg_type t ON t.oid = a.atttypid
-        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-        WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
-        ORDER BY a.attnum
-        """,
-        [TABLE],
-    )
+    cursor.execute(COLUMNS, [TABLE])
     return [Column(*row) for row in cursor.fetchall()]
+
+
+INDEXES = """
+    SELECT c.relname, am.amname,
+           ARRAY(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, n)
+                 LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                 WHERE k.n <= i.indnkeyatts ORDER BY k.n),
+           ARRAY(SELECT oc.opcname::text FROM unnest(i.indclass::oid[]) WITH ORDINALITY k(opc, n)
+                 JOIN pg_opclass oc ON oc.oid = k.opc ORDER BY k.n),
+           i.indisprimary, i.indisunique, i.indpred IS NOT NULL, i.indisvalid,
+           coalesce(s.idx_scan, 0), pg_get_indexdef(i.indexrelid)
+    FROM pg_index i
+    JOIN pg_class c ON c.oid = i.indexrelid
+    JOIN pg_am am ON am.oid = c.relam
+    LEFT JOIN pg_stat_user_indexes s ON s.indexrelid = i.indexrelid
+    WHERE i.indrelid = to_regclass(%s)
+    ORDER BY c.relname
+"""
 
 
 def indexes(cursor):
     """The Indexes of `segments`, with how often each was scanned."""
-    cursor.execute(
-        """
-        SELECT c.relname, am.amname,
-               ARRAY(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, n)
-                     LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                     WHERE k.n <= i.indnkeyatts ORDER BY k.n),
-               ARRAY(SELECT oc.opcname::text FROM unnest(i.indclass::oid[]) WITH ORDINALITY k(opc, n)
-                     JOIN pg_opclass oc ON oc.oid = k.opc ORDER BY k.n),
-               i.indisprimary, i.indisunique, i.indpred IS NOT NULL, i.indisvalid,
-               coalesce(s.idx_scan, 0), pg_get_indexdef(i.indexrelid)
-        FROM pg_index i
-        JOIN pg_class c ON c.oid = i.indexrelid
-        JOIN pg_am am ON am.oid = c.relam
-        LEFT JOIN pg_stat_user_indexes s ON s.indexrelid = i.indexrelid
-        WHERE i.indrelid = to_regclass(%s)
-        ORDER BY c.relname
-        """,
-        [TABLE],
-    )
+    cursor.execute(INDEXES, [TABLE])
+    return indexes_from(cursor.fetchall())
+
+
+def indexes_from(rows):
+    """indexes() from the rows of INDEXES (read by a caller with other reads)."""
     found = []
-    for name, method, keys, opclasses, primary, unique, partial, valid, scans, definition in cursor.fetchall():
+    for name, method, keys, opclasses, primary, unique, partial, valid, scans, definition in rows:
         key_columns = None if None in keys else tuple(keys)
         found.append(Index(name, method, key_columns, tuple(opclasses), primary, unique, partial, valid, scans,
                            definition))
     return found
 
 
+# When this database's statistics (idx_scan) were last reset, to the minute (UTC); no row, or NULL, if never.
+STATS_RESET = ("SELECT to_char(stats_reset AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') FROM pg_stat_database "
+               "WHERE datname = current_database()")
+
+
 def stats_reset(cursor):
-    """When this database's statistics (idx_scan) were last reset; None if never."""
-    cursor.execute("SELECT stats_reset FROM pg_stat_database WHERE datname = current_database()")
+    """STATS_RESET's answer (None if never)."""
+    cursor.execute(STATS_RESET)
     row = cursor.fetchone()
     return row[0] if row else None
+
+
+def table_reads(cursor):
+    """(columns(), indexes(), versions(), stats_reset()) in one statement."""
+    columns_rows, index_rows, (found_versions,), reset = round_trips.reads(
+        cursor, (COLUMNS, [TABLE]), (INDEXES, [TABLE]), VERSIONS, STATS_RESET)
+    return ([Column(*row) for row in columns_rows], indexes_from(index_rows), tuple(found_versions),
+            reset[0][0] if reset else None)
 
 
 def dependents(cursor):
@@ -145,16 +164,17 @@ def rules(cursor):
     return [Rule(*row) for row in cursor.fetchall()]
 
 
+VERSIONS = """
+    SELECT current_setting('server_version_num')::int, current_setting('server_version'),
+           (SELECT extversion FROM pg_extension WHERE extname = 'vector'),
+           (SELECT default_version FROM pg_available_extensions WHERE name = 'vector')
+"""
+
+
 def versions(cursor):
     """(server_version_num, server_version, installed pgvector version or None, the version the
     server could install or None)."""
-    cursor.execute(
-        """
-        SELECT current_setting('server_version_num')::int, current_setting('server_version'),
-               (SELECT extversion FROM pg_extension WHERE extname = 'vector'),
-               (SELECT default_version FROM pg_available_extensions WHERE name = 'vector')
-        """
-    )
+    cursor.execute(VERSIONS)
     return cursor.fetchone()
 
 

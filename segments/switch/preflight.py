@@ -166,19 +166,18 @@ class _Table:
         from segments.models import Segment
 
         self.cursor, self.connection, self.model = cursor, connection, Segment
-        self.columns = {column.name: column for column in live_table.columns(cursor)}
-        self.indexes = live_table.indexes(cursor)
+        columns, self.indexes, self.versions, self.stats_reset = live_table.table_reads(cursor)  # one statement
+        self.columns = {column.name: column for column in columns}
         self.schema = schema
         self.phase = None if schema is None else schema.phase
 
     def findings(self):
         """What the versions, the table's storage, its columns and its indexes call for."""
-        versions = live_table.versions(self.cursor)
         return [
-            *version_findings(*versions),
-            *storage_findings(versions[2], self.schema),
+            *version_findings(*self.versions),
+            *storage_findings(self.versions[2], self.schema),
             *self.column_findings(),
-            *self.index_findings(live_table.stats_reset(self.cursor)),
+            *self.index_findings(self.stats_reset),
         ]
 
     # Columns.
@@ -359,7 +358,7 @@ def _schema(using):
 def _legacy_vector_index(index, stats_reset):
     opclass = index.opclasses[0] if index.opclasses else "?"
     what = f"{index.name} ({index.method} {opclass} on {index.columns[0]}{'' if index.valid else ', INVALID'})"
-    since = f"since {stats_reset:%Y-%m-%d %H:%M}" if stats_reset else "since the statistics began"
+    since = f"since {stats_reset}" if stats_reset else "since the statistics began"
     if opclass in COSINE_OPCLASSES:
         return Finding(INFO, "vector_index", f"The legacy vector index {what} serves cosine queries on the legacy "
                        f"column (idx_scan = {index.scans} {since}).",

@@ -41,14 +41,17 @@ skips the scan (those counts are then None): `brief()` does, so that `migrate` s
 
 Far from the database what it costs is round trips: about sixty reads, each one. So after one (the
 phase and the tables there are, in one statement) its parts run side by side, each on a connection of its own
-(askdrchaffee.postgres.side_by_side), and the status costs its longest part's round trips.
+opened while that statement is on its way (askdrchaffee.postgres.SideBySide), and the status costs its
+connections and its longest part's round trips. The brief a step prints after the swap reads what the
+next step depends on in one statement after that first one.
 """
 
 from django.conf import settings
-from django.db import connections
+from django.db import ProgrammingError, connections
+from psycopg2 import errors
 
 from askdrchaffee import round_trips
-from askdrchaffee.postgres import human_bytes, side_by_side  # human_bytes: the panel and the command show sizes
+from askdrchaffee.postgres import SideBySide, human_bytes  # human_bytes: the panel and the command show sizes
 from embeddings import ledger
 from segments import index_build
 from segments.models import PendingSince, SwitchEvent, SwitchPause
@@ -109,9 +112,10 @@ INDEX_BUILD = """
 def collect(using="default", scan=True):
     """Where the switch stands on database `using`, as a JSON-serialisable dict (module docstring).
 
-    Its parts are read side by side (askdrchaffee.postgres.side_by_side: each in a transaction of its
-    own, the counts in one statement, so that they add up while a backfill writes): far from the
-    database the status costs its longest part's round trips, not all of them in turn."""
+    Its parts are read side by side (askdrchaffee.postgres.SideBySide: each in a transaction of its
+    own, the counts in one statement, so that they add up while a backfill writes), on connections
+    opened while the phase is read: far from the database the status costs its connections and its
+    longest part's round trips, not all of them in turn."""
     return _collect(using, scan)
 
 
@@ -122,15 +126,41 @@ TABLES = """
 """  # the tables and views the search_path shows, as Django's introspection lists them
 
 
-def _collect(using, scan):
-    with connections[using].cursor() as cursor:  # the phase and the tables there are: one statement
-        type_rows, table_rows = round_trips.reads(cursor, (VECTOR_COLUMNS, [TABLE]), TABLES)
-    tables = {name for (name,) in table_rows}
-    try:
-        schema = embedding_schema(using, types=column_types(type_rows), recorded="django_migrations" in tables)
-    except SchemaNotReady as exc:
-        return _without_table(using, str(exc))
-    parts = side_by_side(using, _parts(using, schema, tables, scan))
+EXPANDED = f"SELECT EXISTS (SELECT 1 FROM django_migrations WHERE app = 'segments' AND name = '{FIRST_EXPAND}')"
+
+
+def _first_read(using):
+    """(the rows of VECTOR_COLUMNS, of TABLES, whether the table was ever expanded: schema.expanded_before()):
+    the phase and the tables there are, in one statement. That reads django_migrations: where it does not
+    exist yet, the statement fails and goes again without it (inside the caller's transaction, which the
+    failure would end, it does not read it: None)."""
+    connection = connections[using]
+    with connection.cursor() as cursor:
+        if not connection.in_atomic_block:
+            try:
+                type_rows, table_rows, ((expanded,),) = round_trips.reads(cursor, (VECTOR_COLUMNS, [TABLE]), TABLES,
+                                                                         EXPANDED)
+                return type_rows, table_rows, expanded
+            except ProgrammingError as exc:
+                if not isinstance(exc.__cause__, errors.UndefinedTable):
+                    raise
+        return (*round_trips.reads(cursor, (VECTOR_COLUMNS, [TABLE]), TABLES), None)
+
+
+PARTS = 12  # the status's parts (_parts), read side by side: their connections open while the phase is read
+
+
+def _collect(using, scan, first=None):
+    """collect(); `first`: what _first_read() said, when read already."""
+    with SideBySide(using, PARTS) as readers:
+        type_rows, table_rows, expanded = first or _first_read(using)
+        tables = {name for (name,) in table_rows}
+        try:
+            schema = embedding_schema(using, types=column_types(type_rows), recorded="django_migrations" in tables,
+                                      expanded=expanded)
+        except SchemaNotReady as exc:
+            return _without_table(using, str(exc))
+        parts = readers.run(_parts(using, schema, tables, scan))
     (rows, extra), index_plan = parts["rows"]
     models, pending_age = parts["models"]
     workers, (pause, index_build) = parts["workers"], parts["activity"]
@@ -210,7 +240,8 @@ def _parts(using, schema, tables, scan):
 def brief(using="default"):
     """A few lines for the end of `migrate` and of each operator step: the phase and the next command (no
     table scan). After the swap, two statements (_next_after_the_swap); before, the status's parts."""
-    status = _next_after_the_swap(using) or collect(using, scan=False)
+    first = _first_read(using)
+    status = _next_after_the_swap(using, *first[:2]) or _collect(using, scan=False, first=first)
     lines = [f"phase: {status['phase'] or 'no segments table'}"]
     step = status["next"]
     lines.append(f"next: {step['command'] or 'nothing'} ({step['why']})")
@@ -224,16 +255,16 @@ AFTER_THE_SWAP_TABLES = {"django_migrations", throttle.PAUSE_TABLE, PendingSince
                          "segments_backfill_worker", "embeddings_backfill_claim", "embeddings_quarantine"}
 
 
-def _next_after_the_swap(using):
+def _next_after_the_swap(using, type_rows, table_rows):
     """The part of the status next_step() reads (phase, columns, rows pending, backfill, pause, models,
-    migrations_waiting) with `next`, for a table at the swap's phase or after it: the phase and the tables
-    in one statement, the rest in another (far from the database, 2 round trips where the whole status
-    costs its parts' connections). None before the swap, or before this project's bookkeeping tables."""
+    migrations_waiting) with `next`, for a table at the swap's phase or after it (`type_rows`, `table_rows`:
+    what _first_read() said), in one more statement (far from the database, 2 round trips in all where the
+    whole status costs its parts' connections). None before the swap, or before this project's bookkeeping
+    tables."""
+    types, tables = column_types(type_rows), {name for (name,) in table_rows}
+    if LIVE not in types or any(column in types for column in NEXT_COLUMNS) or not AFTER_THE_SWAP_TABLES <= tables:
+        return None  # no table, or before the swap: the whole status
     with connections[using].cursor() as cursor:
-        type_rows, table_rows = round_trips.reads(cursor, (VECTOR_COLUMNS, [TABLE]), TABLES)
-        types, tables = column_types(type_rows), {name for (name,) in table_rows}
-        if LIVE not in types or any(column in types for column in NEXT_COLUMNS) or not AFTER_THE_SWAP_TABLES <= tables:
-            return None  # no table, or before the swap: the whole status
         applied, pause, heartbeats, claims, ((pending, quarantined),), models = round_trips.reads(
             cursor, "SELECT app, name FROM django_migrations", (throttle.PAUSE_QUERY, [throttle.SCOPE]),
             heartbeats_query(), LIVE_CLAIMS, backfill_sql.count_pending_and_quarantined_sql(LIVE),
@@ -300,8 +331,12 @@ def _rows(cursor, schema, events, scan):
             parts.append(f"count(*) FILTER (WHERE s.created_at > ({BEFORE_AT} AT TIME ZONE 'UTC') "
                          f"AND s.{legacy} IS NOT NULL)")
             parts.append(f"{BEFORE_AT} IS NOT NULL")
-        cursor.execute(f"SELECT {', '.join(parts)} FROM {TABLE} s")
-        found = list(cursor.fetchone())
+    queries = [f"SELECT {', '.join(parts)} FROM {TABLE} s"] if scan else []
+    if column:
+        queries.append(backfill_sql.count_pending_and_quarantined_sql(column))
+    read = round_trips.reads(cursor, *queries) if queries else []  # one statement
+    if scan:
+        found = list(read.pop(0)[0])
         counts["total"], counts["blank"] = found.pop(0), found.pop(0)
         counts["with_text"] = counts["total"] - counts["blank"]
         if column:
@@ -312,8 +347,7 @@ def _rows(cursor, schema, events, scan):
             legacy_writes, began = found.pop(0), found.pop(0)
             extra["legacy_writes"] = legacy_writes if began else None
     if column:
-        cursor.execute(backfill_sql.count_pending_and_quarantined_sql(column))
-        counts["pending"], counts["quarantined"] = cursor.fetchone()
+        counts["pending"], counts["quarantined"] = read.pop(0)[0]
     return counts, extra
 
 

@@ -300,18 +300,14 @@ def contract(using="default", out=None, confirmed=False, rows_per_transaction=No
     # the throttle looks over the contract's own connection, between its calls: no other to open
     throttle = throttling.Throttle(lambda role: link.open(), using=using, max_rows_per_second=max_rows_per_second,
                                    max_replica_lag=max_replica_lag, say=out, what="the contract")
-    # The contract's own connection opens, and reads what the contract needs (prepare(): the table, the recorded
-    # migrations, the throttle's first look), while this one reads the phase: far from the database, side by
-    # side rather than one after the other.
-    with ThreadPoolExecutor(1, thread_name_prefix="contract link") as beside:
-        preparing = beside.submit(link.run, lambda cursor: contracting.prepare(cursor, look=throttle.look_query_for_reads))
-        try:
-            done = _contract_phase(using)
-        except BaseException:
-            preparing.exception()  # waited for: it ends before its link closes
-            link.close()
-            raise
     try:
+        # The contract's own connection opens, and reads what the contract needs (prepare(): the table, the
+        # recorded migrations, the throttle's first look), while this one reads the phase: far from the database,
+        # side by side rather than one after the other (the block ends when both have).
+        with ThreadPoolExecutor(1, thread_name_prefix="contract link") as beside:
+            preparing = beside.submit(link.run, lambda cursor: contracting.prepare(
+                cursor, look=throttle.look_query_for_reads))
+            done = _contract_phase(using)
         if done is not None:
             return done
         # behind a pooler the link refuses, a view on the legacy column stops the contract, and so does a plain

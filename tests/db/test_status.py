@@ -194,7 +194,7 @@ def briefs(monkeypatch):
     with CaptureQueriesContext(connection) as sent:
         lines = status.brief()
     with monkeypatch.context() as whole:
-        whole.setattr(status, "_next_after_the_swap", lambda using: None)
+        whole.setattr(status, "_next_after_the_swap", lambda using, *read: None)
         return lines, len(sent.captured_queries), status.brief()
 
 

@@ -81,6 +81,16 @@ def test_claims_waiting_for_a_slow_encoder_are_encoded_together_and_written_apar
     assert_every_vector_is_its_texts()
 
 
+def test_once_a_claim_comes_back_short_the_last_claims_are_encoded_one_at_a_time():
+    add_segments(sentences(205, seed=14))
+    encoder = CallSizes(delay=0.3)
+    report = run_backfill(encoder, batch_size=10, tuning=Tuning(encode_window=4))
+    assert sum(encoder.sizes) == 205 and max(encoder.sizes) == 40  # four claims in a call while more may come
+    assert encoder.sizes[-1] == 5 and all(size <= 10 for size in encoder.sizes[-3:])  # then one a call
+    assert report.rows_embedded == 205
+    assert_every_vector_is_its_texts()
+
+
 @pytest.fixture
 def commit_log(transactional_db):
     """A table recording synchronous_commit in the transaction of every vector written."""

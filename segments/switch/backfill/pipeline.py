@@ -274,6 +274,7 @@ class Run:
         self.awaited = 0  # of those, batches a writer's message, sent ahead, waits for
         self.coming = threading.Condition(self.lock)  # notified as batches are claimed, and at the encoder's end
         self.encoded_all = False  # the encoder has handed over its last batch
+        self.claims_ending = False  # a claim came back short: what is left is in the queue, or nearly
         # room for two claiming round trips' batches: the next claim is on its way while the encoder works
         self.claimed_queue = queue.Queue(max(QUEUE_DEPTH, self.tuning.encode_window,
                                              2 * batches_per_claim(worker.measured_round_trip())))
@@ -377,7 +378,9 @@ class Run:
                 batches, counts = self._claim_renamed_safely(after, room)
             if batches:
                 self.burst_started = self.burst_started or time.monotonic()
-                claimed, after = claimed + sum(len(batch.ids) for batch in batches), batches[-1].ids[-1]
+                took = sum(len(batch.ids) for batch in batches)
+                claimed, after = claimed + took, batches[-1].ids[-1]
+                self.claims_ending = took < room and self.wait_for_arrivals is None
                 with clock.timing("waiting_for_room"):
                     if not all(self._put(self.claimed_queue, batch) for batch in batches):
                         return
@@ -469,7 +472,9 @@ class Run:
 
     def _windows(self, clock):
         """Each window of claimed batches (_window) until the claim stage ends (read on the stream's thread).
-        The pass's first window is one claim: its batch is encoded, and on its way to be written, sooner."""
+        The pass's first window is one claim: its batch is encoded, and on its way to be written, sooner;
+        so are its last ones, once a claim came back short: the pass's last writes follow its last batch,
+        not the whole of its last window."""
         size = 1
         while True:
             with clock.timing("waiting_for_input"):
@@ -478,7 +483,7 @@ class Run:
                 yield batches
             if ended:
                 return
-            size = self.tuning.encode_window
+            size = 1 if self.claims_ending else self.tuning.encode_window
 
     def _window(self, size):
         """(up to `size` claimed batches, whether the claim stage has ended): waits for the first, then

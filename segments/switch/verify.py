@@ -209,13 +209,18 @@ def _sample(cursor, column, legacy_column, size):
 
 
 def _coverage(cursor, column):
+    followers = _followers(cursor, column)
+    # The pending segments and those of them arriving now, counted in one statement (one snapshot): counted
+    # apart, an arrival between the two, or a segment embedded between them, would make the difference lie.
+    arriving = (f"""(SELECT count(*) FROM segments s LEFT JOIN segments_pending_since p ON p.segment_id = s.id
+                     WHERE {pending_sql(column)} AND {WAITING_SINCE} > now() - make_interval(secs => %s))"""
+                if followers else "0")
     cursor.execute(f"""
         SELECT count(*) FILTER (WHERE NOT {blank_sql()}), count(*) FILTER (WHERE {pending_sql(column)}),
                count(*) FILTER (WHERE {blank_sql()}),
-               (SELECT count(*) FROM embeddings_quarantine q JOIN segments s ON s.id = q.segment_id)
-        FROM segments s""")
-    with_text, pending, blank, quarantined = cursor.fetchone()
-    arriving, followers = _arriving(cursor, column) if pending else (0, [])
+               (SELECT count(*) FROM embeddings_quarantine q JOIN segments s ON s.id = q.segment_id), {arriving}
+        FROM segments s""", [ARRIVING_SECONDS] if followers else None)
+    with_text, pending, blank, quarantined, arriving = cursor.fetchone()
     missing = pending - arriving
     figures = {"segments_with_text": with_text, "missing": missing, "arriving": arriving, "quarantined": quarantined,
                "blank": blank}
@@ -229,21 +234,15 @@ def _coverage(cursor, column):
                                    f"quarantined; {blank:,} blank (no vector by design).", figures)
 
 
-def _arriving(cursor, column):
-    """(pending segments that arrived or changed in the last ARRIVING_SECONDS, the followers running): none
-    while no follower runs, or before migration 0009."""
+def _followers(cursor, column):
+    """The followers running now that fill `column` (a pending segment they are embedding is arriving, not
+    missing): none before migration 0009."""
     cursor.execute("SELECT to_regclass('segments_pending_since') IS NOT NULL")
     if not cursor.fetchone()[0]:
-        return 0, []
+        return []
     cursor.execute(f"SELECT w.worker_name FROM segments_backfill_worker w WHERE {ALIVE} AND w.mode LIKE %s "
                    "AND w.\"column\" IN (%s, '') ORDER BY w.worker_name", ["follow%", column])
-    followers = [name for (name,) in cursor.fetchall()]
-    if not followers:
-        return 0, []
-    cursor.execute(f"SELECT count(*) FROM segments s LEFT JOIN segments_pending_since p ON p.segment_id = s.id "
-                   f"WHERE {pending_sql(column)} AND {WAITING_SINCE} > now() - make_interval(secs => %s)",
-                   [ARRIVING_SECONDS])
-    return cursor.fetchone()[0], followers
+    return [name for (name,) in cursor.fetchall()]
 
 
 def _vector_checks(cursor, column, dimensions):

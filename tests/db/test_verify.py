@@ -137,6 +137,30 @@ def test_with_a_follower_running_a_segment_that_just_arrived_is_arriving_and_an_
     assert (report["checks"]["coverage"]["missing"], report["checks"]["coverage"]["arriving"]) == (1, 0)
 
 
+def test_a_segment_arriving_while_the_coverage_counts_is_neither_missing_nor_arriving(complete, minilm):
+    from django.utils import timezone
+
+    from segments.models import BackfillWorker
+
+    now = timezone.now()
+    BackfillWorker.objects.create(worker_name="host:4343", started=now, updated=now, mode="follow (listen)",
+                                  column="embedding")
+    Segment.objects.create(video_id="v1", start_sec=50, end_sec=51, text="A segment the follower embeds now.")
+    arrivals = []
+
+    def arrive_after_the_count(execute, sql, params, many, context):
+        found = execute(sql, params, many, context)
+        if "FILTER (WHERE" in sql and not arrivals:  # the coverage's count has been taken: a segment arrives
+            arrivals.append(Segment.objects.create(video_id="v1", start_sec=60, end_sec=61, text="Just after it."))
+        return found
+
+    with connection.execute_wrapper(arrive_after_the_count):
+        report, error = run(minilm)
+
+    assert arrivals and error is None, report["checks"]["coverage"]
+    assert (report["checks"]["coverage"]["missing"], report["checks"]["coverage"]["arriving"]) == (0, 1)
+
+
 def test_a_quarantined_segment_fails_coverage(complete, minilm):
     Segment.objects.filter(pk=complete[3].pk).update(embedding=None)
     QuarantinedSegment.objects.create(segment_id=complete[3].pk, text_md5="0" * 32, reason="tokenizer failed")

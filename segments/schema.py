@@ -149,6 +149,8 @@ def embedding_schema(using="default", cursor=None, types=None, recorded=None, ex
 
 
 MIGRATIONS_RECORDED = "SELECT to_regclass('django_migrations') IS NOT NULL"  # read with the columns
+# Whether the table's first phase 1 is recorded (where django_migrations exists).
+EXPANDED = f"SELECT EXISTS (SELECT 1 FROM django_migrations WHERE app = 'segments' AND name = '{FIRST_EXPAND}')"
 
 
 def expanded_before(cursor, recorded=None):
@@ -160,8 +162,7 @@ def expanded_before(cursor, recorded=None):
         recorded = cursor.fetchone()[0]
     if not recorded:
         return False
-    cursor.execute("SELECT EXISTS (SELECT 1 FROM django_migrations WHERE app = 'segments' AND name = %s)",
-                   [FIRST_EXPAND])
+    cursor.execute(EXPANDED)
     return cursor.fetchone()[0]
 
 

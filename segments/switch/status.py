@@ -56,8 +56,8 @@ from embeddings import ledger
 from segments import index_build
 from segments.models import PendingSince, SwitchEvent, SwitchPause
 from segments.schema import (
-    FIRST_EXPAND, HNSW_M, LIVE, NEXT_COLUMNS, TABLE, VECTOR_COLUMNS, WAITING_SINCE, SchemaNotReady, blank_sql,
-    column_types, embedding_schema, pending_sql,
+    EXPANDED, FIRST_EXPAND, HNSW_M, LIVE, NEXT_COLUMNS, TABLE, VECTOR_COLUMNS, WAITING_SINCE, SchemaNotReady,
+    blank_sql, column_types, embedding_schema, pending_sql,
 )
 from segments.storage import COSINE_OPCLASSES
 from segments.switch import catalog, gate, preflight, swap, throttle
@@ -124,9 +124,6 @@ TABLES = """
     WHERE c.relkind IN ('f', 'm', 'p', 'r', 'v') AND n.nspname NOT IN ('pg_catalog', 'pg_toast')
       AND pg_catalog.pg_table_is_visible(c.oid)
 """  # the tables and views the search_path shows, as Django's introspection lists them
-
-
-EXPANDED = f"SELECT EXISTS (SELECT 1 FROM django_migrations WHERE app = 'segments' AND name = '{FIRST_EXPAND}')"
 
 
 def _first_read(using):

@@ -24,9 +24,9 @@
   another CA or for another host, TLS required but not asked for, a wrong password or host. Each
   becomes one line naming the setting to fix (the commands print it, the admin's log shows it), and
   is never retried.
-- **Reads side by side** (`side_by_side`): read-only parts of a report run at once, on connections
-  of their own: far from the database the report costs its longest part's round trips, not their
-  sum.
+- **Reads side by side** (`SideBySide`): read-only parts of a report run at once, on connections
+  of their own, opened while the caller reads what the parts depend on: far from the database the
+  report costs its longest part's round trips, not their sum.
 - **Sizes and names**: `parse_size` and `human_bytes`, `quote_ident` and `quote_literal`,
   `index_valid`.
 
@@ -516,12 +516,6 @@ def _begun_by_the_first_statement():
             sql = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;\n" + sql
         return execute(sql, params, many, context)
     return wrapper
-
-
-def side_by_side(using, parts, at_once=True):
-    """{name: part()} for the read-only `parts` ({name: callable}), run by a SideBySide."""
-    with SideBySide(using, len(parts) if at_once else 0) as readers:
-        return readers.run(parts)
 
 
 class SideBySide:

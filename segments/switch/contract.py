@@ -47,7 +47,7 @@ from psycopg2 import errors
 from askdrchaffee import postgres, round_trips
 from segments.schema import PREVIOUS as LEGACY
 from segments.schema import TABLE
-from segments.switch import catalog, horizon, out_of_line, server_loop
+from segments.switch import catalog, out_of_line, server_loop
 from segments.switch.swap import SwapRefused
 from segments.switch.user_triggers import triggers_to_quiet, user_triggers_query
 
@@ -220,14 +220,12 @@ def count_legacy_vectors(cursor):
     return cursor.fetchone()[0]
 
 
-def vacuum_after_writes(link, out, wait_seconds, held_back, analyze=False, written=None):
+def vacuum_after_writes(link, out, wait_seconds, held_back, written, analyze=False):
     """vacuum() once the transactions that began before the contract's last write (`written`, a
-    server_loop.Done: when, by the server's clock, and who could still see it then; None: now) have ended,
-    or `wait_seconds` have passed: what still holds the space is recorded in `held_back`, {who: description}.
+    server_loop.Done: when, by the server's clock, and who could still see it then) have ended, or
+    `wait_seconds` have passed: what still holds the space is recorded in `held_back`, {who: description}.
     The wait runs on the server, answering every WAIT_STEP_SECONDS with who it still waits for."""
-    since, left = (written.finished, written.holders) if written is not None else (None, None)
-    if since is None:
-        since, left = link.run(horizon.server_now), None
+    since, left = written.finished, written.holders
     deadline, said = time.monotonic() + wait_seconds, set()
     if left is None:  # the call that wrote last did not look: a look that answers at once
         left = server_loop.holders_after(link, since, 0.0)
@@ -336,7 +334,7 @@ def run(link, prepared, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=p
     cleared = clearing.rows
     if link.reconnects != reconnects:  # a call whose answer a lost link took has cleared its rows too
         cleared = prepared.to_clear - link.run(count_legacy_vectors)
-    vacuum_after_writes(link, out, wait_seconds, held_back, written=clearing)
+    vacuum_after_writes(link, out, wait_seconds, held_back, clearing)
     found = out_of_line_now(link, prepared.rewrite)
     sizes["cleared"] = found[0]
     out(f"cleared {cleared:,} legacy vectors; segments is {_megabytes(sizes['cleared'])}; "
@@ -344,8 +342,8 @@ def run(link, prepared, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=p
     moving = move_out_of_line_values(link, prepared.rewrite, found, rows_per_transaction, local, progress_factory,
                                      out, throttle)
     moved = moving.rows
-    vacuum_after_writes(link, out, wait_seconds, held_back, analyze=True,
-                        written=moving if moving.finished else server_loop.Done(0, clearing.finished))
+    vacuum_after_writes(link, out, wait_seconds, held_back,
+                        moving if moving.finished else server_loop.Done(0, clearing.finished), analyze=True)
     out(f"rewrote the out-of-line values of {moved:,} segments")
     if held_back:
         out(f"NOT all the space came back: {'; '.join(held_back.values())} still saw the cleared rows after "
@@ -386,7 +384,8 @@ class Record:
         return cursor.mogrify(f"""
             INSERT INTO {events} (step, at, details)
             SELECT 'contract', now(), jsonb_set(%s::jsonb, '{{sizes,after}}', to_jsonb(s)) || jsonb_build_object(
-                'drop_column_ms', round((extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::numeric, 1),
+                'drop_column_ms',
+                round((extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::numeric, 1),
                 'size_after_vacuum_bytes', s.total_bytes, 'total_bytes', s.total_bytes,
                 'total_bytes_before_switch', (SELECT e.details->'total_bytes' FROM {events} e
                                               WHERE e.step = 'before' ORDER BY e.at DESC, e.id DESC LIMIT 1))

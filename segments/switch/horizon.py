@@ -38,10 +38,5 @@ class Holder(NamedTuple):
     line: str  # who, with its state, age, application and query
 
 
-def server_now(cursor):
-    cursor.execute("SELECT clock_timestamp()")
-    return cursor.fetchone()[0]
-
-
 def describe(who, state, seconds, application, query):
     return Holder(who, describe_session(who, state, seconds, application, query))

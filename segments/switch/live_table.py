@@ -66,12 +66,6 @@ COLUMNS = """
 """
 
 
-def columns(cursor):
-    """The Columns of `segments`, in table order."""
-    cursor.execute(COLUMNS, [TABLE])
-    return [Column(*row) for row in cursor.fetchall()]
-
-
 INDEXES = """
     SELECT c.relname, am.amname,
            ARRAY(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, n)
@@ -90,14 +84,8 @@ INDEXES = """
 """
 
 
-def indexes(cursor):
-    """The Indexes of `segments`, with how often each was scanned."""
-    cursor.execute(INDEXES, [TABLE])
-    return indexes_from(cursor.fetchall())
-
-
 def indexes_from(rows):
-    """indexes() from the rows of INDEXES (read by a caller with other reads)."""
+    """The Indexes of `segments`, with how often each was scanned, from the rows of INDEXES."""
     found = []
     for name, method, keys, opclasses, primary, unique, partial, valid, scans, definition in rows:
         key_columns = None if None in keys else tuple(keys)
@@ -106,20 +94,15 @@ def indexes_from(rows):
     return found
 
 
-# When this database's statistics (idx_scan) were last reset, to the minute (UTC); no row, or NULL, if never.
+# When this database's statistics (idx_scan) were last reset, to the minute (UTC); NULL if never.
 STATS_RESET = ("SELECT to_char(stats_reset AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') FROM pg_stat_database "
                "WHERE datname = current_database()")
 
 
-def stats_reset(cursor):
-    """STATS_RESET's answer (None if never)."""
-    cursor.execute(STATS_RESET)
-    row = cursor.fetchone()
-    return row[0] if row else None
-
-
 def table_reads(cursor):
-    """(columns(), indexes(), versions(), stats_reset()) in one statement."""
+    """In one statement: (the Columns of `segments`, in table order; its Indexes (indexes_from); the
+    versions: server_version_num, server_version, the installed pgvector version or None, the version
+    the server could install or None; when this database's statistics were last reset (STATS_RESET))."""
     columns_rows, index_rows, (found_versions,), reset = round_trips.reads(
         cursor, (COLUMNS, [TABLE]), (INDEXES, [TABLE]), VERSIONS, STATS_RESET)
     return ([Column(*row) for row in columns_rows], indexes_from(index_rows), tuple(found_versions),
@@ -169,13 +152,6 @@ VERSIONS = """
            (SELECT extversion FROM pg_extension WHERE extname = 'vector'),
            (SELECT default_version FROM pg_available_extensions WHERE name = 'vector')
 """
-
-
-def versions(cursor):
-    """(server_version_num, server_version, installed pgvector version or None, the version the
-    server could install or None)."""
-    cursor.execute(VERSIONS)
-    return cursor.fetchone()
 
 
 def applied_migrations(cursor, app_label):

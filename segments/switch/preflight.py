@@ -94,7 +94,7 @@ def inspect(using="default"):
 
 def parts(using="default", schema=None):
     """The pre-flight's reads, {name: callable}, independent of each other: `status` reads them side by
-    side with its own (askdrchaffee.postgres.side_by_side); `report` judges what they read. `schema`: the
+    side with its own (askdrchaffee.postgres.SideBySide); `report` judges what they read. `schema`: the
     table's EmbeddingSchema as the caller read it (None: no phase yet)."""
     def read(work):
         def part():

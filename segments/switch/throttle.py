@@ -82,8 +82,8 @@ LOOK = """
               AND NOT EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.active_pid = r.pid
                                                                      AND s.slot_type = 'logical'))
 """
-WITH_PAUSE = LOOK.format(pause=f"""(SELECT json_build_object('by', p.paused_by, 'reason', p.reason,
-                                            'at', to_char(p.paused_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'))
+PAUSED_AT = "to_char(p.paused_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')"  # a Pause's `at`
+WITH_PAUSE = LOOK.format(pause=f"""(SELECT json_build_object('by', p.paused_by, 'reason', p.reason, 'at', {PAUSED_AT})
                                     FROM {PAUSE_TABLE} p WHERE p.scope = '{SCOPE}')""")
 # Before migration 0011 there is no pause table: nobody can have paused; each look asks whether it came.
 WITHOUT_PAUSE = LOOK.format(pause=f"CASE WHEN to_regclass('{PAUSE_TABLE}') IS NOT NULL THEN '{{}}'::json END")
@@ -524,5 +524,4 @@ def current_pause(cursor, table_exists=None):
 
 
 # The pause in force (PAUSE_TABLE): by, since (UTC, to the second), reason; no row when none.
-PAUSE_QUERY = (f"SELECT paused_by, to_char(paused_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), reason "
-               f"FROM {PAUSE_TABLE} WHERE scope = %s")
+PAUSE_QUERY = f"SELECT p.paused_by, {PAUSED_AT}, p.reason FROM {PAUSE_TABLE} p WHERE p.scope = %s"

@@ -419,10 +419,13 @@ def connection_params(using="default", direct=False):
 
 
 def private_connection(using="default", purpose="work", settings=None, application_name=None, autocommit=True,
-                       then=()):
+                       checked=True):
     """A new psycopg2 connection for work that needs a session of its own (`purpose` names it in
     errors), with `settings` ({name: value}) given as startup options, so that no SET is ever sent;
-    `then`: statements (the session's own routines) sent in the same message as the settings' check.
+    they are checked at once (settings_check()), or, with `checked` False, nothing is sent yet: the
+    check is the connection's `first_message`, for the caller to send before or with its first
+    statement (a round trip fewer), and settings_refusal() makes the error it may fail with a
+    PoolerRefused.
 
     It goes over DATABASE_DIRECT_URL when that is set. Otherwise, when the usual route is a pooler
     or proxy (`behind_pooler`), it refuses with PoolerRefused, naming that setting: a pooler drops
@@ -442,8 +445,13 @@ def private_connection(using="default", purpose="work", settings=None, applicati
     params["connection_factory"] = CountedConnection
     connection = private.get_new_connection(params)
     connection.autocommit = autocommit
+    check = settings_check(settings or {}, purpose)
+    if not checked:
+        connection.first_message = check
+        return connection
     try:
-        _check_settings(connection, settings or {}, purpose, then)
+        if check:
+            _send_check(connection, check)
     except BaseException:
         connection.close()
         raise
@@ -475,33 +483,53 @@ def _option_value(value):
     raise ValueError(f"startup option value {text!r}: only letters, digits and . : / - _ are allowed")
 
 
-def _check_settings(connection, wanted, purpose, then=()):
-    """PoolerRefused when the server did not take the startup options (a proxy dropped them); `then`
-    (statements) run first, in the same message.
+SETTINGS_NOT_TAKEN = "AD001"  # the SQLSTATE settings_check() fails with
+
+
+def settings_check(wanted, purpose):
+    """One statement that fails (SQLSTATE SETTINGS_NOT_TAKEN, its message the PoolerRefused's) when the
+    server did not take the startup options `wanted` ({name: value}): a proxy dropped them. "" without
+    any. It changes nothing, and may go in a message with other statements.
 
     Each setting's current value is compared with the value asked for as the server shows it
-    (`set_config(..., true)` in the same statement, which ends with the message's transaction: nothing
-    stays set)."""
-    from askdrchaffee import round_trips
+    (`set_config(..., true)`: local to the message's transaction, and the same value when it passes)."""
+    checks = []
+    for name, value in wanted.items():
+        refusal = (f"{purpose} asked for {name} = {value} as a startup option and the server reports {{}}: "
+                   f"something between here and the server drops startup options. Set {DIRECT_URL_SETTING} to a "
+                   "direct connection. Nothing was done.").replace("%", "%%").replace("{}", "%s")
+        checks.append(f"""
+    got := current_setting({quote_literal(name)});
+    IF got IS DISTINCT FROM set_config({quote_literal(name)}, {quote_literal(str(value))}, true) THEN
+        RAISE EXCEPTION USING ERRCODE = '{SETTINGS_NOT_TAKEN}', MESSAGE = format({quote_literal(refusal)}, got);
+    END IF;""")
+    if not checks:
+        return ""
+    return "DO $check$\nDECLARE got text;\nBEGIN" + "".join(checks) + "\nEND\n$check$"
 
-    names = list(wanted)
-    if not names and not then:
-        return
-    with connection.cursor() as cursor:
-        check = cursor.mogrify("SELECT " + ", ".join(["current_setting(%s), set_config(%s, %s, true)"] * len(names)),
-                               [part for name in names for part in (name, name, str(wanted[name]))]).decode()
-        cursor.execute(round_trips.message(*then, check if names else ""))
-        found = cursor.fetchone() if names else ()
-    if not connection.autocommit:
-        connection.rollback()
-    for number, name in enumerate(names):
-        value, (got, asked) = wanted[name], found[2 * number:2 * number + 2]
-        if got != asked:
-            raise PoolerRefused(
-                f"{purpose} asked for {name} = {value} as a startup option and the server reports {got}: "
-                f"something between here and the server drops startup options. Set {DIRECT_URL_SETTING} to a "
-                "direct connection. Nothing was done."
-            )
+
+def settings_refusal(exc):
+    """The PoolerRefused of a failed settings_check() (`exc`, a psycopg2 error or Django's wrapper of one);
+    None for any other error."""
+    cause = exc if getattr(exc, "pgcode", None) else exc.__cause__
+    if getattr(cause, "pgcode", None) != SETTINGS_NOT_TAKEN:
+        return None
+    return PoolerRefused(cause.diag.message_primary)
+
+
+def _send_check(connection, check):
+    """settings_check()'s statement `check`, alone: PoolerRefused when it fails."""
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(check)
+    except psycopg2.Error as exc:
+        refusal = settings_refusal(exc)
+        if refusal is None:
+            raise
+        raise refusal from None
+    finally:
+        if not connection.autocommit and not connection.closed:
+            connection.rollback()
 
 
 # --- reads side by side ------------------------------------------------------------------------

@@ -57,14 +57,24 @@ def reads(cursor, *queries):
     """The rows of each of `queries` (SQL, or (SQL, parameters)), read in one statement: a list of row
     tuples per query, in each query's order. The values come back through JSON: text, numbers,
     booleans, arrays (as lists) and NULL keep their meaning; a timestamp comes back as its text."""
+    cursor.execute(reads_statement(cursor, *queries))
+    return answers(cursor.fetchone())
+
+
+def reads_statement(cursor, *queries):
+    """The one statement of reads(), to end a message of its own (its row: answers())."""
     parts = []
     for query in queries:
         sql, params = query if isinstance(query, tuple) else (query, None)
         if params is not None:
             sql = cursor.mogrify(sql, params).decode()
         parts.append(f"(SELECT coalesce(json_agg(q), '[]')::text FROM ({sql.strip().rstrip(';')}) AS q)")
-    cursor.execute("SELECT " + ",\n       ".join(parts))
-    return [json.loads(text, object_pairs_hook=_values) for text in cursor.fetchone()]
+    return "SELECT " + ",\n       ".join(parts)
+
+
+def answers(row):
+    """The rows of each query of reads_statement(), from its row."""
+    return [json.loads(text, object_pairs_hook=_values) for text in row]
 
 
 def _values(pairs):

@@ -164,13 +164,13 @@ def clear_legacy_vectors(link, rows_per_transaction, local, progress=None, throt
                           rows_per_transaction)
 
 
-def _on_the_server(link, statement, local, progress, throttle, rows_per_transaction):
+def _on_the_server(link, statement, local, progress, throttle, rows_per_transaction, first=None):
     cap = getattr(throttle, "max_rows_per_second", None)
     most = max(rows_per_transaction, int(cap * server_loop.SECONDS_PER_CALL)) if cap else None
     hold = (lambda rows: throttle.before_write(rows)) if throttle is not None else None
     try:
         return server_loop.batches(link, statement, local=local, on_batches=progress, before_call=hold, most=most,
-                                   lock_attempts=LOCK_ATTEMPTS, look=throttle)
+                                   lock_attempts=LOCK_ATTEMPTS, look=throttle, first=first)
     except server_loop.LockBlocked:
         raise interrupted() from None
 
@@ -180,33 +180,53 @@ def _on_the_server(link, statement, local, progress, throttle, rows_per_transact
 MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST = 0.5
 
 
-def out_of_line_now(link, rewrite):
-    """(the table's sizes, rows holding values stored out of line, those values' bytes), in one message."""
-    (sizes,), ((rows, stored),) = link.run(lambda cursor: round_trips.reads(cursor, RELATION_SIZES,
-                                                                            rewrite.stored_query()))
-    return dict(zip(SIZE_KEYS, sizes)), rows, stored
+def found_query(rewrite):
+    """The moving loop's look before its first batch (server_loop.batches' `first`): whether to move (values
+    stored out of line that fill at most MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST of the TOAST table), and
+    [the table's sizes by SIZE_KEYS..., rows holding values stored out of line, those values' bytes]."""
+    return f"""
+        SELECT o.rows > 0 AND o.stored <= {MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST} * s.toast_bytes,
+               json_build_array({", ".join(f"s.{key}" for key in SIZE_KEYS)}, o.rows, o.stored)
+        FROM ({RELATION_SIZES}) s, ({rewrite.stored_query()}) AS o(rows, stored)
+    """
 
 
-def move_out_of_line_values(link, rewrite, found, rows_per_transaction, local, progress_factory=None, out=print,
-                            throttle=None):
-    """Rewrite the values stored out of line (`rewrite`: an out_of_line.Rewrite; `found`: what
-    out_of_line_now() said), `rows_per_transaction` rows a transaction (each setting `local`), in the
-    server's loop, so that they move to the front of the TOAST table; a server_loop.Done (how many rows
-    were rewritten: 0 without room to move them into; when the last write ended by the server's clock and
-    who could still see it then: None without one)."""
-    sizes, rows, stored = found
-    if stored > MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST * sizes["toast_bytes"]:
-        out(f"the values stored out of line fill {stored / max(sizes['toast_bytes'], 1):.0%} of the TOAST table: no "
-            "room to move them to its front, left where they are")
-        return server_loop.Done(0, None)
+def table_sizes(cursor):
+    """RELATION_SIZES, by SIZE_KEYS."""
+    cursor.execute(RELATION_SIZES)
+    return dict(zip(SIZE_KEYS, cursor.fetchone()))
+
+
+def move_out_of_line_values(link, rewrite, rows_per_transaction, local, progress_factory=None, out=print,
+                            throttle=None, found=lambda sizes: None):
+    """Rewrite the values stored out of line (`rewrite`: an out_of_line.Rewrite) when they fill at most
+    MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST of the TOAST table, `rows_per_transaction` rows a transaction (each
+    setting `local`), in the server's loop, so that they move to the front of the TOAST table. The loop's
+    first call looks first (found_query(): no round trip of its own); `found(sizes)` hears the table's sizes
+    then. A server_loop.Done (how many rows were rewritten: 0 without room to move them into; when the last
+    write ended by the server's clock and who could still see it then: None without one)."""
     statement = rewrite.batch_statement(rows_per_transaction)
-    if statement is None or not rows:
+    if statement is None:
+        found(link.run(table_sizes))
         return server_loop.Done(0, None)
-    bar = progress_factory(rows) if progress_factory else None
-    if bar is not None and hasattr(bar, "set_description"):
-        bar.set_description("moving out-of-line values")
+    bar = None
+
+    def looked(value):
+        nonlocal bar
+        *sizes, rows, stored = value
+        sizes = dict(zip(SIZE_KEYS, sizes))
+        found(sizes)
+        if rows and stored > MOVE_WHEN_OUT_OF_LINE_FILLS_AT_MOST * sizes["toast_bytes"]:
+            out(f"the values stored out of line fill {stored / max(sizes['toast_bytes'], 1):.0%} of the TOAST table: "
+                "no room to move them to its front, left where they are")
+        elif rows and progress_factory:
+            bar = progress_factory(rows)
+            if hasattr(bar, "set_description"):
+                bar.set_description("moving out-of-line values")
+
     try:
-        return _on_the_server(link, statement, local, bar.update if bar else None, throttle, rows_per_transaction)
+        return _on_the_server(link, statement, local, lambda rows: bar.update(rows) if bar else None, throttle,
+                              rows_per_transaction, first=(found_query(rewrite), looked))
     finally:
         if bar is not None:
             bar.close()
@@ -224,7 +244,8 @@ def vacuum_after_writes(link, out, wait_seconds, held_back, written, analyze=Fal
     """vacuum() once the transactions that began before the contract's last write (`written`, a
     server_loop.Done: when, by the server's clock, and who could still see it then) have ended, or
     `wait_seconds` have passed: what still holds the space is recorded in `held_back`, {who: description}.
-    The wait runs on the server, answering every WAIT_STEP_SECONDS with who it still waits for."""
+    The wait runs on the server, answering every WAIT_STEP_SECONDS with who it still waits for. Those it
+    stopped waiting for (horizon.Holder), [] when none was left."""
     since, left = written.finished, written.holders
     deadline, said = time.monotonic() + wait_seconds, set()
     if left is None:  # the call that wrote last did not look: a look that answers at once
@@ -242,6 +263,7 @@ def vacuum_after_writes(link, out, wait_seconds, held_back, written, analyze=Fal
     for holder in left:
         held_back[holder.who] = holder.line
     vacuum(link, analyze)
+    return left
 
 
 def vacuum(link, analyze=False):
@@ -256,18 +278,18 @@ def vacuum(link, analyze=False):
     patiently(link, f"VACUUM ({options}) {TABLE}")
 
 
-def raw_connection(using, then=()):
+def raw_connection(using):
     """A psycopg2 connection of its own in autocommit mode (VACUUM and CONCURRENTLY need one), with
     lock_timeout as a startup option: over DATABASE_DIRECT_URL behind a pooler (askdrchaffee.postgres);
-    `then`, statements sent with the check of that setting."""
+    the check of that setting goes with its first message."""
     return postgres.private_connection(using, "The contract", settings={"lock_timeout": LOCK_TIMEOUT},
-                                       application_name="embedding_switch contract", then=then)
+                                       application_name="embedding_switch contract", checked=False)
 
 
 def link_for(using):
     """The contract's ServerLink: raw connections (opened again after a lost or silent link), each
-    creating the link's routines in its first message."""
-    return server_loop.ServerLink(lambda routines: raw_connection(using, then=[routines]), sends_routines=True)
+    creating the link's routines and checking its settings in its first message."""
+    return server_loop.ServerLink(lambda: raw_connection(using))
 
 
 def _megabytes(sizes):
@@ -334,16 +356,19 @@ def run(link, prepared, rows_per_transaction=DEFAULT_ROWS_PER_TRANSACTION, out=p
     cleared = clearing.rows
     if link.reconnects != reconnects:  # a call whose answer a lost link took has cleared its rows too
         cleared = prepared.to_clear - link.run(count_legacy_vectors)
-    vacuum_after_writes(link, out, wait_seconds, held_back, clearing)
-    found = out_of_line_now(link, prepared.rewrite)
-    sizes["cleared"] = found[0]
-    out(f"cleared {cleared:,} legacy vectors; segments is {_megabytes(sizes['cleared'])}; "
-        "moving the values stored out of line to the front of the TOAST table")
-    moving = move_out_of_line_values(link, prepared.rewrite, found, rows_per_transaction, local, progress_factory,
-                                     out, throttle)
+    left = vacuum_after_writes(link, out, wait_seconds, held_back, clearing)
+
+    def found(cleared_sizes):
+        sizes["cleared"] = cleared_sizes
+        out(f"cleared {cleared:,} legacy vectors; segments is {_megabytes(cleared_sizes)}; "
+            "moving the values stored out of line to the front of the TOAST table")
+
+    moving = move_out_of_line_values(link, prepared.rewrite, rows_per_transaction, local, progress_factory, out,
+                                     throttle, found)
     moved = moving.rows
+    # nothing moved: the last writes are the clearing's, and who could see them is known since its VACUUM
     vacuum_after_writes(link, out, wait_seconds, held_back,
-                        moving if moving.finished else server_loop.Done(0, clearing.finished), analyze=True)
+                        moving if moving.finished else server_loop.Done(0, clearing.finished, left), analyze=True)
     out(f"rewrote the out-of-line values of {moved:,} segments")
     if held_back:
         out(f"NOT all the space came back: {'; '.join(held_back.values())} still saw the cleared rows after "
@@ -369,10 +394,11 @@ def drop_legacy_column(schema_editor):
 
 
 class Record:
-    """The contract's SwitchEvent, written by the last statement of the drop's message: run()'s `figures`,
-    with the table's sizes once the column is dropped (sizes.after, size_after_vacuum_bytes, total_bytes),
-    its size before the switch began, and how long the message took on the server (drop_column_ms).
-    `details`: the event's, once written."""
+    """The contract's SwitchEvent, written by the drop's message: run()'s `figures`, with the table's sizes
+    once the column is dropped (sizes.after, size_after_vacuum_bytes, total_bytes), its size before the switch
+    began, and how long the message took on the server until then (drop_column_ms). `statement` writes it,
+    `query` (a read of the same message, after it) reads it back for `written`; `details`: the event's,
+    once written."""
 
     def __init__(self, figures):
         self.figures, self.details = figures, None
@@ -389,11 +415,19 @@ class Record:
                 'size_after_vacuum_bytes', s.total_bytes, 'total_bytes', s.total_bytes,
                 'total_bytes_before_switch', (SELECT e.details->'total_bytes' FROM {events} e
                                               WHERE e.step = 'before' ORDER BY e.at DESC, e.id DESC LIMIT 1))
-            FROM ({RELATION_SIZES}) s
-            RETURNING details::text""", [json.dumps(self.figures, default=str)]).decode()
+            FROM ({RELATION_SIZES}) s""", [json.dumps(self.figures, default=str)]).decode()
 
-    def written(self, row):
-        self.details = json.loads(row[0])
+    @staticmethod
+    def query():
+        from segments.models import SwitchEvent
+
+        events = SwitchEvent._meta.db_table
+        return (f"SELECT details::text FROM {events} "
+                f"WHERE id = currval(pg_get_serial_sequence({postgres.quote_literal(events)}, 'id'))")
+
+    def written(self, rows):
+        """From the answer of `query` (its rows)."""
+        self.details = json.loads(rows[0][0])
 
 
 def after_size_line(details):
@@ -401,12 +435,13 @@ def after_size_line(details):
     return f"dropped the legacy column; segments is {_megabytes(details['sizes']['after'])}"
 
 
-def drop_statements(cursor, lock_timeout=None, migration=None, also_recorded=(), record=None):
+def drop_statements(cursor, lock_timeout=None, migration=None, also_recorded=(), record=None, reads=()):
     """The contract migration's work as one message (the operator's path, segments/switch/gate.py): from
     the first lock to the commit no client round trip; with the migration's record ((app, name)) when
-    given, and those of `also_recorded` (migrations with nothing to run that wait for it), and last the
-    contract's SwitchEvent (`record`, a Record) when given. A view made on the legacy column meanwhile
-    stops it (DependentObjectsStillInUse: the drop has no CASCADE)."""
+    given, and those of `also_recorded` (migrations with nothing to run that wait for it), the contract's
+    SwitchEvent (`record`, a Record) when given, and last, when there is a record or `reads` (queries),
+    one statement of round_trips.reads: the record's query, then `reads`. A view made on the legacy column
+    meanwhile stops it (DependentObjectsStillInUse: the drop has no CASCADE)."""
     from embeddings import ledger
     from segments import triggers
     from segments.schema import LIVE
@@ -422,4 +457,6 @@ def drop_statements(cursor, lock_timeout=None, migration=None, also_recorded=(),
         f"ALTER TABLE {TABLE} DROP COLUMN {LEGACY}",
         *recorded,
         record.statement(cursor) if record is not None else "",
+        round_trips.reads_statement(cursor, *([record.query()] if record is not None else []), *reads)
+        if record is not None or reads else "",
     )

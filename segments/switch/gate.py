@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 from django.core.management.base import CommandError
 from django.db import connections
-from askdrchaffee import postgres
+
+from askdrchaffee import postgres, round_trips
 from segments.operations import LockRetryingExecutor, bind, report_builds_to
 
 APP = "segments"
@@ -183,14 +184,16 @@ def contract_plan(applied, using="default"):
     return ContractPlan.of(migration, executor.loader)
 
 
-def drop_legacy(plan, using="default", record=None):
+def drop_legacy(plan, using="default", record=None, reads=()):
     """The contract's migration of `plan` (a ContractPlan), the legacy column dropped, in one message with its
     record, the records of the migrations that wait for it and the contract's SwitchEvent (`record`, a
-    contract.Record); then the migrations that wait for it and have work to do. The migration."""
-    _drop_in_one_message(plan.migration, using, plan.recorded, record)
+    contract.Record), and `reads` (queries) after them; then the migrations that wait for it and have work
+    to do. The answers of `reads` (round_trips.reads), None when migrations ran after them."""
+    answers = _drop_in_one_message(plan.migration, using, plan.recorded, record, reads)
     if not plan.recorded:
         _apply_what_waited_for(plan.migration, using)
-    return plan.migration
+        return None
+    return answers
 
 
 CATALOG_ATTEMPTS = 3  # the swap's message written again when an index or a view changed under it
@@ -219,11 +222,12 @@ def _apply_locked(migration, using, inputs, *, forward):
                                    holders=lambda: segments_lock_holders(connections[using]))
 
 
-def _drop_in_one_message(migration, using, waiting=(), record=None):
+def _drop_in_one_message(migration, using, waiting=(), record=None, reads=()):
     """The contract's migration (the legacy column dropped) as one message, its record included (and the
-    records of `waiting`, migrations with nothing to run that wait for it, and the contract's SwitchEvent,
-    `record`, a contract.Record, when given), under lock retries: its ACCESS EXCLUSIVE lasts as long as the
-    server's own work. A view made on the legacy column meanwhile stops it: ContractRefused, naming the view."""
+    records of `waiting`, migrations with nothing to run that wait for it, the contract's SwitchEvent,
+    `record`, a contract.Record, when given, and `reads` after them: their answers), under lock retries: its
+    ACCESS EXCLUSIVE lasts as long as the server's own work. A view made on the legacy column meanwhile stops
+    it: ContractRefused, naming the view."""
     from django.db.utils import DatabaseError
     from psycopg2 import errors
 
@@ -234,17 +238,21 @@ def _drop_in_one_message(migration, using, waiting=(), record=None):
         with connections[using].cursor() as cursor:
             try:
                 cursor.execute(contract.drop_statements(cursor, lock_timeout, (APP, migration.name),
-                                                        [(m.app_label, m.name) for m in waiting], record))
-                if record is not None:
-                    record.written(cursor.fetchone())
+                                                        [(m.app_label, m.name) for m in waiting], record, reads))
             except DatabaseError as exc:
                 if isinstance(exc.__cause__, errors.DependentObjectsStillInUse):
                     contract.refuse_dependent_views(cursor)
                 raise
+            if record is None and not reads:
+                return []
+            answers = round_trips.answers(cursor.fetchone())
+            if record is not None:
+                record.written(answers.pop(0))
+            return answers
 
     with giving_up_on_locks():
-        postgres.with_lock_retries(attempt, what="The contract's drop of the legacy column",
-                                   holders=lambda: segments_lock_holders(connections[using]))
+        return postgres.with_lock_retries(attempt, what="The contract's drop of the legacy column",
+                                          holders=lambda: segments_lock_holders(connections[using]))
 
 
 def _waiting_for(step_migration, loader):

@@ -13,13 +13,14 @@ VACUUM must wait for), so that the wait begins with no round trip when there are
 transactions that hold VACUUM back is a function of the same kind, which looks every 0.2 s on the server.
 
 `ServerLink` is that connection: in autocommit mode (a procedure that commits cannot run inside a
-transaction), its routines created when it opens, opened again after it drops or goes silent (each
+transaction), its routines created by its first message, opened again after it drops or goes silent (each
 call has a deadline: askdrchaffee/round_trips.py), with backoff, one log line per retry.
 """
 import logging
 import time
 from typing import NamedTuple
 
+import psycopg2
 from django.core.management.base import CommandError
 from psycopg2 import errors
 
@@ -41,14 +42,23 @@ BATCHES = """
 CREATE OR REPLACE PROCEDURE pg_temp.segments_batches(
     statement text, INOUT after bigint, INOUT done bigint, INOUT blocked boolean,
     most bigint, seconds double precision, lock_timeout text, replica boolean, INOUT finished timestamptz,
-    look text, INOUT wal bigint, INOUT pause json, INOUT replicas json, holders_shown int, INOUT holders json)
+    look text, INOUT wal bigint, INOUT pause json, INOUT replicas json, holders_shown int, INOUT holders json,
+    first text, INOUT first_answer json)
 LANGUAGE plpgsql AS $procedure$
 DECLARE
     deadline timestamptz := clock_timestamp() + make_interval(secs => seconds);
     rows_done bigint;
     next_after bigint;
+    go boolean;
 BEGIN
     blocked := false;
+    IF first IS NOT NULL THEN  -- a look before the first batch, which says whether there is work to do
+        EXECUTE first INTO go, first_answer;
+        IF NOT go THEN
+            after := NULL;
+            RETURN;
+        END IF;
+    END IF;
     LOOP
         PERFORM set_config('lock_timeout', lock_timeout, true);
         IF replica THEN
@@ -111,13 +121,15 @@ ROUTINES = round_trips.message(BATCHES, HOLDERS)  # created on each of the link'
 
 
 class ServerLink:
-    """The contract's connection of its own (module docstring), from `connect()`; from `connect(ROUTINES)`
-    when `sends_routines`: it sends them in its first message (askdrchaffee.postgres.private_connection's
-    `then`, with its check of the settings), a round trip fewer."""
+    """The contract's connection of its own (module docstring), from `connect()`. What each new connection
+    needs first (the link's routines, and the connection's own `first_message`: the check of its settings,
+    askdrchaffee.postgres.private_connection) goes with the first statement sent on it that may share a
+    message (run()'s `shares_message`), a round trip fewer; before any other, alone."""
 
-    def __init__(self, connect, what="the contract", sends_routines=False):
-        self.connect, self.what, self.sends_routines = connect, what, sends_routines
+    def __init__(self, connect, what="the contract"):
+        self.connect, self.what = connect, what
         self.connection = None
+        self.first = None  # the statements that go before the next one sent: a new connection's
         self.opened_at = 0.0
         self.round_trips_before = 0  # of the connections closed so far
         self.abandoned = []  # server sessions left behind a silent link
@@ -129,31 +141,32 @@ class ServerLink:
         return self.round_trips_before + round_trips.round_trips(self.connection)
 
     def open(self):
+        """The connection, opened when it is not (its first statements still to send: `first`)."""
         if self.connection is not None and round_trips.stale(self.opened_at):
             self.close()  # made before a link went silent: silent too
         if self.connection is None or self.connection.closed:
             self.opened_at = time.monotonic()
-            connection = self.connect(ROUTINES) if self.sends_routines else self.connect()
+            connection = self.connect()
             try:
                 connection.autocommit = True
                 round_trips.end_abandoned(connection, self.abandoned)  # the contract's link is direct
                 self.abandoned = []
-                if not self.sends_routines:
-                    with connection.cursor() as cursor:
-                        cursor.execute(ROUTINES)
             except BaseException:
                 connection.close()
                 raise
             self.connection = connection
+            self.first = round_trips.message(ROUTINES, getattr(connection, "first_message", ""))
         return self.connection
 
-    def run(self, work, seconds=QUERY_SECONDS):
+    def run(self, work, seconds=QUERY_SECONDS, shares_message=False):
         """work(cursor) on the connection, answered within `seconds` (PATIENT: no deadline; TCP keepalives
         still notice a link that stops acknowledging) and LINK_GRACE_SECONDS; after a lost or silent
-        link, again on a new connection (LINK_ATTEMPTS in all, one log line each). Its result."""
+        link, again on a new connection (LINK_ATTEMPTS in all, one log line each). Its result.
+        `shares_message`: work's first statement may go in one message with the connection's first
+        statements (not a CALL, a VACUUM or a CONCURRENTLY, which must be alone in theirs)."""
         for attempt in range(1, LINK_ATTEMPTS + 1):
             try:
-                return self._once(work, seconds)
+                return self._once(work, seconds, shares_message)
             except postgres.TRANSIENT_ERRORS as exc:
                 if postgres.connection_refusal(exc) or not _transient(exc):
                     raise
@@ -174,11 +187,24 @@ class ServerLink:
                        LINK_ATTEMPTS, " ".join(str(exc).split()), pause)
         time.sleep(pause)
 
-    def _once(self, work, seconds):
+    def _once(self, work, seconds, shares_message):
         connection = self.open()
         limit = None if seconds is None else seconds + LINK_GRACE_SECONDS
         with connection.cursor() as cursor, round_trips.deadline(connection, limit, self.what):
-            return work(cursor)
+            if self.first and not shares_message:
+                self._send_first(cursor.execute, "")
+            return work(_FirstStatements(cursor, self) if self.first else cursor)
+
+    def _send_first(self, execute, statement):
+        """The connection's first statements (`first`), with `statement` in the same message."""
+        try:
+            execute(round_trips.message(self.first, statement))
+        except psycopg2.Error as exc:
+            refusal = postgres.settings_refusal(exc)
+            if refusal is not None:
+                raise refusal from None
+            raise
+        self.first = None
 
     def close(self):
         if self.connection is not None:
@@ -190,6 +216,23 @@ class ServerLink:
             self.connection = None
 
 
+class _FirstStatements:
+    """A cursor whose first statement carries its link's first statements (ServerLink.first) in its message."""
+
+    def __init__(self, cursor, link):
+        self._cursor, self._link = cursor, link
+
+    def execute(self, sql, params=None):
+        if not self._link.first:
+            return self._cursor.execute(sql, params)
+        if params is not None:
+            sql = self._cursor.mogrify(sql, params).decode()
+        return self._link._send_first(self._cursor.execute, sql)
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
+
+
 def _transient(exc):
     """A lost connection or a link gone silent: worth a new connection. Not a lock timeout or a
     deadlock (the batches' own answer to those is `blocked`), not a statement's error."""
@@ -198,13 +241,16 @@ def _transient(exc):
     return isinstance(exc, postgres.TRANSIENT_ERRORS)
 
 
-def batches(link, statement, *, local, on_batches=None, before_call=None, most=None, lock_attempts=5, look=None):
+def batches(link, statement, *, local, on_batches=None, before_call=None, most=None, lock_attempts=5, look=None,
+            first=None):
     """Run `statement` on the server again and again (one transaction each) until it says nothing is left:
     it takes the id to go on after ($1) and answers (rows done, the id to go on after; NULL when done).
     Each call of the server's loop works for up to SECONDS_PER_CALL (and at most `most` rows);
     `before_call(most)` may hold a call back (a throttle); `on_batches(rows)` hears of each call's rows.
     `look`, a throttle (its `look_query` and `observe(row)`), has each call answer with its look, taken
     by the server as the call ends: the next `before_call` rests on it instead of a round trip of its own.
+    `first`, (SQL, on_found): a query the first call runs before its first batch, answering (whether to go
+    on, a JSON value); on_found(the value) hears it before `on_batches`, and without `go` nothing is done.
     A batch that waits for a lock longer than `local`'s lock_timeout rolls back and the call answers:
     it is tried again after a pause, `lock_attempts` times in a row, then LockBlocked. A Done: the total,
     when the last call ended by the server's clock, and the transactions that could still see its writes
@@ -212,13 +258,17 @@ def batches(link, statement, *, local, on_batches=None, before_call=None, most=N
     after, total, blocked_in_a_row, finished, holders = FIRST_ID, 0, 0, None, None
     most = most or 2**62
     replica = local.get("session_replication_role") == "replica"
+    first_query, on_found = first or (None, None)
     while after is not None:
         if before_call is not None:
             before_call(most)
         look_query = look.look_query if look is not None else None
-        after, done, blocked, finished, *looked, holders = link.run(
-            lambda cursor: _call(cursor, statement, after, most, local, replica, look_query),
+        after, done, blocked, finished, *looked, holders, found = link.run(
+            lambda cursor: _call(cursor, statement, after, most, local, replica, look_query, first_query),
             SECONDS_PER_CALL + postgres.parse_duration_ms(local["lock_timeout"]) / 1000)
+        if first_query is not None:
+            first_query = None
+            on_found(found)
         if look is not None and looked[0] is not None:
             look.observe(looked)
         total += done
@@ -249,10 +299,10 @@ class LockBlocked(Exception):
         self.done = done
 
 
-def _call(cursor, statement, after, most, local, replica, look_query):
+def _call(cursor, statement, after, most, local, replica, look_query, first_query):
     cursor.execute("CALL pg_temp.segments_batches(%s, %s, 0, false, %s, %s, %s, %s, NULL, %s, NULL, NULL, NULL, %s, "
-                   "NULL)", [statement, after, most, SECONDS_PER_CALL, local["lock_timeout"], replica, look_query,
-                             QUERY_SHOWN + 1])
+                   "NULL, %s, NULL)", [statement, after, most, SECONDS_PER_CALL, local["lock_timeout"], replica,
+                                       look_query, QUERY_SHOWN + 1, first_query])
     return cursor.fetchone()
 
 

@@ -238,7 +238,23 @@ def brief(using="default"):
     """A few lines for the end of `migrate` and of each operator step: the phase and the next command (no
     table scan). After the swap, two statements (_next_after_the_swap); before, the status's parts."""
     first = _first_read(using)
-    status = _next_after_the_swap(using, *first[:2]) or _collect(using, scan=False, first=first)
+    return _brief_lines(_next_after_the_swap(using, *first[:2]) or _collect(using, scan=False, first=first))
+
+
+def brief_reads():
+    """The reads brief() makes once the swap is done, for a step to send with its last message (round_trips.reads,
+    after its other statements: they see what it did); brief_from() makes the lines of their answers."""
+    return [(VECTOR_COLUMNS, [TABLE]), TABLES, *_after_the_swap_reads()]
+
+
+def brief_from(using, answers):
+    """brief()'s lines from `answers`, those of brief_reads() (brief() itself before the swap)."""
+    type_rows, table_rows, *read = answers
+    status = _next_after_the_swap(using, type_rows, table_rows, read)
+    return brief(using) if status is None else _brief_lines(status)
+
+
+def _brief_lines(status):
     lines = [f"phase: {status['phase'] or 'no segments table'}"]
     step = status["next"]
     lines.append(f"next: {step['command'] or 'nothing'} ({step['why']})")
@@ -252,20 +268,25 @@ AFTER_THE_SWAP_TABLES = {"django_migrations", throttle.PAUSE_TABLE, PendingSince
                          "segments_backfill_worker", "embeddings_backfill_claim", "embeddings_quarantine"}
 
 
-def _next_after_the_swap(using, type_rows, table_rows):
+def _after_the_swap_reads():
+    return ["SELECT app, name FROM django_migrations", (throttle.PAUSE_QUERY, [throttle.SCOPE]), heartbeats_query(),
+            LIVE_CLAIMS, backfill_sql.count_pending_and_quarantined_sql(LIVE),
+            (ledger.ACTIVE, {"table": TABLE, "name": TABLE})]
+
+
+def _next_after_the_swap(using, type_rows, table_rows, read=None):
     """The part of the status next_step() reads (phase, columns, rows pending, backfill, pause, models,
     migrations_waiting) with `next`, for a table at the swap's phase or after it (`type_rows`, `table_rows`:
     what _first_read() said), in one more statement (far from the database, 2 round trips in all where the
-    whole status costs its parts' connections). None before the swap, or before this project's bookkeeping
-    tables."""
+    whole status costs its parts' connections), or from `read`, the answers of _after_the_swap_reads() read
+    already. None before the swap, or before this project's bookkeeping tables."""
     types, tables = column_types(type_rows), {name for (name,) in table_rows}
     if LIVE not in types or any(column in types for column in NEXT_COLUMNS) or not AFTER_THE_SWAP_TABLES <= tables:
         return None  # no table, or before the swap: the whole status
-    with connections[using].cursor() as cursor:
-        applied, pause, heartbeats, claims, ((pending, quarantined),), models = round_trips.reads(
-            cursor, "SELECT app, name FROM django_migrations", (throttle.PAUSE_QUERY, [throttle.SCOPE]),
-            heartbeats_query(), LIVE_CLAIMS, backfill_sql.count_pending_and_quarantined_sql(LIVE),
-            (ledger.ACTIVE, {"table": TABLE, "name": TABLE}))
+    if read is None:
+        with connections[using].cursor() as cursor:
+            read = round_trips.reads(cursor, *_after_the_swap_reads())
+    applied, pause, heartbeats, claims, ((pending, quarantined),), models = read
     applied = {tuple(row) for row in applied}
     schema = embedding_schema(using, types=types, expanded=("segments", FIRST_EXPAND) in applied)
     waiting = gate.plain_migrate_waiting_from(applied)

@@ -47,9 +47,12 @@ class StepResult:
     done: bool  # False: it had been done already, nothing changed
     message: str
     details: dict = field(default_factory=dict)
+    brief: list = field(default=None, compare=False)  # status.brief()'s lines, when the step read them itself
 
     def as_dict(self):
-        return asdict(self)
+        found = asdict(self)
+        del found["brief"]
+        return found
 
 
 def _columns(using):
@@ -289,6 +292,7 @@ def contract(using="default", out=None, confirmed=False, rows_per_transaction=No
     from concurrent.futures import ThreadPoolExecutor
 
     from segments.switch import contract as contracting
+    from segments.switch import status
 
     if not confirmed:
         done = _contract_phase(using)
@@ -306,7 +310,7 @@ def contract(using="default", out=None, confirmed=False, rows_per_transaction=No
         # side by side rather than one after the other (the block ends when both have).
         with ThreadPoolExecutor(1, thread_name_prefix="contract link") as beside:
             preparing = beside.submit(link.run, lambda cursor: contracting.prepare(
-                cursor, look=throttle.look_query_for_reads))
+                cursor, look=throttle.look_query_for_reads), shares_message=True)
             done = _contract_phase(using)
         if done is not None:
             return done
@@ -323,11 +327,11 @@ def contract(using="default", out=None, confirmed=False, rows_per_transaction=No
     finally:
         link.close()
         throttle.close()
-    record = contracting.Record(figures)  # written by the drop's message
-    gate.drop_legacy(plan, using, record)
+    record = contracting.Record(figures)  # written by the drop's message, which reads the brief's lines too
+    answers = gate.drop_legacy(plan, using, record, reads=status.brief_reads())
     (out or (lambda line: None))(contracting.after_size_line(record.details))
     return StepResult("contract", True, "Contracted: the legacy column is gone and its space given back.",
-                      record.details)
+                      record.details, brief=status.brief_from(using, answers) if answers is not None else None)
 
 
 def _contract_phase(using):

@@ -225,9 +225,34 @@ def test_the_contracts_round_trips_do_not_grow_with_its_batches(segments_at, mon
         monkeypatch.setattr(contract, "link_for", original)
     # 30 clearing transactions or 3: the same few calls of the server's loop
     assert 0 < spent[10] == spent[100], spent
-    # its look at the table, the index drop, three VACUUMs, the loop's two calls and the waits after them, the
-    # sizes twice, the throttle's look (and the connection's own: its settings checked, its routines made)
-    assert spent[10] <= 14, spent
+    # its first message (its routines made, its settings checked, its look at the table and the throttle's), the
+    # index drop, three VACUUMs (each alone in its message), the loop's two calls (the moving one looks at the
+    # table's sizes first): no wait for older transactions (the calls said none was left), no look of its own
+    assert spent[10] == 7, spent
+
+
+def test_the_contract_reads_its_brief_in_the_message_that_drops_the_column(segments_at):
+    """On the command's own connection: the phase, the start, then the drop, whose message also reads
+    what the command prints after it (the same lines as a brief read afterwards)."""
+    from io import StringIO
+
+    from django.core.management import call_command
+    from django.test.utils import CaptureQueriesContext
+
+    from segments.switch import status
+
+    segments_at("expanded")
+    swapped_with_legacy_vectors(50)
+    out = StringIO()
+    with CaptureQueriesContext(connection) as queries:
+        call_command("embedding_switch", "contract", "--confirm", stdout=out)
+    sent = [query["sql"] for query in queries.captured_queries]
+    assert len(sent) == 3, sent
+    assert "LOCK TABLE segments IN SHARE MODE" in sent[1]
+    assert "DROP COLUMN embedding_legacy" in sent[2] and "django_migrations" in sent[2].rsplit("DROP COLUMN", 1)[1]
+    printed = out.getvalue().splitlines()
+    assert printed[-3:] == [f"  {line}" for line in status.brief()], printed
+    assert printed[-3] == "  phase: final"
 
 
 def test_each_call_of_the_contracts_server_loop_answers_with_the_throttles_look(segments_at, monkeypatch):

@@ -431,3 +431,30 @@ def test_without_a_direct_url_the_index_build_refuses_and_the_follower_polls(pgb
     assert code != 0, out
     assert schema_dump() == before
     assert "DATABASE_DIRECT_URL" in err, (out, err)
+
+
+def test_a_contract_whose_direct_url_is_a_pooler_dropping_startup_options_refuses_before_any_change(pgbouncer,
+                                                                                                      segments_at):
+    """DATABASE_DIRECT_URL set by mistake to a pooler that drops startup options: the contract's own
+    connection checks its lock_timeout in its first message (with its look at the table) and refuses,
+    naming the setting, with nothing changed: the legacy column, its vectors and index, no start recorded."""
+    from tests.embeddings.conftest import swapped_with_legacy_vectors
+
+    segments_at("expanded")
+    swapped_with_legacy_vectors(30)
+
+    def state():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(embedding_legacy), to_regclass('segments_embedding_legacy_idx') IS NOT NULL, "
+                           "(SELECT count(*) FROM segments_switch_event WHERE step = 'contract-started') "
+                           "FROM segments")
+            return cursor.fetchone()
+
+    assert state() == (30, True, 0)
+    code, out, err = finished(manage("embedding_switch", "contract", "--confirm",
+                                     env={"DATABASE_URL": pgbouncer.url, "DATABASE_DIRECT_URL": pgbouncer.url}))
+    assert code != 0, out
+    assert "lock_timeout = 5s as a startup option" in err and "DATABASE_DIRECT_URL" in err, err
+    assert "Traceback" not in err, err
+    assert state() == (30, True, 0)
+    assert embedding_schema().phase == "swapped"

@@ -66,7 +66,7 @@ class Command(BaseCommand):
         self.stdout.write(style(result.message))
         from segments.switch import status
 
-        for line in status.brief(using=database):
+        for line in result.brief if result.brief is not None else status.brief(using=database):
             self.stdout.write(f"  {line}")
 
     def _run(self, step, database, confirm, force, rows_per_transaction, say, progress, options):

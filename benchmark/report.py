@@ -385,9 +385,8 @@ def render_remote(figures):
         *_table(["round trip ms (measured)", "engine rows/s, zero-cost", "simulated GPU", "with its start",
                  "follower p95", "app's worst wait, swap / undo ms", "of it behind the lock, ms", "contract s",
                  "verify / status s"], rows),
-        "  x: against round trip 0, measured beside it through a proxy that adds no delay (the contract: against "
-        "the run at round trip 0); the engine's rate is its pass's, 'with its start' counts the worker's connections "
-        "and ledger checks too"
+        "  x: against round trip 0, measured beside it through a proxy that adds no delay; the engine's rate is its "
+        "pass's, 'with its start' counts the worker's connections and ledger checks too"
         + (f"; each the median of {figures['engine_runs']} runs" if figures.get("engine_runs", 1) > 1 else ""),
         "  app's worst wait: its slowest insert while the command ran (on this machine the command, the proxy, the "
         "database and the application share its cores); behind the lock: the slowest insert running while the "

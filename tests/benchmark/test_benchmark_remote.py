@@ -99,10 +99,11 @@ def test_a_ratio_is_to_the_reference_measured_beside_it_where_there_is_one():
     runs = figures["round_trips"]
     runs[2]["engine"]["simulated_gpu"] = {**runs[2]["engine"]["simulated_gpu"], "reference_rows_per_s": 8_500}
     runs[2]["status_reference_s"] = 0.5  # the machine was faster while the run at 100 ms was measured
+    runs[2]["contract_reference_s"] = 2.5
 
     ratios = remote._ratios(runs)
 
     assert ratios[2]["engine_simulated_gpu"] == 1.0  # 8,500 beside 8,500, not against 10,000 minutes before
     assert ratios[2]["engine_zero_cost"] == 0.85  # no reference: against round trip 0
     assert ratios[2]["status"] == 2.0 and ratios[1]["status"] == 1.0
-    assert ratios[2]["contract"] == 1.25  # against the run at round trip 0, always
+    assert ratios[2]["contract"] == 1.0 and ratios[1]["contract"] == 1.25

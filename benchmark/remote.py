@@ -50,6 +50,7 @@ from pathlib import Path
 import psycopg2
 from django.conf import settings
 from django.db import connections
+from psycopg2 import errors
 
 from askdrchaffee.postgres import quote_ident
 from benchmark.arrival import child_database
@@ -65,6 +66,7 @@ DEFAULT_ARRIVALS = 100
 DEFAULT_ARRIVAL_RATE = 10.0
 DEFAULT_APP_RATE = 20.0
 COMMAND_SECONDS = 900  # the longest one step may take before the suite gives up on it
+TEMPLATE_WAIT_SECONDS = 10  # for the sessions of a command that just exited to leave a database copied next
 COMMAND_RUNS = 3  # verify_embeddings, embedding_status and the contract (on fresh copies) run this often, the median kept
 
 
@@ -97,8 +99,18 @@ class Server:
         return f"postgresql://{user}{password}@{self.database['HOST']}:{self.port}/{name}"
 
     def create(self, name, template=None):
-        self._admin(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)",
-                    f"CREATE DATABASE {quote_ident(name)}" + (f" TEMPLATE {quote_ident(template)}" if template else ""))
+        """Database `name` made anew, a copy of `template` when given (which no session may use: a command that
+        just exited may still be leaving it, through a delaying proxy; this waits up to TEMPLATE_WAIT_SECONDS)."""
+        deadline = time.monotonic() + TEMPLATE_WAIT_SECONDS
+        while True:
+            try:
+                return self._admin(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)",
+                                   f"CREATE DATABASE {quote_ident(name)}"
+                                   + (f" TEMPLATE {quote_ident(template)}" if template else ""))
+            except errors.ObjectInUse:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
 
     def drop(self, name):
         self._admin(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")

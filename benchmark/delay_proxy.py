@@ -67,9 +67,17 @@ class Forwarder:
         silent = asyncio.Event()
         self.links.add(silent)
         self.writers.update((client_writer, server_writer))
+
+        def cut():
+            """One side failed (a client that exits with data unread resets its connection): both sides close, so
+            that the server's session ends, as it does when no proxy is between them (not on a silent link)."""
+            if not silent.is_set():
+                for writer in (client_writer, server_writer):
+                    writer.close()
+
         try:
-            await asyncio.gather(self._pipe(client_reader, server_writer, silent, "up"),
-                                 self._pipe(server_reader, client_writer, silent, "down"))
+            await asyncio.gather(self._pipe(client_reader, server_writer, silent, "up", cut),
+                                 self._pipe(server_reader, client_writer, silent, "down", cut))
         finally:
             self.links.discard(silent)
             for writer in (client_writer, server_writer):
@@ -81,8 +89,9 @@ class Forwarder:
         for writer in list(self.writers):
             writer.close()
 
-    async def _pipe(self, reader, writer, silent, direction):
-        """Copy `reader` to `writer`, each chunk `delay` seconds late, in order; drop it all once `silent`."""
+    async def _pipe(self, reader, writer, silent, direction, cut):
+        """Copy `reader` to `writer`, each chunk `delay` seconds late, in order; drop it all once `silent`;
+        `cut()` when either fails."""
         pending = asyncio.Queue()
 
         async def deliver():
@@ -99,6 +108,7 @@ class Forwarder:
                 writer.write_eof()
 
         delivery = asyncio.ensure_future(deliver())
+        delivery.add_done_callback(lambda task: task.cancelled() or task.exception() is None or cut())
         try:
             while True:
                 data = await reader.read(CHUNK)
@@ -112,7 +122,7 @@ class Forwarder:
             pending.put_nowait((0, None))
             await delivery
         except (ConnectionError, OSError):
-            pass
+            cut()
         finally:
             delivery.cancel()
 

@@ -109,8 +109,20 @@ class Server:
                                    + (f" TEMPLATE {quote_ident(template)}" if template else ""))
             except errors.ObjectInUse:
                 if time.monotonic() >= deadline:
-                    raise
+                    raise RemoteFailed(f"database {template} stayed in use {TEMPLATE_WAIT_SECONDS} s, by: "
+                                       f"{self.sessions(template)}") from None
                 time.sleep(0.2)
+
+    def sessions(self, name):
+        """The sessions on database `name` (pid, application, state, since, query)."""
+        connection = self.connect("postgres")
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pid, application_name, state, now() - backend_start, left(query, 200) "
+                               "FROM pg_stat_activity WHERE datname = %s", [name])
+                return cursor.fetchall()
+        finally:
+            connection.close()
 
     def drop(self, name):
         self._admin(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")

@@ -107,3 +107,41 @@ def test_a_ratio_is_to_the_reference_measured_beside_it_where_there_is_one():
     assert ratios[2]["engine_zero_cost"] == 0.85  # no reference: against round trip 0
     assert ratios[2]["status"] == 2.0 and ratios[1]["status"] == 1.0
     assert ratios[2]["contract"] == 1.0 and ratios[1]["contract"] == 1.25
+
+
+def test_a_client_that_exits_with_notifications_unread_through_the_delay_proxy_leaves_no_session():
+    """A process that exits with data unread in its socket resets its connection instead of closing it; the
+    proxy then closes the server's side too, as a direct connection would: its session ends (a LISTEN left
+    behind kept the follower's session open after the follower had gone)."""
+    import subprocess
+    import sys
+
+    server = remote.Server("default")
+    name = connection.settings_dict["NAME"]
+    child = ("import os, sys, time, psycopg2\n"
+             "c = psycopg2.connect(host='127.0.0.1', port=int(sys.argv[1]), dbname=sys.argv[2], user=sys.argv[3])\n"
+             "c.autocommit = True\n"
+             "c.cursor().execute('LISTEN proxy_test')\n"
+             "print(c.get_backend_pid(), flush=True)\n"
+             "sys.stdin.readline()\n"
+             "os._exit(0)\n")
+    with ProxyProcess(server.target, 5.0) as proxy:
+        listener = subprocess.Popen([sys.executable, "-c", child, str(proxy.port), name,
+                                     server.database["USER"] or "postgres"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        pid = int(listener.stdout.readline())
+        with connection.cursor() as cursor:
+            for number in range(20):
+                cursor.execute("SELECT pg_notify('proxy_test', %s)", [str(number)])
+        time.sleep(0.3)  # the notifications have reached the listener's socket, unread
+        listener.communicate("exit\n", timeout=10)
+
+        def alive():
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid])
+                return cursor.fetchone()[0] == 1
+
+        deadline = time.monotonic() + 5
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive()

@@ -509,12 +509,10 @@ def settings_check(wanted, purpose):
 
 
 def settings_refusal(exc):
-    """The PoolerRefused of a failed settings_check() (`exc`, a psycopg2 error or Django's wrapper of one);
-    None for any other error."""
-    cause = exc if getattr(exc, "pgcode", None) else exc.__cause__
-    if getattr(cause, "pgcode", None) != SETTINGS_NOT_TAKEN:
+    """The PoolerRefused of a failed settings_check() (`exc`, a psycopg2 error); None for any other error."""
+    if getattr(exc, "pgcode", None) != SETTINGS_NOT_TAKEN:
         return None
-    return PoolerRefused(cause.diag.message_primary)
+    return PoolerRefused(exc.diag.message_primary)
 
 
 def _send_check(connection, check):

@@ -439,8 +439,8 @@ def drop_statements(cursor, lock_timeout=None, migration=None, also_recorded=(),
     """The contract migration's work as one message (the operator's path, segments/switch/gate.py): from
     the first lock to the commit no client round trip; with the migration's record ((app, name)) when
     given, and those of `also_recorded` (migrations with nothing to run that wait for it), the contract's
-    SwitchEvent (`record`, a Record) when given, and last, when there is a record or `reads` (queries),
-    one statement of round_trips.reads: the record's query, then `reads`. A view made on the legacy column
+    SwitchEvent (`record`, a Record) when given; then, when there is a record or `reads` (queries), the
+    commit and one statement of round_trips.reads: the record's query, then `reads`. A view made on the legacy column
     meanwhile stops it (DependentObjectsStillInUse: the drop has no CASCADE)."""
     from embeddings import ledger
     from segments import triggers
@@ -457,6 +457,7 @@ def drop_statements(cursor, lock_timeout=None, migration=None, also_recorded=(),
         f"ALTER TABLE {TABLE} DROP COLUMN {LEGACY}",
         *recorded,
         record.statement(cursor) if record is not None else "",
-        round_trips.reads_statement(cursor, *([record.query()] if record is not None else []), *reads)
-        if record is not None or reads else "",
+        # the reads after the commit, which releases the ACCESS EXCLUSIVE lock: a count does not hold it
+        *(["COMMIT", round_trips.reads_statement(cursor, *([record.query()] if record is not None else []), *reads)]
+          if record is not None or reads else []),
     )

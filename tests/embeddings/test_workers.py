@@ -20,12 +20,14 @@ def writes_per_segment():
 
 
 def test_workers_2_splits_the_work_between_two_processes(write_log):
-    ids = add_segments(sentences(300, seed=5, words=10))
+    # Each worker loads the model on its own (seconds apart on a busy machine): 1,500 rows are about 7 s of
+    # work for each, so the later one still finds work left (300 were 1.5 s, which one worker could finish).
+    ids = add_segments(sentences(1500, seed=5, words=10))
     process = manage("backfill_embeddings", "--workers", "2", "--batch-size", "10", "--json")
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     report = json.loads(out)
-    assert (report["workers"], report["rows_embedded"], report["rows_remaining"]) == (2, 300, 0)
+    assert (report["workers"], report["rows_embedded"], report["rows_remaining"]) == (2, 1500, 0)
     assert len(report["rows_embedded_per_worker"]) == 2 and min(report["rows_embedded_per_worker"]) > 0
     assert writes_per_segment() == {segment_id: 1 for segment_id in ids}
 

@@ -71,7 +71,14 @@ def assert_status_and_admin_work(admin_client, phase):
 @pytest.fixture
 def at_the_end_of_a_switch(segments_at, migrations_copy, settings):
     """The table at the end of a switch, its live column filled by CURRENT; the next switch (to
-    NEXT, vector storage) written by makeswitch, not applied yet."""
+    NEXT, vector storage) written by makeswitch, not applied yet.
+
+    Hash vectors carry no meaning, so the swap's evaluation of one against the other judges chance:
+    over these 1,500 rows its 95% interval lies wholly below zero about one run in forty (26 of 1,000
+    draws of random vectors of these widths), a NO-GO. Its recall rule is set aside here (a tolerance
+    of 1.0; its health rules still hold): these tests are about the switch's guarantees; the gate's
+    own are tests/db/test_evaluation.py's and tests/test_evaluation_models.py's."""
+    settings.EMBEDDING_EVAL_TOLERANCE = 1.0
     segments_at("final")
     add_segments(sentences(ROWS))
     run_backfill(CURRENT)
